@@ -1,0 +1,177 @@
+//! The blocking client: connect with a timeout, send messages, receive messages.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::framing::{Batch, Decoder, Framing};
+use crate::{Error, addr};
+
+/// A connection to a server.
+///
+/// Sending and receiving can happen on different threads: [`receiver`](Client::receiver) shares
+/// the same socket (no second file descriptor).
+#[derive(Debug)]
+pub struct Client {
+    stream: Arc<TcpStream>,
+    peer: SocketAddr,
+    framing: Framing,
+}
+
+impl Client {
+    /// Connects to `host:port`, trying each address the host resolves to in turn.
+    ///
+    /// Each attempt waits at most `timeout`; `Duration::ZERO` leaves it to the operating system.
+    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Client, Error> {
+        let mut failure = None;
+        for addr in addr::resolve(host, port)? {
+            let attempt = if timeout.is_zero() {
+                TcpStream::connect(addr)
+            } else {
+                TcpStream::connect_timeout(&addr, timeout)
+            };
+            match attempt {
+                Ok(stream) => {
+                    // Each message is one write that should leave at once, not wait for an ACK.
+                    stream
+                        .set_nodelay(true)
+                        .map_err(|source| Error::Connection { addr, source })?;
+                    return Ok(Client {
+                        stream: Arc::new(stream),
+                        peer: addr,
+                        framing: Framing::Line,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    failure = Some(Error::ConnectTimeout { addr, timeout });
+                }
+                Err(source) => failure = Some(Error::Connect { addr, source }),
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::Resolve {
+            host: host.to_string(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses found"),
+        }))
+    }
+
+    /// Uses `framing` for what is sent and received from now on (default: [`Framing::Line`]).
+    pub fn framing(mut self, framing: Framing) -> Client {
+        self.framing = framing;
+        self
+    }
+
+    /// The server's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// This end's address.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.stream.local_addr().map_err(|e| self.failed(e))
+    }
+
+    /// Sends one message: in line framing followed by `\n`, in raw framing as it is.
+    ///
+    /// In line framing a message containing `\n` arrives as several messages.
+    pub fn send(&self, message: &str) -> Result<(), Error> {
+        let result = match self.framing {
+            Framing::Line => {
+                let mut line = String::with_capacity(message.len() + 1);
+                line.push_str(message);
+                line.push('\n');
+                (&*self.stream).write_all(line.as_bytes())
+            }
+            Framing::Raw => (&*self.stream).write_all(message.as_bytes()),
+        };
+        result.map_err(|e| self.failed(e))
+    }
+
+    /// Half-closes the connection: tells the server nothing more will be sent. Receiving goes on
+    /// until the server closes its side.
+    pub fn finish(&self) -> Result<(), Error> {
+        self.stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| self.failed(e))
+    }
+
+    /// Closes both directions at once; a [`Receiver`] blocked on another thread wakes and ends.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// An iterator over the messages the server sends, ending when the server closes.
+    ///
+    /// It shares this client's socket, so it can run on its own thread while this one sends.
+    pub fn receiver(&self) -> Receiver {
+        Receiver {
+            stream: Arc::clone(&self.stream),
+            peer: self.peer,
+            decoder: Decoder::new(self.framing),
+            batch: Batch::new(),
+            ready: VecDeque::new(),
+            buf: vec![0; 16 * 1024],
+            done: false,
+        }
+    }
+
+    fn failed(&self, source: io::Error) -> Error {
+        Error::Connection {
+            addr: self.peer,
+            source,
+        }
+    }
+}
+
+/// The messages a server sends, in order: lines (without `\n`) or raw chunks.
+///
+/// A last line without `\n` is yielded when the server closes. After an error, it ends.
+#[derive(Debug)]
+pub struct Receiver {
+    stream: Arc<TcpStream>,
+    peer: SocketAddr,
+    decoder: Decoder,
+    batch: Batch,
+    ready: VecDeque<String>,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl Receiver {
+    fn take_batch(&mut self) {
+        self.ready.extend(self.batch.iter().map(str::to_string));
+        self.batch.clear();
+    }
+}
+
+impl Iterator for Receiver {
+    type Item = Result<String, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(message) = self.ready.pop_front() {
+                return Some(Ok(message));
+            }
+            if self.done {
+                return None;
+            }
+            match (&*self.stream).read(&mut self.buf) {
+                Ok(0) => {
+                    self.done = true;
+                    self.decoder.finish(&mut self.batch);
+                }
+                Ok(n) => self.decoder.feed(&self.buf[..n], &mut self.batch),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(Error::Connection {
+                        addr: self.peer,
+                        source,
+                    }));
+                }
+            }
+            self.take_batch();
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The crate's one error type.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything that can go wrong while serving or connecting.
+///
+/// `Display` is a short lowercase phrase naming the address; the operating system's cause is the
+/// [`source`](std::error::Error::source), so `{:#}` in `anyhow` prints both on one line.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A host name could not be turned into an address.
+    Resolve {
+        /// The name as given.
+        host: String,
+        /// Why the lookup failed.
+        source: io::Error,
+    },
+    /// The server could not listen on an address (in use, not permitted, not local, ...).
+    Bind {
+        /// The address it tried.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// A connection could not be made.
+    Connect {
+        /// The address it tried.
+        addr: SocketAddr,
+        /// The operating system's reason (`ConnectionRefused`, ...).
+        source: io::Error,
+    },
+    /// No answer from the address within the connect timeout.
+    ConnectTimeout {
+        /// The address it tried.
+        addr: SocketAddr,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// An established connection failed while sending or receiving.
+    Connection {
+        /// The peer.
+        addr: SocketAddr,
+        /// The operating system's reason (`ConnectionReset`, `BrokenPipe`, ...).
+        source: io::Error,
+    },
+    /// Received messages could not be written out (for the server binary: stdout).
+    Output(io::Error),
+    /// The operating system refused to start a thread.
+    Thread(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Resolve { host, .. } => write!(f, "cannot resolve {host}"),
+            Error::Bind { addr, .. } => write!(f, "cannot listen on {addr}"),
+            Error::Connect { addr, .. } => write!(f, "cannot connect to {addr}"),
+            Error::ConnectTimeout { addr, timeout } => write!(
+                f,
+                "cannot connect to {addr}: no answer within {}",
+                humantime::format_duration(*timeout)
+            ),
+            Error::Connection { addr, .. } => write!(f, "connection to {addr} failed"),
+            Error::Output(_) => f.write_str("cannot write output"),
+            Error::Thread(_) => f.write_str("cannot start a thread"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Resolve { source, .. }
+            | Error::Bind { source, .. }
+            | Error::Connect { source, .. }
+            | Error::Connection { source, .. }
+            | Error::Output(source)
+            | Error::Thread(source) => Some(source),
+            Error::ConnectTimeout { .. } => None,
+        }
+    }
+}

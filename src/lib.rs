@@ -1,0 +1,58 @@
+//! plugboard: a thread-per-connection TCP message server and a blocking client.
+//!
+//! A [`Server`] listens on an address, greets each client, cuts what each client sends into
+//! messages ([`Framing`]) and hands them to a [`Sink`]: the `server` binary prints them to stdout,
+//! a test collects them. A [`Client`] connects, sends messages and receives what the server says.
+//!
+//! Plain blocking `std::net` and threads: one accept thread, one thread per client. Stopping is
+//! explicit and complete: [`Server::stop`] (or a [`Stopper`] from another thread) stops accepting,
+//! lets each connection read what had already arrived, closes it, and [`Server::join`] waits for
+//! every thread.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use plugboard::{Client, Collector, Server, ServerOptions};
+//!
+//! # fn main() -> Result<(), plugboard::Error> {
+//! // Port 0: the OS picks a free port; local_addr() says which.
+//! let collector = Arc::new(Collector::new());
+//! let server = Server::bind("127.0.0.1", 0, ServerOptions::default(), collector.clone())?;
+//! let port = server.local_addr().port();
+//!
+//! let client = Client::connect("127.0.0.1", port, Duration::from_secs(5))?;
+//! let mut received = client.receiver();
+//! let greeting = received.next().expect("a greeting")?;
+//! assert!(greeting.starts_with("welcome to plugboard"));
+//!
+//! client.send("hello world 0")?;
+//! client.finish()?; // half-close: the server reads the rest, then closes
+//! assert!(received.next().is_none());
+//!
+//! server.stop();
+//! let summary = server.join()?;
+//! assert_eq!(summary.messages, 1);
+//! let messages = collector.messages();
+//! assert_eq!(messages[0].1, "hello world 0");
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod addr;
+mod client;
+mod connection;
+mod error;
+mod framing;
+mod server;
+mod sink;
+
+pub use addr::resolve;
+pub use client::{Client, Receiver};
+pub use error::Error;
+pub use framing::{Batch, Decoder, Framing, UnknownFraming};
+pub use server::{DEFAULT_GREETING, Server, ServerOptions, Stopper, Summary};
+pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

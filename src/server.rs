@@ -1,0 +1,463 @@
+//! The listener: binding, the accept loop, the registry of live connections, stop and join.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, error, warn};
+
+use crate::connection;
+use crate::framing::Framing;
+use crate::sink::Sink;
+use crate::{Error, addr};
+
+/// The greeting sent when none is configured; `{peer}` becomes the client's address.
+pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
+
+/// Stack size of each connection thread. The reader needs little: its buffers live on the heap.
+const CONNECTION_STACK: usize = 128 * 1024;
+
+/// How long after a stop a connection may keep reading what its peer had already sent.
+pub(crate) const DRAIN_TIME: Duration = Duration::from_millis(500);
+
+/// How a [`Server`] treats its clients.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Sent to each client on connect (a `\n` is added in line framing); `{peer}` becomes the
+    /// client's address. `None` sends nothing.
+    pub greeting: Option<String>,
+    /// How the byte stream is cut into messages.
+    pub framing: Framing,
+    /// The listen backlog: connections the kernel queues before `accept`.
+    pub backlog: i32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            greeting: Some(DEFAULT_GREETING.to_string()),
+            framing: Framing::Line,
+            backlog: 1024,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Sets the greeting (`None` or an empty string for none).
+    pub fn greeting(mut self, greeting: Option<impl Into<String>>) -> ServerOptions {
+        self.greeting = greeting.map(Into::into).filter(|g: &String| !g.is_empty());
+        self
+    }
+
+    /// Sets the framing.
+    pub fn framing(mut self, framing: Framing) -> ServerOptions {
+        self.framing = framing;
+        self
+    }
+
+    /// Sets the listen backlog.
+    pub fn backlog(mut self, backlog: i32) -> ServerOptions {
+        self.backlog = backlog;
+        self
+    }
+}
+
+/// Totals over a server's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Summary {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Messages delivered to the sink.
+    pub messages: u64,
+    /// Bytes read from clients.
+    pub bytes: u64,
+}
+
+/// A running server: one accept thread and one thread per client.
+///
+/// Dropping it stops it and joins every thread.
+pub struct Server {
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// Stops a [`Server`] from another thread (a signal handler, a test). Cheap to clone.
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    /// Stops the server: see [`Server::stop`].
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Stopper").field(&self.0.local_addr).finish()
+    }
+}
+
+impl Server {
+    /// Listens on `host:port` (port 0 picks a free port) and starts accepting clients.
+    ///
+    /// `host` may be an IPv4 or IPv6 address or a name; the first address that binds wins.
+    pub fn bind(
+        host: &str,
+        port: u16,
+        options: ServerOptions,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Server, Error> {
+        let mut failure = None;
+        for addr in addr::resolve(host, port)? {
+            match listen(addr, options.backlog) {
+                Ok(listener) => {
+                    let local_addr = listener
+                        .local_addr()
+                        .map_err(|source| Error::Bind { addr, source })?;
+                    return Server::start(listener, local_addr, options, sink);
+                }
+                Err(source) => failure = Some(Error::Bind { addr, source }),
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::Resolve {
+            host: host.to_string(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses found"),
+        }))
+    }
+
+    fn start(
+        listener: TcpListener,
+        local_addr: SocketAddr,
+        options: ServerOptions,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Server, Error> {
+        let shared = Arc::new(Shared {
+            options,
+            sink,
+            local_addr,
+            stopping: AtomicBool::new(false),
+            stopped_at: OnceLock::new(),
+            registry: Mutex::new(Registry::default()),
+            idle: Condvar::new(),
+            connections: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            output_error: Mutex::new(None),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept = thread::Builder::new()
+            .name("plugboard-accept".into())
+            .spawn(move || accept_loop(&listener, &accept_shared))
+            .map_err(Error::Thread)?;
+        Ok(Server {
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address the server really listens on (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// A handle that can stop the server from any thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(Arc::clone(&self.shared))
+    }
+
+    /// Stops the server without waiting: no new clients are accepted, each connection reads what
+    /// its client had already sent (for at most half a second) and is closed. Idempotent.
+    pub fn stop(&self) {
+        self.shared.stop();
+    }
+
+    /// Waits until the server is stopped (by [`stop`](Server::stop), a [`Stopper`], or a failed
+    /// sink) and every thread it started has ended.
+    ///
+    /// Returns the totals, or [`Error::Output`] if the sink failed.
+    pub fn join(mut self) -> Result<Summary, Error> {
+        self.join_threads();
+        let output_error = self
+            .shared
+            .output_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match output_error {
+            Some(error) => Err(Error::Output(error)),
+            None => Ok(self.shared.summary()),
+        }
+    }
+
+    /// The totals so far.
+    pub fn summary(&self) -> Summary {
+        self.shared.summary()
+    }
+
+    fn join_threads(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        let finished = {
+            let mut registry = self.shared.registry();
+            while !registry.live.is_empty() {
+                registry = self
+                    .shared
+                    .idle
+                    .wait(registry)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            std::mem::take(&mut registry.finished)
+        };
+        for thread in finished {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.shared.stop();
+            self.join_threads();
+        }
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.shared.local_addr)
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+/// Creates a listening socket with our backlog (std's is fixed at 128).
+fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // On Unix this only lets us rebind over TIME_WAIT leftovers; on Windows it would let another
+    // process steal the port, so it stays off there.
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let accepted = listener.accept();
+        if shared.is_stopping() {
+            break;
+        }
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                shared.start_connection(stream, peer);
+            }
+            Err(e) if is_transient_accept_error(&e) => debug!("accept: {e}"),
+            Err(e) => {
+                // Out of descriptors or memory: wait a little for clients to leave, then go on.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                warn!(
+                    "accept on {} failed: {e}; retrying in {backoff:?}",
+                    shared.local_addr
+                );
+                thread::sleep(backoff);
+            }
+        }
+        shared.reap();
+    }
+    debug!("accept loop on {} ended", shared.local_addr);
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// State shared by the accept thread, every connection thread and the handles.
+pub(crate) struct Shared {
+    pub(crate) options: ServerOptions,
+    pub(crate) sink: Arc<dyn Sink>,
+    local_addr: SocketAddr,
+    stopping: AtomicBool,
+    stopped_at: OnceLock<Instant>,
+    registry: Mutex<Registry>,
+    /// Signalled when the last live connection ends.
+    idle: Condvar,
+    connections: AtomicU64,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    output_error: Mutex<Option<io::Error>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    live: HashMap<u64, Live>,
+    /// Threads that have finished their work, waiting to be joined.
+    finished: Vec<JoinHandle<()>>,
+}
+
+struct Live {
+    stream: Arc<TcpStream>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Removes a connection from the registry when its thread ends, even by panic.
+struct Deregister<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Deregister<'_> {
+    fn drop(&mut self) {
+        let mut registry = self.shared.registry();
+        if let Some(thread) = registry.live.remove(&self.id).and_then(|live| live.thread) {
+            registry.finished.push(thread);
+        }
+        if registry.live.is_empty() {
+            self.shared.idle.notify_all();
+        }
+    }
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Whether a stop happened long enough ago that connections must stop reading.
+    pub(crate) fn drain_expired(&self) -> bool {
+        self.is_stopping()
+            && self
+                .stopped_at
+                .get()
+                .is_some_and(|at| at.elapsed() >= DRAIN_TIME)
+    }
+
+    pub(crate) fn add_totals(&self, messages: u64, bytes: u64) {
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            connections: self.connections.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records that the sink failed and stops the server: with nowhere to put messages, reading
+    /// more would only lose them.
+    pub(crate) fn output_failed(&self, error: io::Error) {
+        {
+            let mut slot = self
+                .output_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if slot.is_none() {
+                error!("cannot write output: {error}; stopping");
+                *slot = Some(error);
+            }
+        }
+        self.stop();
+    }
+
+    fn stop(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.stopped_at.set(Instant::now());
+        // Wake the accept loop, which is blocked in accept().
+        let wake = wake_addr(self.local_addr);
+        if let Err(e) = TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
+            warn!("cannot wake the accept loop through {wake}: {e}");
+        }
+        // Wake every reader. On Unix, shutting the read side still lets it read what had already
+        // arrived, then it sees end of stream; Windows needs both sides shut to wake a recv.
+        let how = if cfg!(windows) {
+            Shutdown::Both
+        } else {
+            Shutdown::Read
+        };
+        for live in self.registry().live.values() {
+            let _ = live.stream.shutdown(how);
+        }
+    }
+
+    fn start_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let stream = Arc::new(stream);
+        let mut registry = self.registry();
+        // Checked under the lock that stop() takes, so no connection escapes its shutdown.
+        if self.is_stopping() {
+            return;
+        }
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        let id = registry.next_id;
+        registry.next_id += 1;
+        let shared = Arc::clone(self);
+        let thread_stream = Arc::clone(&stream);
+        let spawned = thread::Builder::new()
+            .name("plugboard-conn".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                let _deregister = Deregister {
+                    shared: &shared,
+                    id,
+                };
+                connection::serve(&shared, &thread_stream, peer);
+            });
+        match spawned {
+            Ok(thread) => {
+                registry.live.insert(
+                    id,
+                    Live {
+                        stream,
+                        thread: Some(thread),
+                    },
+                );
+            }
+            Err(e) => error!("{peer}: cannot start a connection thread: {e}; closing it"),
+        }
+    }
+
+    /// Joins connection threads that have finished, so handles don't pile up.
+    fn reap(&self) {
+        let finished = std::mem::take(&mut self.registry().finished);
+        for thread in finished {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where to connect to reach our own listener: loopback when bound to "any address".
+fn wake_addr(local: SocketAddr) -> SocketAddr {
+    let ip = match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, local.port())
+}
