@@ -1,0 +1,204 @@
+//! The library on its own: a server with a collecting sink and the blocking client, on port 0.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use plugboard::{Batch, Client, Collector, Error, Framing, Server, ServerOptions, Sink};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn server(options: ServerOptions) -> (Server, Arc<Collector>) {
+    let collector = Arc::new(Collector::new());
+    let server = Server::bind("127.0.0.1", 0, options, collector.clone()).expect("bind port 0");
+    (server, collector)
+}
+
+fn connect(server: &Server) -> Client {
+    Client::connect("127.0.0.1", server.local_addr().port(), TIMEOUT).expect("connect")
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than TIMEOUT.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {TIMEOUT:?}"))
+}
+
+#[test]
+fn port_zero_reports_the_real_port() {
+    let (server, _) = server(ServerOptions::default());
+    assert_ne!(server.local_addr().port(), 0);
+    assert_eq!(server.local_addr().ip().to_string(), "127.0.0.1");
+}
+
+#[test]
+fn greets_and_collects_messages_in_order() {
+    let (server, collector) = server(ServerOptions::default().greeting(Some("hi {peer}")));
+    let client = connect(&server);
+    let me = client.local_addr().expect("local addr");
+    let mut received = client.receiver();
+    assert_eq!(
+        received.next().expect("greeting").expect("ok"),
+        format!("hi {me}")
+    );
+    for i in 0..100 {
+        client.send(&format!("message {i}")).expect("send");
+    }
+    client.finish().expect("half-close");
+    assert!(
+        bounded("server close", move || received.next().is_none()),
+        "nothing but the greeting expected"
+    );
+    let messages = collector.messages();
+    let expected: Vec<(SocketAddr, String)> =
+        (0..100).map(|i| (me, format!("message {i}"))).collect();
+    assert_eq!(messages, expected);
+    server.stop();
+    let summary = server.join().expect("join");
+    assert_eq!((summary.connections, summary.messages), (1, 100));
+}
+
+#[test]
+fn no_greeting_when_none_is_set() {
+    let (server, collector) = server(ServerOptions::default().greeting(None::<String>));
+    let client = connect(&server);
+    let mut received = client.receiver();
+    client.send("only").expect("send");
+    client.finish().expect("half-close");
+    let rest: Vec<_> = bounded("receive", move || received.by_ref().collect::<Vec<_>>());
+    assert!(rest.is_empty(), "expected no greeting, got {rest:?}");
+    assert_eq!(collector.wait_for(1, TIMEOUT)[0].1, "only");
+}
+
+#[test]
+fn a_line_cut_inside_a_character_arrives_whole() {
+    let (server, collector) = server(ServerOptions::default());
+    let mut stream = TcpStream::connect(server.local_addr()).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let bytes = "我是客户端发送的消息\r\n".as_bytes();
+    for byte in bytes {
+        stream.write_all(&[*byte]).expect("write");
+    }
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("read to the server's close");
+    let messages = collector.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].1, "我是客户端发送的消息");
+}
+
+#[test]
+fn raw_framing_passes_chunks_through() {
+    let (server, collector) = server(
+        ServerOptions::default()
+            .framing(Framing::Raw)
+            .greeting(Some("raw hello")),
+    );
+    let client = connect(&server).framing(Framing::Raw);
+    let mut received = client.receiver();
+    assert_eq!(received.next().expect("greeting").expect("ok"), "raw hello");
+    client.send("hello world0").expect("send");
+    client.send("你好").expect("send");
+    client.finish().expect("half-close");
+    assert!(bounded("server close", move || received.next().is_none()));
+    let text: String = collector.messages().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(text, "hello world0你好");
+}
+
+#[test]
+fn stop_closes_live_connections_and_joins() {
+    let (server, collector) = server(ServerOptions::default());
+    let clients: Vec<Client> = (0..20).map(|_| connect(&server)).collect();
+    let mut receivers: Vec<_> = clients.iter().map(Client::receiver).collect();
+    for (i, client) in clients.iter().enumerate() {
+        receivers[i].next().expect("greeting").expect("ok");
+        client.send(&format!("from {i}")).expect("send");
+    }
+    assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);
+    server.stop();
+    let summary = bounded("join", move || server.join()).expect("join");
+    assert_eq!((summary.connections, summary.messages), (20, 20));
+    for mut receiver in receivers {
+        assert!(
+            bounded("client sees close", move || receiver.next().is_none()),
+            "after a stop every client sees end of stream"
+        );
+    }
+}
+
+#[test]
+fn stop_from_another_thread_and_drop_are_safe() {
+    let (server, _) = server(ServerOptions::default());
+    let stopper = server.stopper();
+    let client = connect(&server);
+    thread::spawn(move || stopper.stop());
+    bounded("join", move || server.join()).expect("join");
+    let mut received = client.receiver();
+    let _greeting = received.next();
+    assert!(bounded("close seen", move || received.next().is_none()));
+    // A server dropped while running stops and joins too.
+    let (dropped, _) = self::server(ServerOptions::default());
+    let addr = dropped.local_addr();
+    bounded("drop", move || drop(dropped));
+    let refused = TcpStream::connect_timeout(&addr, TIMEOUT);
+    assert!(refused.is_err(), "nobody listens after drop");
+}
+
+struct FailingSink;
+
+impl Sink for FailingSink {
+    fn deliver(&self, _: SocketAddr, _: &Batch) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::BrokenPipe, "reader gone"))
+    }
+}
+
+#[test]
+fn a_failing_sink_stops_the_server_with_an_output_error() {
+    let server = Server::bind(
+        "127.0.0.1",
+        0,
+        ServerOptions::default(),
+        Arc::new(FailingSink),
+    )
+    .expect("bind");
+    let client = connect(&server);
+    client.send("lost").expect("send");
+    let result = bounded("join", move || server.join());
+    assert!(
+        matches!(&result, Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn errors_name_the_address() {
+    let (server, _) = server(ServerOptions::default());
+    let addr = server.local_addr();
+    let taken = Server::bind(
+        "127.0.0.1",
+        addr.port(),
+        ServerOptions::default(),
+        Arc::new(Collector::new()),
+    )
+    .expect_err("port in use");
+    assert!(matches!(taken, Error::Bind { .. }));
+    assert_eq!(taken.to_string(), format!("cannot listen on {addr}"));
+    drop(server);
+
+    let refused = Client::connect("127.0.0.1", addr.port(), TIMEOUT).expect_err("nobody listens");
+    assert!(
+        matches!(&refused, Error::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    assert_eq!(refused.to_string(), format!("cannot connect to {addr}"));
+}
