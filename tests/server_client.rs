@@ -1,0 +1,772 @@
+//! End-to-end tests: the real `server` and `client` binaries talking over loopback sockets.
+//!
+//! Every server listens on port 0 and reports its address in a `listening on ADDR` log line;
+//! every wait has a deadline; a server still running when a test fails is killed (and its output
+//! printed) by the guard in `support`.
+//!
+//! Tests that need the server to stop gracefully send it SIGTERM, so they are Unix-only; the error
+//! and flag tests also run on Windows.
+
+// Helpers shared by the Unix-only tests are unused elsewhere.
+#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use support::*;
+
+/// The default greeting's prefix; the rest of the line is the client's address.
+const GREETING_PREFIX: &str = "welcome to plugboard, ";
+
+/// Parse the greeting line a client printed (first line of its stdout) into the peer address.
+fn greeting_peer(client: &Output) -> SocketAddr {
+    let first = client
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("client printed no greeting\n{client}"));
+    let peer = first
+        .strip_prefix(GREETING_PREFIX)
+        .unwrap_or_else(|| panic!("first client line {first:?} is not the greeting\n{client}"));
+    peer.parse()
+        .unwrap_or_else(|e| panic!("greeting address {peer:?} is not a SocketAddr ({e})\n{client}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. The demo conversation
+// ------------------------------------------------------------------------------------------------
+
+/// One client sends three numbered messages; the greeting names the client's address and the
+/// server prints exactly the three messages under that same address.
+#[cfg(unix)]
+#[test]
+fn demo_conversation() {
+    let mut server = ServerProcess::start(&[]);
+    let client = run_client_to(
+        server.addr,
+        &["--count", "3", "--interval", "10ms"],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(&client);
+    assert_eq!(
+        peer.ip(),
+        server.addr.ip(),
+        "greeting should name the client's loopback address\n{client}"
+    );
+    assert_eq!(
+        client.stdout,
+        format!("{GREETING_PREFIX}{peer}\n"),
+        "client should print exactly the greeting line\n{client}"
+    );
+    assert!(
+        client
+            .stderr
+            .contains(&format!("connected to {}", server.addr)),
+        "client should log `connected to {}`\n{client}",
+        server.addr
+    );
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let expected: Vec<String> = (0..3).map(|i| format!("{peer} hello world {i}")).collect();
+    assert_eq!(lines, expected, "server stdout\n{out}\nclient:\n{client}");
+    assert!(
+        out.stderr.contains(&format!("{peer} connected")),
+        "server should log `{peer} connected`\n{out}"
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("{peer} disconnected after 3 messages")),
+        "server should log `{peer} disconnected after 3 messages, N bytes`\n{out}"
+    );
+    assert!(
+        out.stderr.contains("stopped"),
+        "no `stopped` summary line\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Non-ASCII text
+// ------------------------------------------------------------------------------------------------
+
+/// Chinese text in the message template arrives byte-for-byte intact.
+#[cfg(unix)]
+#[test]
+fn chinese_messages_arrive_intact() {
+    let template = "我是客户端发送的消息,hello world{i}";
+    let mut server = ServerProcess::start(&[]);
+    let client = run_client_to(
+        server.addr,
+        &["--message", template, "--count", "5", "--interval", "0"],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(&client);
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let expected: Vec<String> = (0..5)
+        .map(|i| template.replace("{i}", &i.to_string()))
+        .collect();
+    assert_eq!(
+        messages_from(&out.stdout, peer),
+        expected,
+        "messages from {peer}\n{out}\nclient:\n{client}"
+    );
+    assert_eq!(
+        out.stdout.lines().count(),
+        5,
+        "unexpected extra lines\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Many concurrent clients, messages cut at random byte positions
+// ------------------------------------------------------------------------------------------------
+
+#[cfg(unix)]
+mod concurrent {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::Shutdown;
+    use std::thread;
+
+    const CLIENTS: usize = 50;
+    const MESSAGES: usize = 1000;
+    const SEED: u64 = 0x5EED_0F0B_0A4D;
+
+    fn message(c: usize, i: usize) -> String {
+        format!("client {c} message {i} 我是ü€😀")
+    }
+
+    /// Connect, read the greeting, send all messages in randomly cut pieces, half-close, read to
+    /// EOF. Returns (local address, greeting line).
+    fn run_one(server: SocketAddr, c: usize) -> (SocketAddr, String) {
+        let stream = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("client {c}: connect to {server}: {e}"));
+        stream.set_nodelay(true).expect("set_nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("set_read_timeout");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .expect("set_write_timeout");
+        let local = stream.local_addr().expect("local_addr");
+
+        let mut reader = BufReader::new(stream.try_clone().expect("try_clone"));
+        let mut greeting = String::new();
+        reader
+            .read_line(&mut greeting)
+            .unwrap_or_else(|e| panic!("client {c} ({local}): reading greeting: {e}"));
+        assert!(
+            greeting.ends_with('\n'),
+            "client {c} ({local}): greeting not newline-terminated: {greeting:?}"
+        );
+
+        // Every 7th message ends in CRLF; the server drops the `\r`.
+        let mut bytes = Vec::new();
+        for i in 0..MESSAGES {
+            bytes.extend_from_slice(message(c, i).as_bytes());
+            bytes.extend_from_slice(if i % 7 == 3 { b"\r\n" } else { b"\n" });
+        }
+
+        let mut rng = XorShift::new(SEED ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut writer = &stream;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            // Mostly small pieces (often splitting a multi-byte character), sometimes larger.
+            let len = if rng.range(0, 9) == 0 {
+                rng.range(1, 400)
+            } else {
+                rng.range(1, 24)
+            };
+            let end = (pos + len).min(bytes.len());
+            writer
+                .write_all(&bytes[pos..end])
+                .unwrap_or_else(|e| panic!("client {c} ({local}): write at byte {pos}: {e}"));
+            pos = end;
+        }
+        stream
+            .shutdown(Shutdown::Write)
+            .unwrap_or_else(|e| panic!("client {c} ({local}): shutdown(Write): {e}"));
+
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap_or_else(|e| {
+            panic!("client {c} ({local}): waiting for the server to close: {e}")
+        });
+        (local, greeting.trim_end_matches(['\r', '\n']).to_string())
+    }
+
+    /// 50 clients × 1,000 messages each, written in pieces cut at random byte positions
+    /// (including inside multi-byte characters): every message is printed exactly once, in
+    /// order per client, and every stdout line is a well-formed `PEER MESSAGE`.
+    #[test]
+    fn fifty_clients_random_cuts() {
+        let mut server = ServerProcess::start(&[]);
+        let addr = server.addr;
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                thread::Builder::new()
+                    .name(format!("client-{c}"))
+                    .spawn(move || run_one(addr, c))
+                    .expect("spawn client thread")
+            })
+            .collect();
+        let mut clients: HashMap<SocketAddr, usize> = HashMap::new();
+        for (c, h) in handles.into_iter().enumerate() {
+            let (local, greeting) = h
+                .join()
+                .unwrap_or_else(|_| panic!("client thread {c} failed (see its panic above)"));
+            assert_eq!(
+                greeting,
+                format!("{GREETING_PREFIX}{local}"),
+                "client {c}: greeting should name its own address"
+            );
+            assert!(
+                clients.insert(local, c).is_none(),
+                "duplicate local address {local}"
+            );
+        }
+
+        let out = server.stop();
+        out.assert_code(0).assert_no_panic();
+
+        let mut received: HashMap<SocketAddr, Vec<&str>> = HashMap::new();
+        for (n, line) in out.stdout.lines().enumerate() {
+            let (peer, msg) = parse_message_line(line).unwrap_or_else(|| {
+                panic!("stdout line {n} is not `PEER MESSAGE`: {line:?}\n{out}")
+            });
+            assert!(
+                clients.contains_key(&peer),
+                "stdout line {n} has unknown peer {peer}: {line:?}\n{out}"
+            );
+            received.entry(peer).or_default().push(msg);
+        }
+
+        let mut seen_peers = HashSet::new();
+        for (&peer, &c) in &clients {
+            let got = received.get(&peer).map(Vec::as_slice).unwrap_or(&[]);
+            let expected: Vec<String> = (0..MESSAGES).map(|i| message(c, i)).collect();
+            if let Some(i) = (0..expected.len().max(got.len()))
+                .find(|&i| got.get(i).copied() != expected.get(i).map(String::as_str))
+            {
+                panic!(
+                    "client {c} ({peer}): {} messages printed, {} sent; first difference at index {i}: got {:?}, expected {:?}\n{out}",
+                    got.len(),
+                    expected.len(),
+                    got.get(i),
+                    expected.get(i),
+                );
+            }
+            seen_peers.insert(peer);
+        }
+        assert_eq!(seen_peers.len(), CLIENTS);
+        assert_eq!(
+            out.stdout.lines().count(),
+            CLIENTS * MESSAGES,
+            "total line count\n{out}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. A disconnecting client leaves the server idle and serving
+// ------------------------------------------------------------------------------------------------
+
+#[cfg(target_os = "linux")]
+mod procfs {
+    /// `Threads:` from /proc/PID/status.
+    pub fn threads(pid: u32) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Threads: in /proc/{pid}/status:\n{status}"))
+    }
+
+    /// utime + stime (clock ticks) from /proc/PID/stat.
+    pub fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+        // Fields after the `(comm)`: state is field 3, utime 14, stime 15 (1-based).
+        let after = &stat[stat.rfind(')').expect("comm in stat") + 1..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let utime: u64 = fields[11].parse().expect("utime");
+        let stime: u64 = fields[12].parse().expect("stime");
+        utime + stime
+    }
+}
+
+/// Connect, read the greeting, hang up without sending anything: the server's thread count goes
+/// back to where it was, it does not spin, it prints nothing (no empty message) for that peer, and
+/// it still serves the next client normally.
+#[cfg(unix)]
+#[test]
+fn disconnect_leaves_server_idle_and_serving() {
+    use std::io::{BufRead, BufReader};
+
+    let mut server = ServerProcess::start(&[]);
+    #[cfg(target_os = "linux")]
+    let pid = server.pid();
+
+    // Baseline: a thread count that holds steady for a few readings (the server may still be
+    // finishing start-up when it logs `listening on`).
+    #[cfg(target_os = "linux")]
+    let baseline = {
+        let mut last = procfs::threads(pid);
+        let mut steady = 0;
+        poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            let now = procfs::threads(pid);
+            if now == last {
+                steady += 1;
+            } else {
+                steady = 0;
+                last = now;
+            }
+            (steady >= 5).then_some(now)
+        })
+        .unwrap_or(last)
+    };
+
+    let first_peer = {
+        let stream = TcpStream::connect_timeout(&server.addr, Duration::from_secs(10))
+            .expect("connect first client");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set_read_timeout");
+        let local = stream.local_addr().expect("local_addr");
+        let mut greeting = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut greeting)
+            .expect("read greeting");
+        assert_eq!(greeting, format!("{GREETING_PREFIX}{local}\n"));
+        local
+        // Dropped here: the connection closes without a single message.
+    };
+
+    #[cfg(target_os = "linux")]
+    {
+        let settled = poll_until(Duration::from_secs(10), Duration::from_millis(10), || {
+            (procfs::threads(pid) <= baseline).then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "server thread count stayed at {} (baseline {baseline}) after the client left\nstderr:\n{}",
+            procfs::threads(pid),
+            server.stderr_so_far()
+        );
+
+        // Measurement window (not synchronisation): an idle server uses ~0 CPU; one spinning on
+        // the dead connection would use ~30 ticks (one core) in 300 ms.
+        let before = procfs::cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(300));
+        let used = procfs::cpu_ticks(pid) - before;
+        assert!(
+            used <= 20,
+            "idle server used {used} clock ticks of CPU in 300 ms after a client disconnected"
+        );
+    }
+
+    let client = run_client_to(
+        server.addr,
+        &["--count", "2", "--interval", "0"],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let second_peer = greeting_peer(&client);
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    assert!(
+        messages_from(&out.stdout, first_peer).is_empty(),
+        "server printed something for the silent client {first_peer}\n{out}"
+    );
+    assert_eq!(
+        messages_from(&out.stdout, second_peer),
+        ["hello world 0", "hello world 1"],
+        "second client {second_peer} not served normally\n{out}\nclient:\n{client}"
+    );
+    assert_eq!(out.stdout.lines().count(), 2, "unexpected lines\n{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("{first_peer} disconnected after 0 messages")),
+        "server should log `{first_peer} disconnected after 0 messages, 0 bytes`\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. Raw framing
+// ------------------------------------------------------------------------------------------------
+
+/// With `--framing raw` on both sides the greeting arrives without a newline and the server's
+/// printed chunks, concatenated, are exactly the bytes the client sent.
+#[cfg(unix)]
+#[test]
+fn raw_framing_round_trip() {
+    let mut server = ServerProcess::start(&["--framing", "raw"]);
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--framing",
+            "raw",
+            "--count",
+            "5",
+            "--interval",
+            "10ms",
+            "--message",
+            "hello world{i}",
+        ],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let peers: Vec<SocketAddr> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            parse_message_line(l)
+                .unwrap_or_else(|| panic!("line {l:?} is not `PEER CHUNK`\n{out}"))
+                .0
+        })
+        .collect();
+    let peer = *peers
+        .first()
+        .unwrap_or_else(|| panic!("server printed no chunks\n{out}\nclient:\n{client}"));
+    assert!(
+        peers.iter().all(|p| *p == peer),
+        "chunks from more than one peer\n{out}"
+    );
+
+    assert_eq!(
+        client.stdout,
+        format!("{GREETING_PREFIX}{peer}"),
+        "raw client should print the greeting with no newline added\n{client}"
+    );
+    let joined: String = messages_from(&out.stdout, peer).concat();
+    let expected: String = (0..5).map(|i| format!("hello world{i}")).collect();
+    assert_eq!(
+        joined, expected,
+        "concatenated chunks\n{out}\nclient:\n{client}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. IPv6
+// ------------------------------------------------------------------------------------------------
+
+/// Server and client on `::1`; peers are printed in bracketed IPv6 form.
+#[cfg(unix)]
+#[test]
+fn ipv6_loopback() {
+    if let Err(e) = TcpListener::bind("[::1]:0") {
+        eprintln!("skipping ipv6_loopback: cannot bind [::1]:0 here ({e})");
+        return;
+    }
+    let mut server = ServerProcess::spawn(&["--host", "::1", "--port", "0"]);
+    assert_eq!(
+        server.addr.ip().to_string(),
+        "::1",
+        "server should listen on ::1, logged {}",
+        server.addr
+    );
+    let port = server.port_arg();
+    let client = run_client(
+        &[
+            "--host",
+            "::1",
+            "--port",
+            &port,
+            "--count",
+            "2",
+            "--interval",
+            "0",
+        ],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(&client);
+    assert!(
+        client
+            .stdout
+            .starts_with(&format!("{GREETING_PREFIX}[::1]:")),
+        "greeting should carry an [::1]:PORT address\n{client}"
+    );
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{peer} hello world 0"),
+            format!("{peer} hello world 1")
+        ],
+        "server stdout\n{out}"
+    );
+    assert!(
+        lines.iter().all(|l| l.starts_with("[::1]:")),
+        "lines should start with [::1]:\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. SIGTERM with 100 clients connected
+// ------------------------------------------------------------------------------------------------
+
+/// With 100 idle connections open, SIGTERM makes the server print all 100 received lines, close
+/// every connection and exit 0 within one second.
+#[cfg(unix)]
+#[test]
+fn sigterm_with_100_clients() {
+    use std::io::{Read, Write};
+
+    const N: usize = 100;
+    let mut server = ServerProcess::start(&[]);
+    let mut clients = Vec::with_capacity(N);
+    for c in 0..N {
+        let mut stream = TcpStream::connect_timeout(&server.addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("client {c}: connect: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set_read_timeout");
+        let local = stream.local_addr().expect("local_addr");
+        // Read the greeting a byte at a time so nothing after it is consumed.
+        let mut greeting = Vec::new();
+        let mut byte = [0u8; 1];
+        while greeting.last() != Some(&b'\n') {
+            match stream.read(&mut byte) {
+                Ok(1) => greeting.push(byte[0]),
+                Ok(_) => panic!("client {c}: EOF before the end of the greeting: {greeting:?}"),
+                Err(e) => panic!("client {c}: reading greeting: {e}"),
+            }
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&greeting),
+            format!("{GREETING_PREFIX}{local}\n")
+        );
+        stream
+            .write_all(format!("client {c} is still here\n").as_bytes())
+            .unwrap_or_else(|e| panic!("client {c}: write: {e}"));
+        clients.push((local, stream));
+    }
+
+    // No waiting for the server to print the lines first: SIGTERM must still print whatever had
+    // reached its sockets (on loopback, a completed write is in the server's receive queue).
+    // The clock starts once `kill` has returned, i.e. after the signal was sent. `wait_exit`
+    // polls every 2 ms, so `exited_at` is at most ~2 ms late; no extra margin is allowed.
+    let signalled = server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    let took = out.exited_at.duration_since(signalled);
+    out.assert_code(0).assert_no_panic();
+    assert!(
+        took < Duration::from_secs(1),
+        "server took {took:?} to exit after SIGTERM with {N} clients connected\n{out}"
+    );
+    assert!(
+        out.stderr.contains("stopped"),
+        "no `stopped` summary line\n{out}"
+    );
+
+    for (c, (local, _)) in clients.iter().enumerate() {
+        assert_eq!(
+            messages_from(&out.stdout, *local),
+            [format!("client {c} is still here")],
+            "line from client {c} ({local})\n{out}"
+        );
+    }
+    assert_eq!(
+        out.stdout.lines().count(),
+        N,
+        "unexpected stdout lines\n{out}"
+    );
+
+    for (c, (local, stream)) in clients.iter_mut().enumerate() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set_read_timeout");
+        let mut buf = [0u8; 256];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!(
+                "client {c} ({local}): expected EOF, got {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) => panic!("client {c} ({local}): expected EOF, got error {e}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8-11. Errors
+// ------------------------------------------------------------------------------------------------
+
+/// Assert exactly one `error:` line and return it.
+fn single_error_line(out: &Output) -> String {
+    let lines = out.error_lines();
+    assert_eq!(lines.len(), 1, "expected exactly one `error:` line\n{out}");
+    lines.into_iter().next().expect("one line")
+}
+
+/// A server asked to listen on a port that is already taken exits 1 with one `error:` line naming
+/// the address and the cause.
+#[test]
+fn server_port_in_use() {
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
+    let port = holder.local_addr().expect("local_addr").port().to_string();
+    let out = run_server(&["--host", "127.0.0.1", "--port", &port], EXIT_TIMEOUT);
+    out.assert_code(1).assert_no_panic();
+    let line = single_error_line(&out);
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}")),
+        "error line should name 127.0.0.1:{port}\n{out}"
+    );
+    #[cfg(target_os = "linux")]
+    assert!(
+        line.contains("Address already in use"),
+        "error line should give the cause\n{out}"
+    );
+    assert!(out.stdout.is_empty(), "nothing belongs on stdout\n{out}");
+    drop(holder);
+}
+
+/// A client pointed at a closed port exits 1 with one `error:` line naming the address and saying
+/// the connection was refused.
+#[test]
+fn client_connection_refused() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("local_addr").port()
+    }; // closed again here
+    let port = port.to_string();
+    let out = run_client(
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--count",
+            "1",
+            "--interval",
+            "0",
+            "--connect-timeout",
+            "5s",
+        ],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(1).assert_no_panic();
+    let line = single_error_line(&out);
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}")),
+        "error line should name 127.0.0.1:{port}\n{out}"
+    );
+    assert!(
+        line.to_lowercase().contains("refused"),
+        "error line should say the connection was refused\n{out}"
+    );
+}
+
+/// Malformed flags are usage errors: exit 2, no panic.
+#[test]
+fn bad_flags_exit_2() {
+    let cases: [(&str, &[&str]); 4] = [
+        ("server", &["--port", "notaport"]),
+        ("server", &["--framing", "nope"]),
+        ("client", &["--interval", "xyz"]),
+        ("client", &["--count", "-1"]),
+    ];
+    for (bin, args) in cases {
+        let out = run_bin(bin, args, EXIT_TIMEOUT);
+        out.assert_code(2).assert_no_panic();
+        assert!(
+            !out.stderr.trim().is_empty(),
+            "usage error should explain itself\n{out}"
+        );
+    }
+}
+
+/// A host name that cannot resolve is reported as such: exit 1, `cannot resolve`, no panic.
+#[test]
+fn client_unresolvable_host() {
+    let out = run_client(
+        &[
+            "--host",
+            "no-such-host.invalid",
+            "--port",
+            "9",
+            "--connect-timeout",
+            "2s",
+            "--count",
+            "1",
+            "--interval",
+            "0",
+        ],
+        Duration::from_secs(30),
+    );
+    out.assert_code(1).assert_no_panic();
+    let line = single_error_line(&out);
+    assert!(
+        line.contains("cannot resolve"),
+        "error line should say `cannot resolve`\n{out}"
+    );
+    assert!(
+        line.contains("no-such-host.invalid"),
+        "error line should name the host\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 12. Half-close with a final unterminated line
+// ------------------------------------------------------------------------------------------------
+
+/// LF and CRLF lines, then a final line with no newline and a half-close: all three are printed,
+/// the `\r` dropped, and the server closes the connection.
+#[cfg(unix)]
+#[test]
+fn half_close_flushes_last_line() {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+
+    let mut server = ServerProcess::start(&[]);
+    let mut stream =
+        TcpStream::connect_timeout(&server.addr, Duration::from_secs(10)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set_read_timeout");
+    let local = stream.local_addr().expect("local_addr");
+    stream
+        .write_all(b"a\nb\r\nlast-without-newline")
+        .expect("write");
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .expect("server should close the connection after the half-close");
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        format!("{GREETING_PREFIX}{local}\n"),
+        "the server should send only the greeting"
+    );
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    assert_eq!(
+        messages_from(&out.stdout, local),
+        ["a", "b", "last-without-newline"],
+        "server stdout\n{out}"
+    );
+    assert_eq!(out.stdout.lines().count(), 3, "unexpected lines\n{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("{local} disconnected after 3 messages")),
+        "server should log `{local} disconnected after 3 messages, N bytes`\n{out}"
+    );
+}

@@ -1,0 +1,482 @@
+//! Shared helpers for the integration tests: spawning the real `server` and `client` binaries,
+//! capturing their output in background threads, and reporting everything on failure.
+//!
+//! Nothing here sleeps to synchronise: the server's address comes from its `listening on ADDR`
+//! log line (read by a thread and handed over a channel), and every wait has a deadline.
+
+#![allow(dead_code)]
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How long to wait for the server to report that it is listening.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for a process to exit after it was told to (or for a client run to finish).
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Interval between `try_wait` polls. Polling with a deadline is the only waiting done here.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Path of one of the crate's binaries (`server` or `client`), looked up at run time.
+pub fn bin_path(name: &str) -> PathBuf {
+    assert_cmd::cargo::cargo_bin(name)
+}
+
+/// A readable rendering of a command line, for failure messages.
+fn render_command(bin: &str, args: &[&str]) -> String {
+    let mut s = bin.to_string();
+    for a in args {
+        s.push(' ');
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+            s.push('\'');
+            s.push_str(&a.replace('\'', "'\\''"));
+            s.push('\'');
+        } else {
+            s.push_str(a);
+        }
+    }
+    s
+}
+
+/// Keep failure messages readable when a process printed megabytes.
+fn abbreviate(text: &str) -> String {
+    const KEEP: usize = 6000;
+    if text.len() <= 2 * KEEP {
+        return text.to_string();
+    }
+    let mut head_end = KEEP;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - KEEP;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    format!(
+        "{}\n[... {} bytes omitted ...]\n{}",
+        &text[..head_end],
+        tail_start - head_end,
+        &text[tail_start..]
+    )
+}
+
+/// Remove ANSI escape sequences (the server should not emit any when stderr is a pipe, but the
+/// address parser should not be the thing that fails if it does).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Find `listening on ADDR` in a log line and parse ADDR.
+pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    // The address is the whitespace-delimited token; also tolerate a closing quote or comma
+    // right after it (e.g. JSON logs).
+    let token: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '[' | ']' | ':' | '.' | '%'))
+        .collect();
+    token.parse().ok()
+}
+
+/// Split a server stdout line `PEER MESSAGE` into its parts. PEER must be a `SocketAddr`.
+pub fn parse_message_line(line: &str) -> Option<(SocketAddr, &str)> {
+    let (peer, message) = line.split_once(' ')?;
+    Some((peer.parse().ok()?, message))
+}
+
+/// The lines of `stdout` (as printed by the server) whose peer is `peer`, message text only.
+pub fn messages_from(stdout: &str, peer: SocketAddr) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(parse_message_line)
+        .filter(|(p, _)| *p == peer)
+        .map(|(_, m)| m)
+        .collect()
+}
+
+/// Everything a finished process left behind.
+pub struct Output {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// When `try_wait` first saw the process gone.
+    pub exited_at: Instant,
+}
+
+impl Output {
+    /// The exit code, or `None` if killed by a signal.
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Stderr lines that begin with `error:` (after stripping any colour codes).
+    pub fn error_lines(&self) -> Vec<String> {
+        self.stderr
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| l.trim_start().starts_with("error:"))
+            .collect()
+    }
+
+    /// Assert the process exited with `code`, showing everything if not.
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code(), Some(code), "unexpected exit status\n{self}");
+        self
+    }
+
+    /// Assert nothing panicked.
+    pub fn assert_no_panic(&self) -> &Self {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "process panicked\n{self}"
+        );
+        self
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "command: {}", self.command)?;
+        writeln!(f, "status:  {}", self.status)?;
+        writeln!(f, "--- stdout ---\n{}", abbreviate(&self.stdout))?;
+        writeln!(f, "--- stderr ---\n{}", abbreviate(&self.stderr))?;
+        write!(f, "--------------")
+    }
+}
+
+/// A spawned child whose stdout and stderr are drained by background threads.
+struct Captured {
+    command: String,
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Captured {
+    /// Spawn `bin args...`; every complete stderr line is also sent on the returned channel.
+    fn spawn(bin: &str, args: &[&str]) -> (Self, Receiver<String>) {
+        let command = render_command(bin, args);
+        let mut child = Command::new(bin_path(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{command}`: {e}"));
+
+        let stdout_pipe = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+
+        let out_buf = Arc::clone(&stdout);
+        let out_thread = thread::spawn(move || {
+            let mut pipe = stdout_pipe;
+            let mut buf = [0u8; 64 * 1024];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out_buf
+                        .lock()
+                        .expect("stdout lock")
+                        .extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+
+        let err_buf = Arc::clone(&stderr);
+        let err_thread = thread::spawn(move || {
+            let mut reader = BufReader::new(stderr_pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        err_buf
+                            .lock()
+                            .expect("stderr lock")
+                            .extend_from_slice(&line);
+                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                        // Nobody listening any more is fine.
+                        let _ = tx.send(text);
+                    }
+                }
+            }
+        });
+
+        (
+            Captured {
+                command,
+                child: Some(child),
+                stdout,
+                stderr,
+                threads: vec![out_thread, err_thread],
+            },
+            rx,
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child already reaped").id()
+    }
+
+    fn stdout_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().expect("stdout lock")).into_owned()
+    }
+
+    fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
+    }
+
+    /// Poll for exit until `timeout`; on timeout kill the child and panic with its output.
+    fn wait_exit(&mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("child already reaped");
+        let (status, exited_at) = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break (status, Instant::now()),
+                Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let status = child.wait().expect("wait after kill");
+                    self.child = None;
+                    self.join_readers();
+                    panic!(
+                        "process did not exit within {timeout:?}; killed it\ncommand: {}\nstatus:  {status}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                        self.command,
+                        abbreviate(&self.stdout_so_far()),
+                        abbreviate(&self.stderr_so_far()),
+                    );
+                }
+                Err(e) => panic!("try_wait failed for `{}`: {e}", self.command),
+            }
+        };
+        self.child = None;
+        // The pipes close when the process exits, so the readers finish promptly.
+        self.join_readers();
+        Output {
+            command: self.command.clone(),
+            status,
+            stdout: self.stdout_so_far(),
+            stderr: self.stderr_so_far(),
+            exited_at,
+        }
+    }
+
+    fn join_readers(&mut self) {
+        for t in self.threads.drain(..) {
+            t.join().expect("output reader thread panicked");
+        }
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if thread::panicking() {
+                self.join_readers();
+                eprintln!(
+                    "[support] killed `{}` (test failed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.command,
+                    abbreviate(&self.stdout_so_far()),
+                    abbreviate(&self.stderr_so_far()),
+                );
+            }
+        }
+    }
+}
+
+/// A running `server`. Killed on drop if still running (and its output shown if the test failed).
+pub struct ServerProcess {
+    inner: Captured,
+    /// The address from the `listening on ADDR` log line.
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Spawn `server args...` and wait (bounded) for its `listening on ADDR` line.
+    pub fn spawn(args: &[&str]) -> Self {
+        let (mut inner, lines) = Captured::spawn("server", args);
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = parse_listening_line(&line) {
+                        break addr;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let stderr = inner.stderr_so_far();
+                    drop(inner); // kills it
+                    panic!(
+                        "server did not log `listening on ADDR` within {STARTUP_TIMEOUT:?}\ncommand: {}\n--- stderr ---\n{stderr}",
+                        render_command("server", args)
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Stderr closed: the server exited (or closed stderr) before listening.
+                    let out = inner.wait_exit(EXIT_TIMEOUT);
+                    panic!("server stopped before logging `listening on ADDR`\n{out}");
+                }
+            }
+        };
+        // Keep draining stderr lines into the buffer; the channel is no longer needed.
+        drop(lines);
+        ServerProcess { inner, addr }
+    }
+
+    /// Spawn with `--port 0` (and `--host 127.0.0.1`) prepended to `extra`.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn port_arg(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    pub fn command(&self) -> &str {
+        &self.inner.command
+    }
+
+    /// What the server has printed to stdout so far (it may buffer; only complete after exit).
+    pub fn stdout_so_far(&self) -> String {
+        self.inner.stdout_so_far()
+    }
+
+    /// What the server has logged so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.inner.stderr_so_far()
+    }
+
+    /// Send SIGTERM. Returns the instant right after `kill` reported success, i.e. once the
+    /// signal has been sent.
+    #[cfg(unix)]
+    pub fn terminate(&self) -> Instant {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed: {status}");
+        Instant::now()
+    }
+
+    /// Wait (bounded) for the server to exit; returns status and everything it printed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Output {
+        self.inner.wait_exit(timeout)
+    }
+
+    /// SIGTERM, then wait for exit.
+    #[cfg(unix)]
+    pub fn stop(&mut self) -> Output {
+        self.terminate();
+        self.wait_exit(EXIT_TIMEOUT)
+    }
+}
+
+/// Run a binary to completion (bounded by `timeout`; killed and reported if it overruns).
+pub fn run_bin(bin: &str, args: &[&str], timeout: Duration) -> Output {
+    let (mut captured, lines) = Captured::spawn(bin, args);
+    drop(lines);
+    captured.wait_exit(timeout)
+}
+
+/// Run `client args...` to completion, bounded by `timeout`.
+pub fn run_client(args: &[&str], timeout: Duration) -> Output {
+    run_bin("client", args, timeout)
+}
+
+/// Run `client --host 127.0.0.1 --port PORT extra...`.
+pub fn run_client_to(addr: SocketAddr, extra: &[&str], timeout: Duration) -> Output {
+    let host = addr.ip().to_string();
+    let port = addr.port().to_string();
+    let mut args = vec!["--host", host.as_str(), "--port", port.as_str()];
+    args.extend_from_slice(extra);
+    run_client(&args, timeout)
+}
+
+/// Run `server args...` expecting it to exit by itself (errors, bad flags).
+pub fn run_server(args: &[&str], timeout: Duration) -> Output {
+    run_bin("server", args, timeout)
+}
+
+/// Small deterministic PRNG (xorshift64*), so random cuts are reproducible.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-ish in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+/// Poll `check` until it returns `Some`, or `None` once `timeout` has passed.
+pub fn poll_until<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(interval);
+    }
+}
