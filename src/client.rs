@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::framing::{Batch, Decoder, Framing};
 use crate::{Error, addr};
 
+/// The longest line a [`Receiver`] accepts before giving up on the connection.
+pub const RECEIVE_MAX_LINE: usize = 1024 * 1024;
+
 /// A connection to a server.
 ///
 /// Sending and receiving can happen on different threads: [`receiver`](Client::receiver) shares
@@ -108,11 +111,16 @@ impl Client {
         Receiver {
             stream: Arc::clone(&self.stream),
             peer: self.peer,
-            decoder: Decoder::new(self.framing),
+            // Shown on a terminal as they come: raw chunks keep their newlines. A line may be
+            // longer than a server's own limit (a relayed line carries its sender's address).
+            decoder: Decoder::new(self.framing)
+                .max_line(RECEIVE_MAX_LINE)
+                .keep_newlines(true),
             batch: Batch::new(),
             ready: VecDeque::new(),
             buf: vec![0; 16 * 1024],
             done: false,
+            failure: None,
         }
     }
 
@@ -136,9 +144,18 @@ pub struct Receiver {
     ready: VecDeque<String>,
     buf: Vec<u8>,
     done: bool,
+    failure: Option<Error>,
 }
 
 impl Receiver {
+    fn fail(&mut self, source: io::Error) {
+        self.done = true;
+        self.failure = Some(Error::Connection {
+            addr: self.peer,
+            source,
+        });
+    }
+
     fn take_batch(&mut self) {
         self.ready.extend(self.batch.iter().map(str::to_string));
         self.batch.clear();
@@ -154,22 +171,23 @@ impl Iterator for Receiver {
                 return Some(Ok(message));
             }
             if self.done {
-                return None;
+                // Messages that arrived before a failure come first, then the failure, once.
+                return self.failure.take().map(Err);
             }
-            match (&*self.stream).read(&mut self.buf) {
+            let decoded = match (&*self.stream).read(&mut self.buf) {
                 Ok(0) => {
                     self.done = true;
-                    self.decoder.finish(&mut self.batch);
+                    self.decoder.finish(&mut self.batch)
                 }
                 Ok(n) => self.decoder.feed(&self.buf[..n], &mut self.batch),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
                 Err(source) => {
-                    self.done = true;
-                    return Some(Err(Error::Connection {
-                        addr: self.peer,
-                        source,
-                    }));
+                    self.fail(source);
+                    Ok(())
                 }
+            };
+            if let Err(too_long) = decoded {
+                self.fail(io::Error::new(io::ErrorKind::InvalidData, too_long));
             }
             self.take_batch();
         }

@@ -1,17 +1,22 @@
-//! One client's thread: greet, read, frame, deliver, and account for it at the end.
+//! One client's thread: greet, read, frame, deliver, apply the limits, account for it at the end.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::framing::{Batch, Decoder, Framing};
+use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::server::Shared;
 
 /// The first read buffer; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
-/// costs a few KiB and a streaming one gets large reads.
-const FIRST_READ: usize = 4 * 1024;
+/// costs little and a streaming one gets large reads.
+const FIRST_READ: usize = 2 * 1024;
 const MAX_READ: usize = 64 * 1024;
+
+/// After telling a client why it is cut off, how long to read and drop what it still sends, so
+/// that closing with unread data doesn't reset the connection before it reads the reason.
+const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 
 /// How a connection ended.
 enum End {
@@ -21,17 +26,21 @@ enum End {
     Stopped,
     /// The connection failed (reset, ...).
     Failed(io::Error),
+    /// No complete message for the idle timeout.
+    Idle,
+    /// A line over the limit.
+    TooLong(LineTooLong),
     /// The sink could not take the messages.
     OutputFailed,
 }
 
-/// Serves one client until it leaves or the server stops.
+/// Serves one client until it leaves, breaks a limit, or the server stops.
 pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
     info!("{peer} connected");
-    let framing = shared.options.framing;
-    if let Some(greeting) = &shared.options.greeting {
+    let options = &shared.options;
+    if let Some(greeting) = &options.greeting {
         let mut text = greeting.replace("{peer}", &peer.to_string());
-        if framing == Framing::Line {
+        if options.framing == Framing::Line {
             text.push('\n');
         }
         if let Err(e) = (&*stream).write_all(text.as_bytes()) {
@@ -39,7 +48,13 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         }
     }
 
-    let mut decoder = Decoder::new(framing);
+    let mut reader = Reader {
+        stream,
+        idle_timeout: options.idle_timeout,
+        timeout_set: None,
+        last_message: Instant::now(),
+    };
+    let mut decoder = Decoder::new(options.framing).max_line(options.max_line);
     let mut batch = Batch::new();
     let mut buf = vec![0; FIRST_READ];
     let mut messages = 0u64;
@@ -48,51 +63,129 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         if shared.drain_expired() {
             break End::Stopped;
         }
-        let n = match (&*stream).read(&mut buf) {
+        let n = match reader.read(&mut buf, decoder.pending_len() > 0) {
             Ok(0) => {
                 // After a stop, end of stream may be our own shutdown: an unfinished line is not
                 // a message the client sent, so it is dropped rather than printed torn.
-                if !shared.is_stopping() {
-                    decoder.finish(&mut batch);
-                }
+                let finished = if shared.is_stopping() {
+                    Ok(())
+                } else {
+                    decoder.finish(&mut batch)
+                };
                 if !deliver(shared, peer, &mut batch, &mut messages) {
                     break End::OutputFailed;
                 }
-                break End::Closed;
+                break match finished {
+                    Ok(()) => End::Closed,
+                    Err(too_long) => End::TooLong(too_long),
+                };
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => break End::Idle,
             Err(e) => break End::Failed(e),
         };
         bytes += n as u64;
-        decoder.feed(&buf[..n], &mut batch);
+        let decoded = decoder.feed(&buf[..n], &mut batch);
+        if !batch.is_empty() {
+            reader.last_message = Instant::now();
+        }
         if !deliver(shared, peer, &mut batch, &mut messages) {
             break End::OutputFailed;
+        }
+        if let Err(too_long) = decoded {
+            break End::TooLong(too_long);
         }
         if n == buf.len() && buf.len() < MAX_READ {
             buf.resize(buf.len() * 2, 0);
         }
     };
-    let _ = stream.shutdown(Shutdown::Both);
-    shared.add_totals(messages, bytes);
 
+    let counts = format!("after {messages} messages, {bytes} bytes");
     let unfinished = decoder.pending_len();
-    let dropped = if unfinished > 0 && framing == Framing::Line {
+    let dropped = if unfinished > 0 && options.framing == Framing::Line {
         format!(" ({unfinished} bytes of an unfinished line dropped)")
     } else {
         String::new()
     };
-    match end {
-        End::Closed => {
-            info!("{peer} disconnected after {messages} messages, {bytes} bytes{dropped}")
-        }
-        End::Stopped => info!(
-            "{peer} closed by the server stop after {messages} messages, {bytes} bytes{dropped}"
-        ),
-        End::Failed(e) => {
-            warn!("{peer} disconnected: {e}; after {messages} messages, {bytes} bytes{dropped}")
-        }
+    match &end {
+        End::Closed => info!("{peer} disconnected {counts}{dropped}"),
+        End::Stopped => info!("{peer} closed by the server stop {counts}{dropped}"),
+        End::Failed(e) => warn!("{peer} disconnected: {e}; {counts}{dropped}"),
+        End::Idle => info!("{peer} cut off: idle timeout; {counts}{dropped}"),
+        End::TooLong(e) => warn!("{peer} cut off: {e}; {counts}"),
         End::OutputFailed => debug!("{peer} closed: output failed"),
+    }
+    match end {
+        End::Idle => refuse(stream, "idle timeout", &mut buf),
+        End::TooLong(e) => refuse(stream, &e.to_string(), &mut buf),
+        _ => {}
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    shared.add_totals(messages, bytes);
+}
+
+/// Reads from the client, applying the idle timeout: a client that completes no message within
+/// it is cut off, whether it is silent or trickling a line byte by byte.
+struct Reader<'a> {
+    stream: &'a TcpStream,
+    idle_timeout: Option<Duration>,
+    /// The read timeout the socket has now, to avoid a system call per read.
+    timeout_set: Option<Duration>,
+    last_message: Instant,
+}
+
+impl Reader<'_> {
+    fn read(&mut self, buf: &mut [u8], mid_message: bool) -> io::Result<usize> {
+        if let Some(idle) = self.idle_timeout {
+            let left = if mid_message {
+                // The clock runs from the last complete message, not the last byte.
+                idle.saturating_sub(self.last_message.elapsed())
+            } else {
+                idle
+            };
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            if self.timeout_set != Some(left) {
+                self.stream.set_read_timeout(Some(left))?;
+                self.timeout_set = Some(left);
+            }
+        }
+        (&*self.stream).read(buf)
+    }
+}
+
+/// A read that gave up waiting: `WouldBlock` on Unix, `TimedOut` on Windows.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Tells the client in one line why it is cut off, then lets it read that line before closing.
+fn refuse(stream: &TcpStream, reason: &str, scratch: &mut [u8]) {
+    let _ = stream.set_write_timeout(Some(LINGER_AFTER_ERROR));
+    if (&*stream)
+        .write_all(format!("error: {reason}\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    // Closing with unread data would send a reset, which can destroy our line in the client's
+    // receive queue; so read and drop for a moment, until the client closes.
+    let deadline = Instant::now() + LINGER_AFTER_ERROR;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match (&*stream).read(scratch) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
     }
 }
 

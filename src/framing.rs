@@ -3,6 +3,10 @@
 //! TCP is a byte stream: a read may hold half a message, several messages, or end inside a
 //! multi-byte UTF-8 character. A [`Decoder`] keeps what is incomplete between reads, so the
 //! messages it yields are the same however the bytes were split.
+//!
+//! Every message is decoded as UTF-8 (invalid bytes become U+FFFD) and its control characters are
+//! escaped ([`escape_into`]), so a peer can neither inject terminal escape sequences nor fake a
+//! line in what is printed or relayed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -98,12 +102,18 @@ impl Batch {
         self.ends.push(self.text.len());
     }
 
-    /// Appends one message decoded from bytes, invalid UTF-8 replaced by U+FFFD.
-    pub fn push_bytes(&mut self, bytes: &[u8]) {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => self.push(text),
-            Err(_) => self.push(&String::from_utf8_lossy(bytes)),
+    /// Appends one message decoded from bytes: invalid UTF-8 becomes U+FFFD and control
+    /// characters are escaped (newlines too, unless `keep_newlines`).
+    pub fn push_bytes(&mut self, bytes: &[u8], keep_newlines: bool) {
+        if bytes.iter().all(|&b| is_plain_ascii(b)) {
+            // The common case: printable ASCII needs no escaping, and is valid UTF-8.
+            if let Ok(text) = std::str::from_utf8(bytes) {
+                self.text.push_str(text);
+            }
+        } else {
+            escape_into(&mut self.text, &String::from_utf8_lossy(bytes), keep_newlines);
         }
+        self.ends.push(self.text.len());
     }
 
     /// Removes every message, keeping the memory for reuse.
@@ -113,21 +123,62 @@ impl Batch {
     }
 }
 
+/// The longest line, in bytes, a server accepts by default.
+pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
+
+/// A line longer than the decoder's limit: the stream can't be framed any further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineTooLong {
+    /// The limit, in bytes.
+    pub max: usize,
+}
+
+impl fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line too long (max {} bytes)", self.max)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
 /// Splits a byte stream into messages according to a [`Framing`].
+///
+/// In line framing a line may be at most [`max_line`](Decoder::max_line) bytes (not counting its
+/// `\n` or `\r\n`), so a peer can't make it buffer without bound; once a line is too long the
+/// decoder refuses everything after it.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     framing: Framing,
+    max_line: usize,
+    keep_newlines: bool,
+    failed: bool,
     // Line: the start of a line whose `\n` has not arrived. Raw: a cut UTF-8 character (<= 3 bytes).
     pending: Vec<u8>,
 }
 
 impl Decoder {
-    /// A decoder with nothing buffered.
+    /// A decoder with nothing buffered and a line limit of [`DEFAULT_MAX_LINE`].
     pub fn new(framing: Framing) -> Decoder {
         Decoder {
             framing,
+            max_line: DEFAULT_MAX_LINE,
+            keep_newlines: false,
+            failed: false,
             pending: Vec::new(),
         }
+    }
+
+    /// Sets the longest line accepted, in bytes (line framing only; raw chunks are never longer
+    /// than one read).
+    pub fn max_line(mut self, max_line: usize) -> Decoder {
+        self.max_line = max_line;
+        self
+    }
+
+    /// Leaves `\n` unescaped inside messages: for showing raw chunks on a terminal.
+    pub fn keep_newlines(mut self, keep: bool) -> Decoder {
+        self.keep_newlines = keep;
+        self
     }
 
     /// The framing this decoder applies.
@@ -141,42 +192,88 @@ impl Decoder {
     }
 
     /// Decodes the next bytes of the stream, appending every message they complete to `out`.
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Batch) {
+    ///
+    /// On a line that is too long, the messages before it are in `out` and the error is returned,
+    /// now and for every later call.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
+        if self.failed {
+            return Err(self.too_long());
+        }
         match self.framing {
             Framing::Line => self.feed_lines(bytes, out),
-            Framing::Raw => self.feed_raw(bytes, out),
+            Framing::Raw => {
+                self.feed_raw(bytes, out);
+                Ok(())
+            }
         }
     }
 
     /// Ends the stream: whatever is held back (a last line without `\n`) becomes a message.
-    pub fn finish(&mut self, out: &mut Batch) {
-        if self.pending.is_empty() {
-            return;
+    pub fn finish(&mut self, out: &mut Batch) -> Result<(), LineTooLong> {
+        if self.failed {
+            return Err(self.too_long());
         }
-        match self.framing {
-            Framing::Line => out.push_bytes(strip_cr(&self.pending)),
-            Framing::Raw => out.push_bytes(&self.pending),
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            match self.framing {
+                Framing::Line => self.push_line(&pending, out)?,
+                Framing::Raw => out.push_bytes(&pending, self.keep_newlines),
+            }
         }
-        self.pending.clear();
+        Ok(())
     }
 
-    fn feed_lines(&mut self, mut bytes: &[u8], out: &mut Batch) {
+    fn too_long(&mut self) -> LineTooLong {
+        self.failed = true;
+        self.pending = Vec::new();
+        LineTooLong { max: self.max_line }
+    }
+
+    /// Pushes one line (without its `\n`), or fails if it is over the limit.
+    fn push_line(&mut self, line: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
+        let line = strip_cr(line);
+        if line.len() > self.max_line {
+            return Err(self.too_long());
+        }
+        out.push_bytes(line, self.keep_newlines);
+        Ok(())
+    }
+
+    fn feed_lines(&mut self, mut bytes: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
         if !self.pending.is_empty() {
             let Some(newline) = memchr::memchr(b'\n', bytes) else {
                 self.pending.extend_from_slice(bytes);
-                return;
+                return self.check_pending();
             };
-            self.pending.extend_from_slice(&bytes[..newline]);
-            out.push_bytes(strip_cr(&self.pending));
-            self.pending.clear();
+            let mut line = std::mem::take(&mut self.pending);
+            line.extend_from_slice(&bytes[..newline]);
+            self.push_line(&line, out)?;
+            line.clear();
+            self.pending = line; // keep the allocation
             bytes = &bytes[newline + 1..];
         }
         let mut start = 0;
         for newline in memchr::memchr_iter(b'\n', bytes) {
-            out.push_bytes(strip_cr(&bytes[start..newline]));
+            self.push_line(&bytes[start..newline], out)?;
             start = newline + 1;
         }
         self.pending.extend_from_slice(&bytes[start..]);
+        self.check_pending()
+    }
+
+    /// Fails early on an unfinished line that is already too long, so memory stays bounded.
+    fn check_pending(&mut self) -> Result<(), LineTooLong> {
+        // One byte of slack: a trailing `\r` may yet turn out to be half of `\r\n`.
+        if self.pending.len() > self.max_line.saturating_add(1)
+            || (self.pending.len() == self.max_line.saturating_add(1)
+                && self.pending.last() != Some(&b'\r'))
+        {
+            return Err(self.too_long());
+        }
+        if self.pending.is_empty() && self.pending.capacity() > DEFAULT_MAX_LINE {
+            self.pending = Vec::new(); // don't keep a long line's buffer for an idle client
+        }
+        Ok(())
     }
 
     fn feed_raw(&mut self, bytes: &[u8], out: &mut Batch) {
@@ -184,7 +281,7 @@ impl Decoder {
             let keep = incomplete_utf8_tail(bytes);
             let (ready, rest) = bytes.split_at(bytes.len() - keep);
             if !ready.is_empty() {
-                out.push_bytes(ready);
+                out.push_bytes(ready, self.keep_newlines);
             }
             self.pending.extend_from_slice(rest);
         } else {
@@ -192,11 +289,45 @@ impl Decoder {
             let keep = incomplete_utf8_tail(&self.pending);
             let ready = self.pending.len() - keep;
             if ready > 0 {
-                out.push_bytes(&self.pending[..ready]);
+                out.push_bytes(&self.pending[..ready], self.keep_newlines);
                 self.pending.drain(..ready);
             }
         }
     }
+}
+
+/// Printable ASCII or tab: bytes that go out exactly as they came in.
+fn is_plain_ascii(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) || b == b'\t'
+}
+
+/// Whether `c` is written as an escape: C0 controls but tab, DEL, and C1 controls.
+pub fn needs_escape(c: char, keep_newlines: bool) -> bool {
+    match c {
+        '\t' => false,
+        '\n' => !keep_newlines,
+        c => c.is_control(), // exactly C0, DEL and C1
+    }
+}
+
+/// Appends `text` to `out` with control characters escaped: `\x1b` for C0 and DEL, `\u{9b}` for
+/// C1. Tab is kept; `\n` is kept only if `keep_newlines`. Backslashes are not escaped, so
+/// escaping twice changes nothing.
+pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
+    use std::fmt::Write as _;
+    let mut rest = text;
+    while let Some(at) = rest.find(|c| needs_escape(c, keep_newlines)) {
+        out.push_str(&rest[..at]);
+        let c = rest[at..].chars().next().unwrap_or_default();
+        // Writing to a String cannot fail.
+        let _ = if (c as u32) < 0x80 {
+            write!(out, "\\x{:02x}", c as u32)
+        } else {
+            write!(out, "\\u{{{:x}}}", c as u32)
+        };
+        rest = &rest[at + c.len_utf8()..];
+    }
+    out.push_str(rest);
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
@@ -226,20 +357,33 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn decode(framing: Framing, pieces: &[&[u8]]) -> Vec<String> {
-        let mut decoder = Decoder::new(framing);
+    /// Messages decoded from `pieces`, and whether a line was too long.
+    fn decode_with(decoder: Decoder, pieces: &[&[u8]]) -> (Vec<String>, Option<LineTooLong>) {
+        let mut decoder = decoder;
         let mut batch = Batch::new();
+        let mut error = None;
         for piece in pieces {
-            decoder.feed(piece, &mut batch);
+            if let Err(e) = decoder.feed(piece, &mut batch) {
+                error = Some(e);
+                break;
+            }
         }
-        decoder.finish(&mut batch);
-        batch.iter().map(str::to_string).collect()
+        if error.is_none() {
+            error = decoder.finish(&mut batch).err();
+        }
+        (batch.iter().map(str::to_string).collect(), error)
+    }
+
+    fn decode(framing: Framing, pieces: &[&[u8]]) -> Vec<String> {
+        let (messages, error) = decode_with(Decoder::new(framing), pieces);
+        assert_eq!(error, None);
+        messages
     }
 
     #[test]
     fn lines_are_split_on_newline_and_lose_one_trailing_cr() {
         let got = decode(Framing::Line, &[b"a\nb\r\n\nc\r\r\nlast"]);
-        assert_eq!(got, ["a", "b", "", "c\r", "last"]);
+        assert_eq!(got, ["a", "b", "", "c\\x0d", "last"]);
     }
 
     #[test]
@@ -265,6 +409,39 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            decode(Framing::Line, &[b"red \x1b[31m\tbell\x07 del\x7f\n"]),
+            ["red \\x1b[31m\tbell\\x07 del\\x7f"]
+        );
+        assert_eq!(
+            decode(Framing::Line, &["c1 \u{9b}31m \u{85}\n".as_bytes()]),
+            ["c1 \\u{9b}31m \\u{85}"]
+        );
+        // In raw framing a newline inside a chunk must not fake a second printed line...
+        assert_eq!(decode(Framing::Raw, &[b"one\ntwo\r"]), ["one\\x0atwo\\x0d"]);
+        // ...unless the caller shows chunks as they are, as the client does.
+        let (kept, _) = decode_with(Decoder::new(Framing::Raw).keep_newlines(true), &[b"a\nb\x1b"]);
+        assert_eq!(kept, ["a\nb\\x1b"]);
+    }
+
+    #[test]
+    fn line_limit_counts_bytes_without_the_terminator() {
+        let limited = || Decoder::new(Framing::Line).max_line(3);
+        assert_eq!(decode_with(limited(), &[b"abc\r\nabc\n"]).0, ["abc", "abc"]);
+        let (before, error) = decode_with(limited(), &[b"ok\nabcd\nnever\n"]);
+        assert_eq!((before, error), (vec!["ok".to_string()], Some(LineTooLong { max: 3 })));
+        // Caught before the newline arrives, so the buffer stays bounded.
+        let (_, error) = decode_with(limited(), &[b"abcd"]);
+        assert_eq!(error, Some(LineTooLong { max: 3 }));
+        let mut decoder = limited();
+        let mut batch = Batch::new();
+        assert!(decoder.feed(b"abcdefgh", &mut batch).is_err());
+        assert_eq!(decoder.pending_len(), 0);
+        assert!(decoder.feed(b"\n", &mut batch).is_err(), "stays failed");
+    }
+
+    #[test]
     fn incomplete_tail_lengths() {
         assert_eq!(incomplete_utf8_tail(b""), 0);
         assert_eq!(incomplete_utf8_tail(b"abc"), 0);
@@ -283,11 +460,13 @@ mod tests {
         assert!("lines".parse::<Framing>().is_err());
     }
 
-    /// Cuts `bytes` at the given (sorted, deduplicated) positions.
+    /// Cuts `bytes` at the given positions (sorted here).
     fn cut<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(bytes.len())).collect();
+        cuts.sort_unstable();
         let mut pieces = Vec::new();
         let mut start = 0;
-        for &at in cuts {
+        for at in cuts {
             pieces.push(&bytes[start..at]);
             start = at;
         }
@@ -295,37 +474,89 @@ mod tests {
         pieces
     }
 
-    fn text_and_cuts() -> impl Strategy<Value = (String, Vec<usize>)> {
-        "(\\PC|\r|\n){0,200}".prop_flat_map(|text| {
-            let len = text.len();
-            (Just(text), proptest::collection::vec(0..=len, 0..20))
-        })
+    /// Text rich in what matters here: multi-byte characters, `\r`, `\n`, controls.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            "(\\PC|\r|\n|\u{1b}|\u{9b}|\u{7f}){0,200}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        ]
+    }
+
+    fn cuts() -> impl Strategy<Value = Vec<usize>> {
+        proptest::collection::vec(0..300usize, 0..20)
+    }
+
+    /// What the escaping promises: no control character left but tab, and nothing else changed.
+    fn reference_escape(text: &str) -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            match c {
+                '\t' => out.push(c),
+                c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                    out.push_str(&format!("\\x{:02x}", c as u32))
+                }
+                c if (0x80..0xa0).contains(&(c as u32)) => {
+                    out.push_str(&format!("\\u{{{:x}}}", c as u32))
+                }
+                c => out.push(c),
+            }
+        }
+        out
     }
 
     proptest! {
         #[test]
-        fn line_framing_ignores_how_bytes_are_split((text, mut cuts) in text_and_cuts()) {
-            cuts.sort_unstable();
-            let whole = decode(Framing::Line, &[text.as_bytes()]);
-            prop_assert_eq!(decode(Framing::Line, &cut(text.as_bytes(), &cuts)), whole);
+        fn line_framing_ignores_how_bytes_are_split(bytes in stream(), cuts in cuts(), max in 0..40usize) {
+            let whole = decode_with(Decoder::new(Framing::Line).max_line(max), &[&bytes]);
+            let split = decode_with(Decoder::new(Framing::Line).max_line(max), &cut(&bytes, &cuts));
+            prop_assert_eq!(split, whole);
         }
 
         #[test]
-        fn raw_framing_keeps_text_and_characters_whole((text, mut cuts) in text_and_cuts()) {
-            cuts.sort_unstable();
-            let messages = decode(Framing::Raw, &cut(text.as_bytes(), &cuts));
-            prop_assert_eq!(messages.concat(), text);
-            prop_assert!(messages.iter().all(|m| !m.is_empty()));
+        fn line_limit_holds_for_every_split(bytes in stream(), cuts in cuts(), max in 0..40usize) {
+            let mut decoder = Decoder::new(Framing::Line).max_line(max);
+            let mut batch = Batch::new();
+            for piece in cut(&bytes, &cuts) {
+                let result = decoder.feed(piece, &mut batch);
+                // Bounded memory: never more than the limit, the `\r` slack and one read held.
+                prop_assert!(decoder.pending_len() <= max + 1 + piece.len());
+                if result.is_err() {
+                    prop_assert_eq!(decoder.pending_len(), 0);
+                    break;
+                }
+            }
+            let _ = decoder.finish(&mut batch);
+            // Every line delivered is within the limit (measured on the bytes it came from).
+            let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+            for (message, line) in batch.iter().zip(lines) {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                prop_assert!(line.len() <= max);
+                prop_assert_eq!(message, reference_escape(&String::from_utf8_lossy(line)));
+            }
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), mut cuts in proptest::collection::vec(0..300usize, 0..10)) {
-            cuts.retain(|&c| c <= bytes.len());
-            cuts.sort_unstable();
-            let whole = decode(Framing::Line, &[&bytes]);
-            prop_assert_eq!(decode(Framing::Line, &cut(&bytes, &cuts)), whole);
-            let whole_raw: String = decode(Framing::Raw, &[&bytes]).concat();
-            prop_assert_eq!(decode(Framing::Raw, &cut(&bytes, &cuts)).concat(), whole_raw);
+        fn raw_framing_keeps_text_and_characters_whole(bytes in stream(), cuts in cuts()) {
+            let (whole, _) = decode_with(Decoder::new(Framing::Raw), &[&bytes]);
+            let (split, _) = decode_with(Decoder::new(Framing::Raw), &cut(&bytes, &cuts));
+            prop_assert_eq!(split.concat(), whole.concat());
+            prop_assert!(split.iter().all(|m| !m.is_empty()));
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                // Valid text is never cut inside a character, so escaping each chunk equals
+                // escaping the whole.
+                prop_assert_eq!(split.concat(), reference_escape(text));
+            }
+        }
+
+        #[test]
+        fn escaping_is_applied_exactly_once(text in "(\\PC|\r|\n|\t|\u{1b}|\u{9b}|\u{7f}|\\\\){0,100}") {
+            let mut once = String::new();
+            escape_into(&mut once, &text, false);
+            prop_assert_eq!(&once, &reference_escape(&text));
+            prop_assert!(!once.chars().any(|c| c.is_control() && c != '\t'));
+            let mut twice = String::new();
+            escape_into(&mut twice, &once, false);
+            prop_assert_eq!(twice, once, "escaping escaped text changes nothing");
         }
     }
 }

@@ -47,12 +47,16 @@ mod client;
 mod connection;
 mod error;
 mod framing;
+mod limits;
 mod server;
 mod sink;
 
 pub use addr::resolve;
-pub use client::{Client, Receiver};
+pub use client::{Client, RECEIVE_MAX_LINE, Receiver};
 pub use error::Error;
-pub use framing::{Batch, Decoder, Framing, UnknownFraming};
-pub use server::{DEFAULT_GREETING, Server, ServerOptions, Stopper, Summary};
+pub use framing::{
+    Batch, DEFAULT_MAX_LINE, Decoder, Framing, LineTooLong, UnknownFraming, escape_into, needs_escape,
+};
+pub use limits::{Access, BadRange, Range, raise_fd_limit};
+pub use server::{CONNECTION_STACK, DEFAULT_GREETING, Server, ServerOptions, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

@@ -1,7 +1,7 @@
 //! The listener: binding, the accept loop, the registry of live connections, stop and join.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -9,18 +9,25 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::connection;
-use crate::framing::Framing;
+use crate::framing::{DEFAULT_MAX_LINE, Framing};
+use crate::limits::Access;
 use crate::sink::Sink;
 use crate::{Error, addr};
 
 /// The greeting sent when none is configured; `{peer}` becomes the client's address.
 pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
 
-/// Stack size of each connection thread. The reader needs little: its buffers live on the heap.
-const CONNECTION_STACK: usize = 128 * 1024;
+/// Stack size of each connection thread. The reader needs little (its buffers live on the heap),
+/// and only the pages it touches count against memory: about 12 KiB in practice.
+pub const CONNECTION_STACK: usize = 64 * 1024;
+
+/// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
+/// closing is noticed after about two minutes even with no idle timeout.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long after a stop a connection may keep reading what its peer had already sent.
 pub(crate) const DRAIN_TIME: Duration = Duration::from_millis(500);
@@ -36,6 +43,14 @@ pub struct ServerOptions {
     pub framing: Framing,
     /// The listen backlog: connections the kernel queues before `accept`.
     pub backlog: i32,
+    /// Most clients connected at once; one more is told `error: server full (N clients)`.
+    pub max_clients: usize,
+    /// Longest line in bytes (line framing); a longer one cuts the client off.
+    pub max_line: usize,
+    /// Cut off a client that completes no message for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Which client addresses are admitted.
+    pub access: Access,
 }
 
 impl Default for ServerOptions {
@@ -44,6 +59,10 @@ impl Default for ServerOptions {
             greeting: Some(DEFAULT_GREETING.to_string()),
             framing: Framing::Line,
             backlog: 1024,
+            max_clients: 10_000,
+            max_line: DEFAULT_MAX_LINE,
+            idle_timeout: None,
+            access: Access::new(),
         }
     }
 }
@@ -64,6 +83,30 @@ impl ServerOptions {
     /// Sets the listen backlog.
     pub fn backlog(mut self, backlog: i32) -> ServerOptions {
         self.backlog = backlog;
+        self
+    }
+
+    /// Sets the most clients connected at once.
+    pub fn max_clients(mut self, max_clients: usize) -> ServerOptions {
+        self.max_clients = max_clients;
+        self
+    }
+
+    /// Sets the longest line accepted, in bytes.
+    pub fn max_line(mut self, max_line: usize) -> ServerOptions {
+        self.max_line = max_line;
+        self
+    }
+
+    /// Sets the idle timeout (`None` or zero: never).
+    pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> ServerOptions {
+        self.idle_timeout = idle_timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Sets who may connect.
+    pub fn access(mut self, access: Access) -> ServerOptions {
+        self.access = access;
         self
     }
 }
@@ -332,6 +375,7 @@ impl Drop for Deregister<'_> {
         if let Some(thread) = registry.live.remove(&self.id).and_then(|live| live.thread) {
             registry.finished.push(thread);
         }
+        debug!("{} clients connected", registry.live.len());
         if registry.live.is_empty() {
             self.shared.idle.notify_all();
         }
@@ -378,7 +422,11 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if slot.is_none() {
-                error!("cannot write output: {error}; stopping");
+                if error.kind() == io::ErrorKind::BrokenPipe {
+                    info!("output closed by its reader; stopping");
+                } else {
+                    error!("cannot write output: {error}; stopping");
+                }
                 *slot = Some(error);
             }
         }
@@ -408,13 +456,26 @@ impl Shared {
     }
 
     fn start_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let stream = Arc::new(stream);
+        if !self.options.access.permits(peer.ip()) {
+            info!("{peer} refused: not allowed by --allow/--deny");
+            return refuse_at_accept(&stream, "not allowed");
+        }
         let mut registry = self.registry();
         // Checked under the lock that stop() takes, so no connection escapes its shutdown.
         if self.is_stopping() {
             return;
         }
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        let live = registry.live.len();
+        if live >= self.options.max_clients {
+            drop(registry);
+            let max = self.options.max_clients;
+            info!("{peer} refused: server full ({max} clients)");
+            return refuse_at_accept(&stream, &format!("server full ({max} clients)"));
+        }
+        if let Err(e) = set_keepalive(&stream) {
+            debug!("{peer}: cannot set TCP keepalive: {e}");
+        }
+        let stream = Arc::new(stream);
         let id = registry.next_id;
         registry.next_id += 1;
         let shared = Arc::clone(self);
@@ -431,6 +492,7 @@ impl Shared {
             });
         match spawned {
             Ok(thread) => {
+                self.connections.fetch_add(1, Ordering::Relaxed);
                 registry.live.insert(
                     id,
                     Live {
@@ -438,8 +500,13 @@ impl Shared {
                         thread: Some(thread),
                     },
                 );
+                debug!("{peer} accepted; {} clients connected", live + 1);
             }
-            Err(e) => error!("{peer}: cannot start a connection thread: {e}; closing it"),
+            Err(e) => {
+                drop(registry);
+                error!("{peer} refused: cannot start a connection thread: {e}");
+                refuse_at_accept(&stream, "server busy");
+            }
         }
     }
 
@@ -450,6 +517,22 @@ impl Shared {
             let _ = thread.join();
         }
     }
+}
+
+/// Tells a client turned away at accept why, in one line, without ever blocking the accept loop.
+fn refuse_at_accept(stream: &TcpStream, reason: &str) {
+    if stream.set_nonblocking(true).is_ok() {
+        // A fresh connection's send buffer is empty, so this short line fits at once.
+        let _ = (&*stream).write_all(format!("error: {reason}\n").as_bytes());
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
 /// Where to connect to reach our own listener: loopback when bound to "any address".

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use plugboard::{DEFAULT_GREETING, Error, Server, ServerOptions};
+use clap::builder::TypedValueParser;
+use plugboard::{Access, DEFAULT_GREETING, Error, Range, Server, ServerOptions};
 use tracing::info;
 
 use common::{FramingArg, LogArgs};
@@ -34,6 +36,26 @@ struct Cli {
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
     framing: FramingArg,
+    /// Most clients at once; one more is told `error: server full (N clients)` and closed.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_clients: usize,
+    /// Longest line in bytes; a client sending a longer one is told `error: line too long` and closed.
+    #[arg(long, default_value_t = plugboard::DEFAULT_MAX_LINE, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    max_line: usize,
+    /// Close a client that completes no message for this long (`30s`, `5m`); 0 = never.
+    #[arg(long, default_value = "0", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    idle_timeout: Duration,
+    /// Admit only clients in this range (CIDR or address; repeatable). Default: everyone.
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<Range>,
+    /// Refuse clients in this range (CIDR or address; repeatable). Deny wins over allow.
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<Range>,
+    /// Listen backlog: connections the kernel queues before they are accepted.
+    #[arg(long, default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(i32).range(1..))]
+    backlog: i32,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -48,9 +70,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    raise_fd_limit(cli.max_clients);
+    let access = cli.allow.into_iter().fold(Access::new(), Access::allow);
+    let access = cli.deny.into_iter().fold(access, Access::deny);
     let options = ServerOptions::default()
         .greeting(Some(cli.greeting))
-        .framing(cli.framing.into());
+        .framing(cli.framing.into())
+        .max_clients(cli.max_clients)
+        .max_line(cli.max_line)
+        .idle_timeout(Some(cli.idle_timeout))
+        .access(access)
+        .backlog(cli.backlog);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
     install_signal_handler(&server, addr)?;
@@ -93,4 +123,17 @@ fn install_signal_handler(server: &Server, addr: SocketAddr) -> anyhow::Result<(
         stopper.stop();
     })
     .context("cannot install the signal handler")
+}
+
+/// Each client is one file descriptor, and the usual soft limit of 1024 would cap the server near
+/// 1,000 clients: raise it to the hard limit and say if that is still short of `--max-clients`.
+fn raise_fd_limit(max_clients: usize) {
+    match plugboard::raise_fd_limit() {
+        // A few descriptors go to stdio, the listener and the wake-up connection.
+        Ok(limit) if limit < max_clients as u64 + 16 => tracing::warn!(
+            "open file limit is {limit}: fewer than {max_clients} clients fit (raise it with ulimit -Hn)"
+        ),
+        Ok(limit) => tracing::debug!("open file limit: {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
 }

@@ -1,0 +1,141 @@
+//! Who may connect: `--allow` and `--deny` address ranges.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// Allow and deny lists of address ranges (IPv4 and IPv6, CIDR or single addresses).
+///
+/// Deny wins; with any allow entry, every address not allowed is refused; empty lists admit all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+}
+
+impl Access {
+    /// Admits everyone.
+    pub fn new() -> Access {
+        Access::default()
+    }
+
+    /// Admits `range` (and, once any range is allowed, only allowed ranges).
+    pub fn allow(mut self, range: Range) -> Access {
+        self.allow.push(range.0);
+        self
+    }
+
+    /// Refuses `range`, even if it is also allowed.
+    pub fn deny(mut self, range: Range) -> Access {
+        self.deny.push(range.0);
+        self
+    }
+
+    /// Whether a client from `ip` may connect. IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`,
+    /// seen on a dual-stack listener) are judged as the IPv4 address they carry.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if self.deny.iter().any(|net| net.contains(&ip)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// An address range: `10.0.0.0/8`, `::1/128`, or a single address such as `192.0.2.7`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range(IpNet);
+
+/// The error for text that is neither a CIDR range nor an IP address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadRange(String);
+
+impl fmt::Display for BadRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not an address range (expected CIDR like 10.0.0.0/8 or ::1/128, or an address)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadRange {}
+
+impl FromStr for Range {
+    type Err = BadRange;
+
+    fn from_str(text: &str) -> Result<Range, BadRange> {
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(Range(net.trunc()));
+        }
+        text.parse::<IpAddr>()
+            .map(|ip| Range(IpNet::from(ip)))
+            .map_err(|_| BadRange(text.to_string()))
+    }
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does, and
+/// returns the new limit. Each client is one descriptor. On Windows there is no such limit to
+/// raise for sockets, so it returns `u64::MAX`.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    #[cfg(unix)]
+    return rlimit::increase_nofile_limit(u64::MAX);
+    #[cfg(not(unix))]
+    return Ok(u64::MAX);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(text: &str) -> Range {
+        text.parse().expect("valid range")
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("valid ip")
+    }
+
+    #[test]
+    fn empty_lists_admit_everyone() {
+        assert!(Access::new().permits(ip("192.0.2.1")));
+        assert!(Access::new().permits(ip("::1")));
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let access = Access::new()
+            .allow(range("127.0.0.0/8"))
+            .deny(range("127.0.0.2"));
+        assert!(access.permits(ip("127.0.0.1")));
+        assert!(!access.permits(ip("127.0.0.2")));
+        assert!(!access.permits(ip("192.0.2.1")), "not allowed");
+        assert!(!access.permits(ip("::1")), "not allowed");
+    }
+
+    #[test]
+    fn ipv6_and_mapped_ipv4() {
+        let access = Access::new().deny(range("::1/128")).deny(range("10.0.0.0/8"));
+        assert!(!access.permits(ip("::1")));
+        assert!(!access.permits(ip("::ffff:10.1.2.3")), "mapped v4 judged as v4");
+        assert!(access.permits(ip("::2")));
+        assert!(access.permits(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn ranges_parse_and_refuse_nonsense() {
+        assert_eq!(range("10.1.2.3/8").to_string(), "10.0.0.0/8");
+        assert_eq!(range("::1").to_string(), "::1/128");
+        assert!("10.0.0.0/33".parse::<Range>().is_err());
+        assert!("localhost".parse::<Range>().is_err());
+    }
+}
