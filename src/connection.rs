@@ -11,7 +11,7 @@ use crate::server::Shared;
 
 /// The first read buffer; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
 /// costs little and a streaming one gets large reads.
-const FIRST_READ: usize = 2 * 1024;
+const FIRST_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
 
 /// After telling a client why it is cut off, how long to read and drop what it still sends, so
@@ -36,7 +36,10 @@ enum End {
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
 pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
-    info!("{peer} connected");
+    // Here rather than in the accept loop, which must keep up with bursts of connects.
+    if let Err(e) = crate::server::set_keepalive(stream) {
+        debug!("{peer}: cannot set TCP keepalive: {e}");
+    }
     let options = &shared.options;
     if let Some(greeting) = &options.greeting {
         let mut text = greeting.replace("{peer}", &peer.to_string());
@@ -110,7 +113,8 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
     };
     match &end {
         End::Closed => info!("{peer} disconnected {counts}{dropped}"),
-        End::Stopped => info!("{peer} closed by the server stop {counts}{dropped}"),
+        // Debug: at a stop, thousands of these would only slow the exit; the summary counts them.
+        End::Stopped => debug!("{peer} closed by the server stop {counts}{dropped}"),
         End::Failed(e) => warn!("{peer} disconnected: {e}; {counts}{dropped}"),
         End::Idle => info!("{peer} cut off: idle timeout; {counts}{dropped}"),
         End::TooLong(e) => warn!("{peer} cut off: {e}; {counts}"),

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -123,12 +123,18 @@ pub struct Summary {
     pub bytes: u64,
 }
 
-/// A running server: one accept thread and one thread per client.
+/// A running server: one accept thread, one thread that starts connection threads, and one thread
+/// per client.
+///
+/// Accepting and starting threads are split so that the accept loop only ever calls `accept`:
+/// starting a thread costs several times as much as a connect, and a burst of connects would
+/// otherwise overflow the kernel's accept queue and leave clients waiting a second on SYN retries.
 ///
 /// Dropping it stops it and joins every thread.
 pub struct Server {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    starter: Option<JoinHandle<()>>,
 }
 
 /// Stops a [`Server`] from another thread (a signal handler, a test). Cheap to clone.
@@ -158,6 +164,8 @@ impl Server {
         options: ServerOptions,
         sink: Arc<dyn Sink>,
     ) -> Result<Server, Error> {
+        // Each client is a descriptor; make room for them all before any thread starts.
+        crate::limits::reserve_descriptors(options.max_clients.saturating_add(64));
         let mut failure = None;
         for addr in addr::resolve(host, port)? {
             match listen(addr, options.backlog) {
@@ -195,14 +203,28 @@ impl Server {
             bytes: AtomicU64::new(0),
             output_error: Mutex::new(None),
         });
+        let (accepted, to_start) = mpsc::channel();
+        let starter_shared = Arc::clone(&shared);
+        let starter = thread::Builder::new()
+            .name("plugboard-start".into())
+            .spawn(move || start_loop(&to_start, &starter_shared))
+            .map_err(Error::Thread)?;
         let accept_shared = Arc::clone(&shared);
         let accept = thread::Builder::new()
             .name("plugboard-accept".into())
-            .spawn(move || accept_loop(&listener, &accept_shared))
-            .map_err(Error::Thread)?;
+            .spawn(move || accept_loop(&listener, &accept_shared, &accepted));
+        let accept = match accept {
+            Ok(accept) => accept,
+            Err(e) => {
+                // Dropping the closure's sender ends the starter.
+                let _ = starter.join();
+                return Err(Error::Thread(e));
+            }
+        };
         Ok(Server {
             shared,
             accept: Some(accept),
+            starter: Some(starter),
         })
     }
 
@@ -246,8 +268,11 @@ impl Server {
     }
 
     fn join_threads(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
+        for thread in [self.accept.take(), self.starter.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
         let finished = {
             let mut registry = self.shared.registry();
@@ -268,7 +293,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.accept.is_some() {
+        if self.accept.is_some() || self.starter.is_some() {
             self.shared.stop();
             self.join_threads();
         }
@@ -296,7 +321,12 @@ fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+/// Accepts connections and hands them to the starter; refuses those `--allow`/`--deny` exclude.
+fn accept_loop(
+    listener: &TcpListener,
+    shared: &Shared,
+    starter: &mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = listener.accept();
@@ -306,7 +336,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                shared.start_connection(stream, peer);
+                if !shared.options.access.permits(peer.ip()) {
+                    info!("{peer} refused: not allowed by --allow/--deny");
+                    refuse_at_accept(&stream, "not allowed");
+                } else if starter.send((stream, peer)).is_err() {
+                    break; // the starter is gone: the server is stopping
+                }
             }
             Err(e) if is_transient_accept_error(&e) => debug!("accept: {e}"),
             Err(e) => {
@@ -319,9 +354,19 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 thread::sleep(backoff);
             }
         }
-        shared.reap();
     }
     debug!("accept loop on {} ended", shared.local_addr);
+}
+
+/// Starts a thread for each accepted connection, until the accept loop ends.
+fn start_loop(accepted: &mpsc::Receiver<(TcpStream, SocketAddr)>, shared: &Arc<Shared>) {
+    for (stream, peer) in accepted {
+        // After a stop, connections still queued here are simply closed.
+        if !shared.is_stopping() {
+            shared.start_connection(stream, peer);
+        }
+        shared.reap();
+    }
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {
@@ -334,7 +379,7 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// State shared by the accept thread, every connection thread and the handles.
+/// State shared by the accept and starter threads, every connection thread and the handles.
 pub(crate) struct Shared {
     pub(crate) options: ServerOptions,
     pub(crate) sink: Arc<dyn Sink>,
@@ -456,10 +501,6 @@ impl Shared {
     }
 
     fn start_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        if !self.options.access.permits(peer.ip()) {
-            info!("{peer} refused: not allowed by --allow/--deny");
-            return refuse_at_accept(&stream, "not allowed");
-        }
         let mut registry = self.registry();
         // Checked under the lock that stop() takes, so no connection escapes its shutdown.
         if self.is_stopping() {
@@ -472,16 +513,13 @@ impl Shared {
             info!("{peer} refused: server full ({max} clients)");
             return refuse_at_accept(&stream, &format!("server full ({max} clients)"));
         }
-        if let Err(e) = set_keepalive(&stream) {
-            debug!("{peer}: cannot set TCP keepalive: {e}");
-        }
         let stream = Arc::new(stream);
         let id = registry.next_id;
         registry.next_id += 1;
         let shared = Arc::clone(self);
         let thread_stream = Arc::clone(&stream);
+        // Unnamed: naming costs each new thread a system call, on the path of every connect.
         let spawned = thread::Builder::new()
-            .name("plugboard-conn".into())
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
                 let _deregister = Deregister {
@@ -500,7 +538,11 @@ impl Shared {
                         thread: Some(thread),
                     },
                 );
-                debug!("{peer} accepted; {} clients connected", live + 1);
+                drop(registry);
+                // Logged here, not on the new thread: formatting a log line takes a page of
+                // stack, and this thread's stack is already there (4 KiB less per client).
+                info!("{peer} connected");
+                debug!("{} clients connected", live + 1);
             }
             Err(e) => {
                 drop(registry);
@@ -528,7 +570,7 @@ fn refuse_at_accept(stream: &TcpStream, reason: &str) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
