@@ -111,7 +111,11 @@ impl Batch {
                 self.text.push_str(text);
             }
         } else {
-            escape_into(&mut self.text, &String::from_utf8_lossy(bytes), keep_newlines);
+            escape_into(
+                &mut self.text,
+                &String::from_utf8_lossy(bytes),
+                keep_newlines,
+            );
         }
         self.ends.push(self.text.len());
     }
@@ -421,7 +425,10 @@ mod tests {
         // In raw framing a newline inside a chunk must not fake a second printed line...
         assert_eq!(decode(Framing::Raw, &[b"one\ntwo\r"]), ["one\\x0atwo\\x0d"]);
         // ...unless the caller shows chunks as they are, as the client does.
-        let (kept, _) = decode_with(Decoder::new(Framing::Raw).keep_newlines(true), &[b"a\nb\x1b"]);
+        let (kept, _) = decode_with(
+            Decoder::new(Framing::Raw).keep_newlines(true),
+            &[b"a\nb\x1b"],
+        );
         assert_eq!(kept, ["a\nb\\x1b"]);
     }
 
@@ -430,7 +437,10 @@ mod tests {
         let limited = || Decoder::new(Framing::Line).max_line(3);
         assert_eq!(decode_with(limited(), &[b"abc\r\nabc\n"]).0, ["abc", "abc"]);
         let (before, error) = decode_with(limited(), &[b"ok\nabcd\nnever\n"]);
-        assert_eq!((before, error), (vec!["ok".to_string()], Some(LineTooLong { max: 3 })));
+        assert_eq!(
+            (before, error),
+            (vec!["ok".to_string()], Some(LineTooLong { max: 3 }))
+        );
         // Caught before the newline arrives, so the buffer stays bounded.
         let (_, error) = decode_with(limited(), &[b"abcd"]);
         assert_eq!(error, Some(LineTooLong { max: 3 }));

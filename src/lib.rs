@@ -55,8 +55,9 @@ pub use addr::resolve;
 pub use client::{Client, RECEIVE_MAX_LINE, Receiver};
 pub use error::Error;
 pub use framing::{
-    Batch, DEFAULT_MAX_LINE, Decoder, Framing, LineTooLong, UnknownFraming, escape_into, needs_escape,
+    Batch, DEFAULT_MAX_LINE, Decoder, Framing, LineTooLong, UnknownFraming, escape_into,
+    needs_escape,
 };
-pub use limits::{Access, BadRange, Range, raise_fd_limit};
+pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors};
 pub use server::{CONNECTION_STACK, DEFAULT_GREETING, Server, ServerOptions, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

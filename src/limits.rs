@@ -93,6 +93,33 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     return Ok(u64::MAX);
 }
 
+/// Grows the kernel's descriptor table of this process to hold `count` descriptors now, so a burst
+/// of connections doesn't grow it later.
+///
+/// Linux doubles the table as descriptors are opened, and in a multi-threaded process each growth
+/// waits for an RCU grace period: tens of milliseconds on a virtual machine, during which nothing
+/// is accepted, the listen queue overflows and connecting clients stall a second on SYN retries.
+/// Growing it once up front (best when the process still has one thread) avoids all of that.
+/// Best effort: it is capped at the open-file limit, and does nothing off Unix.
+pub fn reserve_descriptors(count: usize) {
+    #[cfg(unix)]
+    {
+        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        let highest = (count as u64).min(limit.saturating_sub(1));
+        let Ok(highest) = i32::try_from(highest) else {
+            return;
+        };
+        // A duplicate of stdin (or any open descriptor) at the highest number grows the table;
+        // closing it (on drop) keeps the table at that size.
+        match rustix::io::fcntl_dupfd_cloexec(std::io::stdin(), highest) {
+            Ok(_reserved) => tracing::debug!("descriptor table holds {} now", highest + 1),
+            Err(e) => tracing::debug!("cannot reserve {count} descriptors: {e}"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = count;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,9 +151,14 @@ mod tests {
 
     #[test]
     fn ipv6_and_mapped_ipv4() {
-        let access = Access::new().deny(range("::1/128")).deny(range("10.0.0.0/8"));
+        let access = Access::new()
+            .deny(range("::1/128"))
+            .deny(range("10.0.0.0/8"));
         assert!(!access.permits(ip("::1")));
-        assert!(!access.permits(ip("::ffff:10.1.2.3")), "mapped v4 judged as v4");
+        assert!(
+            !access.permits(ip("::ffff:10.1.2.3")),
+            "mapped v4 judged as v4"
+        );
         assert!(access.permits(ip("::2")));
         assert!(access.permits(ip("127.0.0.1")));
     }

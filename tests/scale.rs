@@ -1,0 +1,129 @@
+//! Many clients at once: 1,000 in CI, 10,000 on demand (`--ignored`), with the figures printed.
+//!
+//! `cargo test --release --test scale -- --ignored --nocapture` runs the 10,000-client check and
+//! prints clients, server RSS per client, connect time and SIGTERM-to-exit time.
+
+#![cfg(target_os = "linux")]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{EXIT_TIMEOUT, ServerProcess, poll_until};
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+struct Figures {
+    clients: usize,
+    connect: Duration,
+    rss_kib: u64,
+    baseline_kib: u64,
+    exit: Duration,
+}
+
+/// Connects `clients` clients one after another, has each read its greeting and send a line,
+/// checks every line is printed, then stops the server with SIGTERM.
+fn many_clients(clients: usize) -> Figures {
+    plugboard::raise_fd_limit().expect("raise this test's open file limit");
+    let mut server = ServerProcess::start(&["--max-clients", &clients.to_string()]);
+    let pid = server.pid();
+    let baseline_kib = rss_kib(pid);
+
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let stream = TcpStream::connect_timeout(&server.addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("client {c}: connect: {e}"));
+        streams.push(stream);
+    }
+    let connect = started.elapsed();
+
+    let mut peers = Vec::with_capacity(clients);
+    for (c, stream) in streams.iter().enumerate() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        let mut greeting = String::new();
+        BufReader::new(stream)
+            .read_line(&mut greeting)
+            .unwrap_or_else(|e| panic!("client {c}: greeting: {e}"));
+        let me = stream.local_addr().expect("local addr");
+        assert_eq!(
+            greeting,
+            format!("welcome to plugboard, {me}\n"),
+            "client {c}"
+        );
+        (&*stream)
+            .write_all(format!("client {c} here\n").as_bytes())
+            .unwrap_or_else(|e| panic!("client {c}: send: {e}"));
+        peers.push(me);
+    }
+    let printed = poll_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        (server.stdout_so_far().lines().count() >= clients).then_some(())
+    });
+    assert!(
+        printed.is_some(),
+        "only {} of {clients} lines printed",
+        server.stdout_so_far().lines().count()
+    );
+    let rss_kib = rss_kib(pid);
+
+    let signalled = server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    let exit = out.exited_at.duration_since(signalled);
+    out.assert_code(0).assert_no_panic();
+    let mut expected: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(c, me)| format!("{me} client {c} here"))
+        .collect();
+    let mut lines: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+    expected.sort();
+    lines.sort();
+    assert!(
+        lines == expected,
+        "printed lines differ from those sent\n{out}"
+    );
+    Figures {
+        clients,
+        connect,
+        rss_kib,
+        baseline_kib,
+        exit,
+    }
+}
+
+fn report(f: &Figures) {
+    println!(
+        "clients: {}  connect: {:.3} s  server RSS: {} KiB ({:.1} KiB per client; {} KiB before any client)  SIGTERM to exit: {:.3} s",
+        f.clients,
+        f.connect.as_secs_f64(),
+        f.rss_kib,
+        f.rss_kib as f64 / f.clients as f64,
+        f.baseline_kib,
+        f.exit.as_secs_f64(),
+    );
+}
+
+#[test]
+fn a_thousand_clients_are_each_greeted_and_heard() {
+    let figures = many_clients(1_000);
+    report(&figures);
+}
+
+#[test]
+#[ignore = "10,000 clients: run with --release -- --ignored --nocapture to see the figures"]
+fn ten_thousand_clients() {
+    let figures = many_clients(10_000);
+    report(&figures);
+}
