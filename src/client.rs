@@ -16,7 +16,10 @@ pub const RECEIVE_MAX_LINE: usize = 1024 * 1024;
 ///
 /// Sending and receiving can happen on different threads: [`receiver`](Client::receiver) shares
 /// the same socket (no second file descriptor).
-#[derive(Debug)]
+///
+/// Clones share the connection (and its one file descriptor), so one thread can send while another
+/// closes or receives.
+#[derive(Debug, Clone)]
 pub struct Client {
     stream: Arc<TcpStream>,
     peer: SocketAddr,
@@ -79,16 +82,26 @@ impl Client {
     ///
     /// In line framing a message containing `\n` arrives as several messages.
     pub fn send(&self, message: &str) -> Result<(), Error> {
+        self.send_bytes(message.as_bytes())
+    }
+
+    /// Sends bytes as one message: in line framing followed by `\n`, in raw framing as they are.
+    pub fn send_bytes(&self, message: &[u8]) -> Result<(), Error> {
         let result = match self.framing {
             Framing::Line => {
-                let mut line = String::with_capacity(message.len() + 1);
-                line.push_str(message);
-                line.push('\n');
-                (&*self.stream).write_all(line.as_bytes())
+                let mut line = Vec::with_capacity(message.len() + 1);
+                line.extend_from_slice(message);
+                line.push(b'\n');
+                (&*self.stream).write_all(&line)
             }
-            Framing::Raw => (&*self.stream).write_all(message.as_bytes()),
+            Framing::Raw => (&*self.stream).write_all(message),
         };
         result.map_err(|e| self.failed(e))
+    }
+
+    /// The framing in use.
+    pub fn framing_in_use(&self) -> Framing {
+        self.framing
     }
 
     /// Half-closes the connection: tells the server nothing more will be sent. Receiving goes on

@@ -2,12 +2,16 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
-use crate::server::Shared;
+use crate::room::{self, Outbox};
+use crate::server::{CONNECTION_STACK, Mode, Shared};
+use crate::sink::format_batch;
 
 /// The first read buffer; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
 /// costs little and a streaming one gets large reads.
@@ -35,7 +39,8 @@ enum End {
 }
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
-pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
+pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, peer: SocketAddr) {
+    let stream: &TcpStream = shared_stream;
     // Here rather than in the accept loop, which must keep up with bursts of connects.
     if let Err(e) = crate::server::set_keepalive(stream) {
         debug!("{peer}: cannot set TCP keepalive: {e}");
@@ -51,6 +56,15 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         }
     }
 
+    let mut relay = match Relay::start(shared, id, shared_stream, peer) {
+        Ok(relay) => relay,
+        Err(e) => {
+            warn!("{peer}: cannot start its writer thread: {e}; closing");
+            refuse(stream, "server busy", &mut [0; 64]);
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
     let mut reader = Reader {
         stream,
         idle_timeout: options.idle_timeout,
@@ -58,7 +72,11 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         last_message: Instant::now(),
     };
     let mut decoder = Decoder::new(options.framing).max_line(options.max_line);
-    let mut batch = Batch::new();
+    let mut batch = if options.mode == Mode::Echo {
+        Batch::new().keep_raw()
+    } else {
+        Batch::new()
+    };
     let mut buf = vec![0; FIRST_READ];
     let mut messages = 0u64;
     let mut bytes = 0u64;
@@ -75,8 +93,8 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
                 } else {
                     decoder.finish(&mut batch)
                 };
-                if !deliver(shared, peer, &mut batch, &mut messages) {
-                    break End::OutputFailed;
+                if let Err(end) = relay.handle(shared, &mut batch, &mut messages) {
+                    break end;
                 }
                 break match finished {
                     Ok(()) => End::Closed,
@@ -93,8 +111,8 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         if !batch.is_empty() {
             reader.last_message = Instant::now();
         }
-        if !deliver(shared, peer, &mut batch, &mut messages) {
-            break End::OutputFailed;
+        if let Err(end) = relay.handle(shared, &mut batch, &mut messages) {
+            break end;
         }
         if let Err(too_long) = decoded {
             break End::TooLong(too_long);
@@ -120,6 +138,7 @@ pub(crate) fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         End::TooLong(e) => warn!("{peer} cut off: {e}; {counts}"),
         End::OutputFailed => debug!("{peer} closed: output failed"),
     }
+    relay.finish(shared);
     match end {
         End::Idle => refuse(stream, "idle timeout", &mut buf),
         End::TooLong(e) => refuse(stream, &e.to_string(), &mut buf),
@@ -193,19 +212,129 @@ fn refuse(stream: &TcpStream, reason: &str, scratch: &mut [u8]) {
     }
 }
 
-/// Hands the batch to the sink and empties it; false if the sink failed (the server then stops).
-fn deliver(shared: &Shared, peer: SocketAddr, batch: &mut Batch, messages: &mut u64) -> bool {
-    if batch.is_empty() {
-        return true;
+/// What a connection does with each batch of messages: print it, and in echo and chat mode also
+/// send it on.
+enum Relay<'a> {
+    Log {
+        peer: SocketAddr,
+    },
+    Echo {
+        peer: SocketAddr,
+        stream: &'a TcpStream,
+    },
+    Chat {
+        peer: SocketAddr,
+        id: u64,
+        stream: &'a TcpStream,
+        outbox: Arc<Outbox>,
+        writer: JoinHandle<()>,
+        /// Reused buffer for formatting `PEER MESSAGE` lines.
+        lines: Vec<u8>,
+    },
+}
+
+impl<'a> Relay<'a> {
+    fn start(
+        shared: &Shared,
+        id: u64,
+        stream: &'a Arc<TcpStream>,
+        peer: SocketAddr,
+    ) -> io::Result<Relay<'a>> {
+        let options = &shared.options;
+        if options.mode != Mode::Log {
+            // A client that takes nothing of what is sent to it for this long is cut off.
+            stream.set_write_timeout(Some(options.send_timeout))?;
+        }
+        Ok(match options.mode {
+            Mode::Log => Relay::Log { peer },
+            Mode::Echo => Relay::Echo { peer, stream },
+            Mode::Chat => {
+                let outbox = Arc::new(Outbox::new());
+                let writer = {
+                    let outbox = Arc::clone(&outbox);
+                    let stream = Arc::clone(stream);
+                    thread::Builder::new()
+                        .stack_size(CONNECTION_STACK)
+                        .spawn(move || room::write_loop(&outbox, &stream, peer))?
+                };
+                shared
+                    .room
+                    .join(id, peer, Arc::clone(stream), Arc::clone(&outbox));
+                Relay::Chat {
+                    peer,
+                    id,
+                    stream,
+                    outbox,
+                    writer,
+                    lines: Vec::new(),
+                }
+            }
+        })
     }
-    *messages += batch.len() as u64;
-    let result = shared.sink.deliver(peer, batch);
-    batch.clear();
-    match result {
-        Ok(()) => true,
-        Err(e) => {
+
+    /// Sends the batch on as the mode says, hands it to the sink, and empties it.
+    fn handle(
+        &mut self,
+        shared: &Shared,
+        batch: &mut Batch,
+        messages: &mut u64,
+    ) -> Result<(), End> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        *messages += batch.len() as u64;
+        let peer = match self {
+            Relay::Log { peer } => *peer,
+            // Echo first: the sender is waiting for it; printing can follow.
+            Relay::Echo { peer, stream } => {
+                if let Err(e) = (&**stream).write_all(batch.raw()) {
+                    batch.clear();
+                    return Err(End::Failed(e));
+                }
+                *peer
+            }
+            Relay::Chat {
+                peer, id, lines, ..
+            } => {
+                lines.clear();
+                format_batch(lines, *peer, batch);
+                let payload: Arc<[u8]> = Arc::from(&lines[..]);
+                shared
+                    .room
+                    .broadcast(*id, &payload, shared.options.send_timeout);
+                *peer
+            }
+        };
+        let delivered = shared.sink.deliver(peer, batch);
+        batch.clear();
+        delivered.map_err(|e| {
             shared.output_failed(e);
-            false
+            End::OutputFailed
+        })
+    }
+
+    /// Leaves the chat room: what is queued for the client is still sent, unless the server is
+    /// stopping, when it is dropped so that the stop is quick.
+    fn finish(self, shared: &Shared) {
+        if let Relay::Chat {
+            peer,
+            id,
+            stream,
+            outbox,
+            writer,
+            ..
+        } = self
+        {
+            shared.room.leave(id);
+            if shared.is_stopping() {
+                outbox.abandon();
+                let _ = stream.shutdown(Shutdown::Both);
+            } else {
+                outbox.close();
+            }
+            if writer.join().is_err() {
+                warn!("{peer}: its writer thread panicked");
+            }
         }
     }
 }

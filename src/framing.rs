@@ -63,6 +63,9 @@ impl FromStr for Framing {
 pub struct Batch {
     text: String,
     ends: Vec<usize>,
+    /// The messages' bytes exactly as received, with line framing's `\n`: kept only when asked
+    /// for, by an echo server.
+    raw: Option<Vec<u8>>,
 }
 
 impl Batch {
@@ -124,6 +127,28 @@ impl Batch {
     pub fn clear(&mut self) {
         self.text.clear();
         self.ends.clear();
+        if let Some(raw) = &mut self.raw {
+            raw.clear();
+        }
+    }
+
+    /// Also keeps the bytes of each message exactly as they came (see [`raw`](Batch::raw)).
+    pub fn keep_raw(mut self) -> Batch {
+        self.raw = Some(Vec::new());
+        self
+    }
+
+    /// The messages' bytes exactly as received (a line with its `\r`, if any, and `\n`; a raw
+    /// chunk as it was), or nothing unless [`keep_raw`](Batch::keep_raw) was set.
+    pub fn raw(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or_default()
+    }
+
+    fn record_raw(&mut self, bytes: &[u8], terminator: &[u8]) {
+        if let Some(raw) = &mut self.raw {
+            raw.extend_from_slice(bytes);
+            raw.extend_from_slice(terminator);
+        }
     }
 }
 
@@ -221,7 +246,10 @@ impl Decoder {
             let pending = std::mem::take(&mut self.pending);
             match self.framing {
                 Framing::Line => self.push_line(&pending, out)?,
-                Framing::Raw => out.push_bytes(&pending, self.keep_newlines),
+                Framing::Raw => {
+                    out.push_bytes(&pending, self.keep_newlines);
+                    out.record_raw(&pending, b"");
+                }
             }
         }
         Ok(())
@@ -235,11 +263,12 @@ impl Decoder {
 
     /// Pushes one line (without its `\n`), or fails if it is over the limit.
     fn push_line(&mut self, line: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
-        let line = strip_cr(line);
-        if line.len() > self.max_line {
+        let text = strip_cr(line);
+        if text.len() > self.max_line {
             return Err(self.too_long());
         }
-        out.push_bytes(line, self.keep_newlines);
+        out.push_bytes(text, self.keep_newlines);
+        out.record_raw(line, b"\n");
         Ok(())
     }
 
@@ -286,6 +315,7 @@ impl Decoder {
             let (ready, rest) = bytes.split_at(bytes.len() - keep);
             if !ready.is_empty() {
                 out.push_bytes(ready, self.keep_newlines);
+                out.record_raw(ready, b"");
             }
             self.pending.extend_from_slice(rest);
         } else {
@@ -294,6 +324,7 @@ impl Decoder {
             let ready = self.pending.len() - keep;
             if ready > 0 {
                 out.push_bytes(&self.pending[..ready], self.keep_newlines);
+                out.record_raw(&self.pending[..ready], b"");
                 self.pending.drain(..ready);
             }
         }
@@ -452,6 +483,24 @@ mod tests {
     }
 
     #[test]
+    fn raw_bytes_are_kept_exactly_when_asked() {
+        let mut decoder = Decoder::new(Framing::Line);
+        let mut batch = Batch::new().keep_raw();
+        decoder
+            .feed(b"a\r\nb\x1b\xff\nc", &mut batch)
+            .expect("feed");
+        decoder.finish(&mut batch).expect("finish");
+        assert_eq!(batch.raw(), b"a\r\nb\x1b\xff\nc\n");
+        assert_eq!(
+            batch.iter().collect::<Vec<_>>(),
+            ["a", "b\\x1b\u{fffd}", "c"]
+        );
+        batch.clear();
+        assert!(batch.raw().is_empty());
+        assert!(Batch::new().raw().is_empty(), "not kept unless asked");
+    }
+
+    #[test]
     fn incomplete_tail_lengths() {
         assert_eq!(incomplete_utf8_tail(b""), 0);
         assert_eq!(incomplete_utf8_tail(b"abc"), 0);
@@ -556,6 +605,22 @@ mod tests {
                 // escaping the whole.
                 prop_assert_eq!(split.concat(), reference_escape(text));
             }
+        }
+
+        #[test]
+        fn kept_raw_bytes_are_the_stream(bytes in stream(), cuts in cuts(), raw_framing in any::<bool>()) {
+            let framing = if raw_framing { Framing::Raw } else { Framing::Line };
+            let mut decoder = Decoder::new(framing).max_line(usize::MAX);
+            let mut batch = Batch::new().keep_raw();
+            for piece in cut(&bytes, &cuts) {
+                decoder.feed(piece, &mut batch).expect("no limit");
+            }
+            decoder.finish(&mut batch).expect("no limit");
+            let mut expected = bytes.clone();
+            if !raw_framing && !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+                expected.push(b'\n'); // the last line, completed
+            }
+            prop_assert_eq!(batch.raw(), &expected[..]);
         }
 
         #[test]

@@ -48,6 +48,7 @@ mod connection;
 mod error;
 mod framing;
 mod limits;
+mod room;
 mod server;
 mod sink;
 
@@ -59,5 +60,8 @@ pub use framing::{
     needs_escape,
 };
 pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors};
-pub use server::{CONNECTION_STACK, DEFAULT_GREETING, Server, ServerOptions, Stopper, Summary};
+pub use room::OUTBOX_BYTES;
+pub use server::{
+    CONNECTION_STACK, DEFAULT_GREETING, Mode, Server, ServerOptions, Stopper, Summary,
+};
 pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

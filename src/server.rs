@@ -14,6 +14,7 @@ use tracing::{debug, error, info, warn};
 use crate::connection;
 use crate::framing::{DEFAULT_MAX_LINE, Framing};
 use crate::limits::Access;
+use crate::room::Room;
 use crate::sink::Sink;
 use crate::{Error, addr};
 
@@ -31,6 +32,28 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long after a stop a connection may keep reading what its peer had already sent.
 pub(crate) const DRAIN_TIME: Duration = Duration::from_millis(500);
+
+/// What the server does with each message, besides handing it to the [`Sink`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Only print (deliver to the sink).
+    #[default]
+    Log,
+    /// Also send every message back to its sender, byte for byte.
+    Echo,
+    /// Also send every message to every other client as `PEER MESSAGE`.
+    Chat,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Log => "log",
+            Mode::Echo => "echo",
+            Mode::Chat => "chat",
+        })
+    }
+}
 
 /// How a [`Server`] treats its clients.
 #[derive(Clone, Debug)]
@@ -51,6 +74,11 @@ pub struct ServerOptions {
     pub idle_timeout: Option<Duration>,
     /// Which client addresses are admitted.
     pub access: Access,
+    /// What happens to each message besides printing.
+    pub mode: Mode,
+    /// How long a send to a client may make no progress (echo, chat) and how long a chat sender
+    /// waits for a recipient's full queue, before that client is disconnected.
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +91,8 @@ impl Default for ServerOptions {
             max_line: DEFAULT_MAX_LINE,
             idle_timeout: None,
             access: Access::new(),
+            mode: Mode::Log,
+            send_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -101,6 +131,18 @@ impl ServerOptions {
     /// Sets the idle timeout (`None` or zero: never).
     pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> ServerOptions {
         self.idle_timeout = idle_timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> ServerOptions {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the send timeout (zero is taken as one millisecond: a send must be allowed to try).
+    pub fn send_timeout(mut self, send_timeout: Duration) -> ServerOptions {
+        self.send_timeout = send_timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -202,6 +244,7 @@ impl Server {
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             output_error: Mutex::new(None),
+            room: Room::default(),
         });
         let (accepted, to_start) = mpsc::channel();
         let starter_shared = Arc::clone(&shared);
@@ -393,6 +436,8 @@ pub(crate) struct Shared {
     messages: AtomicU64,
     bytes: AtomicU64,
     output_error: Mutex<Option<io::Error>>,
+    /// The chat room (empty unless the mode is chat).
+    pub(crate) room: Room,
 }
 
 #[derive(Default)]
@@ -526,7 +571,7 @@ impl Shared {
                     shared: &shared,
                     id,
                 };
-                connection::serve(&shared, &thread_stream, peer);
+                connection::serve(&shared, id, &thread_stream, peer);
             });
         match spawned {
             Ok(thread) => {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use plugboard::{Client, Framing, Receiver};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use common::{FramingArg, LogArgs};
 use humantime::parse_duration;
@@ -47,6 +47,10 @@ struct Cli {
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
     framing: FramingArg,
+    /// Send each line typed or piped on standard input instead of numbered messages; at its end,
+    /// half-close and wait (at most --linger) for the server to close.
+    #[arg(long, conflicts_with_all = ["count", "interval", "message"])]
+    stdin: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -60,44 +64,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the main thread waits for.
+enum Event {
+    /// The reader saw the server close (or the connection fail).
+    ServerClosed,
+    /// Standard input ended (`Ok`) or a line from it could not be sent.
+    StdinEnded(anyhow::Result<()>),
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let framing: Framing = cli.framing.into();
     let client = Client::connect(&cli.host, cli.port, cli.connect_timeout)?.framing(framing);
     let server = client.peer_addr();
     info!("connected to {server}");
 
-    let (closed_tx, closed) = mpsc::channel();
+    let (events_tx, events) = mpsc::channel();
     let receiver = client.receiver();
-    let reader = thread::Builder::new()
-        .name("reader".into())
-        .spawn(move || {
-            let result = print_received(receiver, framing);
-            let _ = closed_tx.send(());
-            result
-        })
-        .context("cannot start the reader thread")?;
+    let reader = {
+        let events_tx = events_tx.clone();
+        thread::Builder::new()
+            .name("reader".into())
+            .spawn(move || {
+                let result = print_received(receiver, framing);
+                let _ = events_tx.send(Event::ServerClosed);
+                result
+            })
+            .context("cannot start the reader thread")?
+    };
 
-    let mut server_closed = false;
-    for i in 0..cli.count {
-        if i > 0 {
-            match closed.recv_timeout(cli.interval) {
-                Err(RecvTimeoutError::Timeout) => {}
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                    server_closed = true;
-                    break;
-                }
-            }
-        }
-        let message = cli.message.replace("{i}", &i.to_string());
-        client.send(&message)?;
-        info!("sent {message:?}");
-    }
+    let server_closed_first = if cli.stdin {
+        send_stdin(&client, &events, events_tx)?
+    } else {
+        send_numbered(&client, &cli, &events)?
+    };
 
-    if !server_closed {
+    if !server_closed_first {
         client.finish()?;
-        match closed.recv_timeout(cli.linger) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
-            Err(RecvTimeoutError::Timeout) => {
+        match events.recv_timeout(cli.linger) {
+            Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => {}
+            Ok(Event::StdinEnded(_)) | Err(RecvTimeoutError::Timeout) => {
                 warn!(
                     "{server} did not close within {}; closing",
                     humantime::format_duration(cli.linger)
@@ -106,22 +111,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    match reader.join() {
+    let last = match reader.join() {
         Ok(result) => result?,
         Err(_) => bail!("the reader thread panicked"),
-    }
-    if server_closed {
-        bail!(
-            "{server} closed the connection before all {} messages were sent",
-            cli.count
-        );
+    };
+    if server_closed_first {
+        if let Some(error) = last.filter(|line| line.starts_with("error:")) {
+            bail!("{server} closed the connection: {error}");
+        }
+        if !cli.stdin {
+            bail!(
+                "{server} closed the connection before all {} messages were sent",
+                cli.count
+            );
+        }
+        warn!("{server} closed the connection");
     }
     Ok(())
 }
 
-/// Prints every message as it arrives: a line per message, or raw chunks as they are.
-fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<()> {
+/// Sends `--count` numbered messages `--interval` apart; true if the server closed first.
+fn send_numbered(
+    client: &Client,
+    cli: &Cli,
+    events: &mpsc::Receiver<Event>,
+) -> anyhow::Result<bool> {
+    for i in 0..cli.count {
+        if i > 0 {
+            match events.recv_timeout(cli.interval) {
+                Err(RecvTimeoutError::Timeout) | Ok(Event::StdinEnded(_)) => {}
+                Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => return Ok(true),
+            }
+        }
+        let message = cli.message.replace("{i}", &i.to_string());
+        client.send(&message)?;
+        info!("sent {message:?}");
+    }
+    Ok(false)
+}
+
+/// Sends each line of standard input as it is read, until it ends or the server closes; true if
+/// the server closed first.
+fn send_stdin(
+    client: &Client,
+    events: &mpsc::Receiver<Event>,
+    events_tx: mpsc::Sender<Event>,
+) -> anyhow::Result<bool> {
+    let sender = client.clone();
+    // Not joined: if the server closes first, this thread may be blocked reading a terminal,
+    // and it ends with the process.
+    thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let result = forward_stdin(&sender);
+            let _ = events_tx.send(Event::StdinEnded(result));
+        })
+        .context("cannot start the stdin thread")?;
+    match events.recv() {
+        Ok(Event::StdinEnded(Ok(()))) => Ok(false),
+        Ok(Event::StdinEnded(Err(e))) => {
+            // Most likely the server went away mid-send; the reader says how.
+            debug!("sending stopped: {e:#}");
+            Ok(true)
+        }
+        Ok(Event::ServerClosed) | Err(_) => Ok(true),
+    }
+}
+
+fn forward_stdin(client: &Client) -> anyhow::Result<()> {
+    let stdin = io::stdin();
+    let mut stdin = stdin.lock();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if stdin
+            .read_until(b'\n', &mut line)
+            .context("cannot read standard input")?
+            == 0
+        {
+            return Ok(());
+        }
+        // In line framing the client adds the newline; in raw framing the bytes go as read.
+        if client.framing_in_use() == Framing::Line && line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        client.send_bytes(&line)?;
+        debug!("sent {} bytes", line.len());
+    }
+}
+
+/// Prints every message as it arrives: a line per message, or raw chunks as they are. Returns
+/// the last message.
+fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<Option<String>> {
     let stdout = io::stdout();
+    let mut last = None;
     for message in receiver {
         let message = message?;
         let mut out = stdout.lock();
@@ -135,6 +218,7 @@ fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Err(e) => return Err(e).context("cannot write to stdout"),
         }
+        last = Some(message);
     }
-    Ok(())
+    Ok(last)
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
 use clap::builder::TypedValueParser;
-use plugboard::{Access, DEFAULT_GREETING, Error, Range, Server, ServerOptions};
+use clap::{Parser, ValueEnum};
+use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions};
 use tracing::info;
 
 use common::{FramingArg, LogArgs};
@@ -36,6 +36,13 @@ struct Cli {
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
     framing: FramingArg,
+    /// What to do with each message besides printing it.
+    #[arg(long, value_enum, default_value_t = ModeArg::Log)]
+    mode: ModeArg,
+    /// Echo and chat: a client that takes nothing sent to it for this long, or whose chat queue
+    /// stays full this long, is disconnected.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    send_timeout: Duration,
     /// Most clients at once; one more is told `error: server full (N clients)` and closed.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     max_clients: usize,
@@ -60,6 +67,27 @@ struct Cli {
     log: LogArgs,
 }
 
+/// `--mode`, mapped onto the library's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// print each message
+    Log,
+    /// print, and send each message back to its sender unchanged
+    Echo,
+    /// print, and send each message to every other client as `PEER MESSAGE`
+    Chat,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(arg: ModeArg) -> Mode {
+        match arg {
+            ModeArg::Log => Mode::Log,
+            ModeArg::Echo => Mode::Echo,
+            ModeArg::Chat => Mode::Chat,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     common::init_logging(&cli.log);
@@ -80,11 +108,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .max_line(cli.max_line)
         .idle_timeout(Some(cli.idle_timeout))
         .access(access)
-        .backlog(cli.backlog);
+        .backlog(cli.backlog)
+        .mode(cli.mode.into())
+        .send_timeout(cli.send_timeout);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
     install_signal_handler(&server, addr)?;
     info!("listening on {addr}");
+    if cli.mode != ModeArg::Log {
+        info!("mode: {}", Mode::from(cli.mode));
+    }
 
     let result = server.join();
     let flushed = io::stdout().flush();
