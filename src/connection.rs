@@ -46,17 +46,14 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
         debug!("{peer}: cannot set TCP keepalive: {e}");
     }
     let options = &shared.options;
-    if let Some(greeting) = &options.greeting {
+    let greeting = options.greeting.as_ref().map(|greeting| {
         let mut text = greeting.replace("{peer}", &peer.to_string());
         if options.framing == Framing::Line {
             text.push('\n');
         }
-        if let Err(e) = (&*stream).write_all(text.as_bytes()) {
-            debug!("{peer}: cannot send the greeting: {e}");
-        }
-    }
-
-    let mut relay = match Relay::start(shared, id, shared_stream, peer) {
+        text
+    });
+    let mut relay = match Relay::start(shared, id, shared_stream, peer, greeting) {
         Ok(relay) => relay,
         Err(e) => {
             warn!("{peer}: cannot start its writer thread: {e}; closing");
@@ -234,22 +231,35 @@ enum Relay<'a> {
 }
 
 impl<'a> Relay<'a> {
+    /// Sends the greeting and sets up what the mode needs.
     fn start(
         shared: &Shared,
         id: u64,
         stream: &'a Arc<TcpStream>,
         peer: SocketAddr,
+        greeting: Option<String>,
     ) -> io::Result<Relay<'a>> {
         let options = &shared.options;
         if options.mode != Mode::Log {
             // A client that takes nothing of what is sent to it for this long is cut off.
             stream.set_write_timeout(Some(options.send_timeout))?;
         }
+        if options.mode != Mode::Chat
+            && let Some(greeting) = &greeting
+            && let Err(e) = (&**stream).write_all(greeting.as_bytes())
+        {
+            debug!("{peer}: cannot send the greeting: {e}");
+        }
         Ok(match options.mode {
             Mode::Log => Relay::Log { peer },
             Mode::Echo => Relay::Echo { peer, stream },
             Mode::Chat => {
+                // The greeting goes through the outbox, so the writer thread can't interleave a
+                // relayed line with it; and the client joins the room before it is greeted.
                 let outbox = Arc::new(Outbox::new());
+                if let Some(greeting) = greeting {
+                    let _ = outbox.push(greeting.into_bytes().into(), Duration::ZERO);
+                }
                 let writer = {
                     let outbox = Arc::clone(&outbox);
                     let stream = Arc::clone(stream);

@@ -2,7 +2,7 @@
 //! writer thread, so that no slow reader can stall the others.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -127,7 +127,13 @@ pub(crate) fn write_loop(outbox: &Outbox, stream: &TcpStream, peer: SocketAddr) 
     let mut buf = Vec::new();
     while outbox.take_all(&mut buf) {
         if let Err(e) = (&*stream).write_all(&buf) {
-            debug!("{peer}: cannot send: {e}");
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                warn!(
+                    "{peer} disconnected: not reading (nothing could be sent within the send timeout)"
+                );
+            } else {
+                debug!("{peer}: cannot send: {e}");
+            }
             outbox.abandon();
             let _ = stream.shutdown(Shutdown::Both);
             return;

@@ -1,0 +1,275 @@
+//! Server modes (echo, chat) and the client's --stdin, on real processes and loopback sockets.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::{ServerProcess, bin_path, poll_until};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Connects and reads the greeting line; returns the stream (read timeout set) and our address.
+fn join(server: SocketAddr) -> (TcpStream, BufReader<TcpStream>, SocketAddr) {
+    let stream = TcpStream::connect_timeout(&server, TIMEOUT).expect("connect");
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let me = stream.local_addr().expect("local addr");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone for reading"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
+    (stream, reader, me)
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read a line");
+    line
+}
+
+fn read_to_end(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("read to the server's close");
+    rest
+}
+
+#[cfg(unix)]
+#[test]
+fn echo_returns_every_byte_in_order_and_prints_too() {
+    let mut server = ServerProcess::start(&["--mode", "echo"]);
+    let (mut stream, mut reader, me) = join(server.addr);
+    // Pipelined: everything in one write, with a CRLF line, an escape and invalid UTF-8.
+    let mut sent = Vec::new();
+    for i in 0..1000 {
+        sent.extend_from_slice(format!("line {i} 我\n").as_bytes());
+    }
+    sent.extend_from_slice(b"crlf\r\nesc\x1b[1m\nbad\xff\n");
+    stream.write_all(&sent).expect("send");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(
+        read_to_end(&mut reader),
+        sent,
+        "the echo is the exact bytes, in order"
+    );
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let printed = support::messages_from(&out.stdout, me);
+    assert_eq!(printed.len(), 1003, "{out}");
+    assert_eq!(printed[999], "line 999 我");
+    assert_eq!(&printed[1000..], ["crlf", "esc\\x1b[1m", "bad\u{fffd}"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn raw_echo_returns_the_chunks() {
+    let mut server =
+        ServerProcess::start(&["--mode", "echo", "--framing", "raw", "--greeting", ""]);
+    let mut stream = TcpStream::connect_timeout(&server.addr, TIMEOUT).expect("connect");
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    stream
+        .write_all("no newline here, 你好".as_bytes())
+        .expect("send");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut echoed = String::new();
+    stream.read_to_string(&mut echoed).expect("read echo");
+    assert_eq!(echoed, "no newline here, 你好");
+    server.stop().assert_code(0);
+}
+
+#[cfg(unix)]
+#[test]
+fn chat_relays_to_the_others_not_the_sender() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let (mut a, mut a_in, a_addr) = join(server.addr);
+    let (mut b, mut b_in, b_addr) = join(server.addr);
+    let (c, mut c_in, _) = join(server.addr);
+
+    a.write_all(b"hi from a\n").expect("a sends");
+    let from_a = format!("{a_addr} hi from a\n");
+    assert_eq!(read_line(&mut b_in), from_a);
+    assert_eq!(read_line(&mut c_in), from_a);
+    b.write_all(b"\x1b[2Jclear\n").expect("b sends");
+    let from_b = format!("{b_addr} \\x1b[2Jclear\n");
+    assert_eq!(read_line(&mut a_in), from_b, "escaped, sender named");
+    assert_eq!(read_line(&mut c_in), from_b);
+
+    // Everyone leaves; what each received in all is exactly the others' lines.
+    for stream in [&a, &b, &c] {
+        stream.shutdown(Shutdown::Write).expect("half-close");
+    }
+    assert!(read_to_end(&mut a_in).is_empty(), "a got nothing more");
+    assert!(
+        read_to_end(&mut b_in).is_empty(),
+        "b never gets its own line"
+    );
+    assert!(read_to_end(&mut c_in).is_empty());
+
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    assert_eq!(support::messages_from(&out.stdout, a_addr), ["hi from a"]);
+    assert_eq!(
+        support::messages_from(&out.stdout, b_addr),
+        ["\\x1b[2Jclear"]
+    );
+}
+
+/// VmHWM (peak RSS) of a process in KiB.
+#[cfg(target_os = "linux")]
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// One client never reads, another floods 100,000 lines, a third must get them all: the stuck
+/// one is disconnected after --send-timeout and server memory stays bounded.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stuck_reader_never_stalls_the_room() {
+    const LINES: usize = 100_000;
+    let mut server = ServerProcess::start(&["--mode", "chat", "--send-timeout", "1s"]);
+    let (_stuck, _stuck_in, stuck_addr) = join(server.addr); // never reads again
+    let (_reader, mut reader_in, _) = join(server.addr);
+    let (mut flooder, _flooder_in, flooder_addr) = join(server.addr);
+
+    // Lines of ~200 bytes: 20 MB in all, far more than the stuck client's socket buffers.
+    let padding = "x".repeat(180);
+    let receiving = thread::spawn(move || {
+        let mut line = String::new();
+        for i in 0..LINES {
+            line.clear();
+            reader_in.read_line(&mut line).expect("receive");
+            let expected = format!("{flooder_addr} {i:08} ");
+            assert!(line.starts_with(&expected), "line {i}: {line:?}");
+        }
+    });
+    let mut batch = Vec::new();
+    for i in 0..LINES {
+        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
+        if batch.len() > 64 * 1024 {
+            flooder.write_all(&batch).expect("flood");
+            batch.clear();
+        }
+    }
+    flooder.write_all(&batch).expect("flood");
+
+    let started = Instant::now();
+    let received = poll_until(TIMEOUT, Duration::from_millis(20), || {
+        receiving.is_finished().then_some(())
+    });
+    assert!(
+        received.is_some(),
+        "the reader did not get all {LINES} lines within {TIMEOUT:?}"
+    );
+    receiving
+        .join()
+        .expect("the reader got every line, in order");
+    let peak = peak_rss_kib(server.pid());
+    let waited = started.elapsed();
+
+    let stderr = server.stderr_so_far();
+    assert!(
+        stderr.contains(&format!("{stuck_addr} disconnected: not reading")),
+        "the stuck client was not disconnected\n{stderr}"
+    );
+    assert!(peak < 300 * 1024, "server peak RSS {peak} KiB");
+    eprintln!(
+        "100,000 lines relayed past a stuck reader; waited {waited:?}; server peak RSS {peak} KiB"
+    );
+    server.stop().assert_code(0);
+}
+
+/// Runs `client --stdin ARGS` with `input` on its standard input, closing it only if `close`.
+fn client_with_stdin(args: &[&str], input: &[u8], close: bool) -> (i32, String, String) {
+    let mut child = Command::new(bin_path("client"))
+        .args(args)
+        .arg("--stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).expect("write stdin");
+    let kept_open = if close {
+        drop(stdin);
+        None
+    } else {
+        Some(stdin)
+    };
+    let exited = poll_until(TIMEOUT, Duration::from_millis(5), || {
+        child.try_wait().expect("try_wait")
+    });
+    let Some(status) = exited else {
+        let _ = child.kill();
+        panic!("client --stdin did not exit within {TIMEOUT:?}");
+    };
+    drop(kept_open);
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    (status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[cfg(unix)]
+#[test]
+fn stdin_lines_go_to_an_echo_server_and_come_back() {
+    let mut server = ServerProcess::start(&["--mode", "echo"]);
+    let port = server.port_arg();
+    let (code, stdout, stderr) = client_with_stdin(
+        &["--port", &port],
+        "one\ntwo 我\nlast without newline".as_bytes(),
+        true,
+    );
+    assert_eq!(code, 0, "stderr:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("welcome to plugboard, "), "{stdout}");
+    assert_eq!(&lines[1..], ["one", "two 我", "last without newline"]);
+    assert!(!stderr.contains("panicked"));
+    server.stop().assert_code(0);
+}
+
+#[cfg(unix)]
+#[test]
+fn stdin_client_reports_a_server_that_closes_first() {
+    let mut server = ServerProcess::start(&["--max-clients", "1"]);
+    let (_occupant, _occupant_in, _) = join(server.addr);
+    let port = server.port_arg();
+    // Standard input stays open: the client must notice the server's close by itself.
+    let (code, stdout, stderr) = client_with_stdin(&["--port", &port], b"", false);
+    assert_eq!(
+        code, 1,
+        "an error line from the server is a failure\nstderr:\n{stderr}"
+    );
+    assert_eq!(stdout, "error: server full (1 clients)\n");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("closed the connection") && errors[0].contains("server full"));
+    let out = server.stop();
+    out.assert_code(0);
+}
