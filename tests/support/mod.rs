@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -181,7 +182,13 @@ impl Captured {
     /// Spawn `bin args...`; every complete stderr line is also sent on the returned channel.
     fn spawn(bin: &str, args: &[&str]) -> (Self, Receiver<String>) {
         let command = render_command(bin, args);
-        let mut child = Command::new(bin_path(bin))
+        Self::spawn_program(bin_path(bin).as_os_str(), args, command)
+    }
+
+    /// Spawn `program args...` (any executable, e.g. a shell wrapping a binary); `command` is how
+    /// failure messages show it.
+    fn spawn_program(program: &OsStr, args: &[&str], command: String) -> (Self, Receiver<String>) {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -255,6 +262,19 @@ impl Captured {
         String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
     }
 
+    fn stdout_bytes(&self) -> Vec<u8> {
+        self.stdout.lock().expect("stdout lock").clone()
+    }
+
+    fn stdout_newlines(&self) -> usize {
+        self.stdout
+            .lock()
+            .expect("stdout lock")
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
     /// Poll for exit until `timeout`; on timeout kill the child and panic with its output.
     fn wait_exit(&mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;
@@ -325,7 +345,19 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Spawn `server args...` and wait (bounded) for its `listening on ADDR` line.
     pub fn spawn(args: &[&str]) -> Self {
-        let (mut inner, lines) = Captured::spawn("server", args);
+        let (inner, lines) = Captured::spawn("server", args);
+        Self::await_listening(inner, lines, render_command("server", args))
+    }
+
+    /// Spawn `program args...`, some wrapper that ends up running the server with the same pid
+    /// (e.g. `sh -c 'ulimit -n 40; exec SERVER ...'`), and wait for its `listening on ADDR` line.
+    pub fn spawn_program(program: &str, args: &[&str]) -> Self {
+        let command = render_command(program, args);
+        let (inner, lines) = Captured::spawn_program(OsStr::new(program), args, command.clone());
+        Self::await_listening(inner, lines, command)
+    }
+
+    fn await_listening(mut inner: Captured, lines: Receiver<String>, command: String) -> Self {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -339,8 +371,7 @@ impl ServerProcess {
                     let stderr = inner.stderr_so_far();
                     drop(inner); // kills it
                     panic!(
-                        "server did not log `listening on ADDR` within {STARTUP_TIMEOUT:?}\ncommand: {}\n--- stderr ---\n{stderr}",
-                        render_command("server", args)
+                        "server did not log `listening on ADDR` within {STARTUP_TIMEOUT:?}\ncommand: {command}\n--- stderr ---\n{stderr}",
                     );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -386,6 +417,17 @@ impl ServerProcess {
     /// What the server has logged so far.
     pub fn stderr_so_far(&self) -> String {
         self.inner.stderr_so_far()
+    }
+
+    /// The raw bytes the server has printed to stdout so far (no lossy UTF-8 conversion; still
+    /// readable after `wait_exit`, when it is everything the server printed).
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        self.inner.stdout_bytes()
+    }
+
+    /// How many complete lines the server has printed to stdout so far, without copying them.
+    pub fn stdout_line_count(&self) -> usize {
+        self.inner.stdout_newlines()
     }
 
     /// Send SIGTERM. Returns the instant right after `kill` reported success, i.e. once the

@@ -1,0 +1,1142 @@
+//! Hardening: the server's limits and defences, tested on the real binaries over loopback.
+//!
+//! `--max-clients`, `--max-line`, `--idle-timeout`, `--allow`/`--deny`, control-character
+//! escaping, peers that reset or half-close, SIGTERM under load, a closed stdout, and accept errors
+//! when the server runs out of descriptors.
+//!
+//! As elsewhere: every server listens on port 0, nothing sleeps to synchronise (we wait for lines
+//! or poll with a deadline), and every socket read has a timeout. The one deliberate sleep paces a
+//! client that trickles bytes (see [`pace`]).
+
+// Helpers shared by the Unix-only tests are unused elsewhere.
+#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
+
+mod support;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The default greeting's prefix; the rest of the line is the client's address.
+const GREETING_PREFIX: &str = "welcome to plugboard, ";
+
+/// Read/write timeout on every test socket, and the connect timeout.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline for anything polled (a line to appear in the server's output, a slot to free up).
+const POLL_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Interval between polls.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// The line-framing greeting for a client at `local`.
+fn greeting(local: SocketAddr) -> String {
+    format!("{GREETING_PREFIX}{local}\n")
+}
+
+/// Connect with bounded connect, read and write timeouts.
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("set_read_timeout");
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .expect("set_write_timeout");
+    stream
+}
+
+/// Read one line (through its `\n`) a byte at a time, so nothing after it is consumed. At EOF it
+/// returns what it has (possibly empty, possibly without `\n`).
+fn read_line(mut stream: &TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Read until EOF or an error (the socket's read timeout bounds it). Returns everything read and
+/// the error that ended it, if any: a peer that is cut off may see a reset after the server's last
+/// words, and some tests tolerate that.
+fn read_to_eof(mut stream: &TcpStream) -> (String, Option<io::Error>) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let error = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Some(e),
+        }
+    };
+    (String::from_utf8_lossy(&data).into_owned(), error)
+}
+
+/// Assert that the server sends exactly `expected` and then closes cleanly (EOF, no error).
+fn expect_exactly_then_eof(stream: &TcpStream, expected: &str, what: &str) {
+    let (got, error) = read_to_eof(stream);
+    assert_eq!(got, expected, "{what}: what the server sent");
+    assert!(
+        error.is_none(),
+        "{what}: expected EOF after {expected:?}, got error {error:?}"
+    );
+}
+
+/// Paces a client that deliberately sends slowly. This does not synchronise anything: the test
+/// waits for what it checks by reading sockets or polling with a deadline.
+fn pace(d: Duration) {
+    thread::sleep(d);
+}
+
+/// Poll (bounded) until `server` has printed `expected` for `peer`, then return what it printed
+/// for `peer` (which may be more, if the server misbehaves; callers compare).
+fn wait_for_messages(server: &ServerProcess, peer: SocketAddr, expected: usize) -> Vec<String> {
+    let got = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        let stdout = server.stdout_so_far();
+        let messages: Vec<String> = messages_from(&stdout, peer)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        (messages.len() >= expected).then_some(messages)
+    });
+    got.unwrap_or_else(|| {
+        panic!(
+            "server did not print {expected} messages from {peer} within {POLL_DEADLINE:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            server.stdout_so_far(),
+            server.stderr_so_far()
+        )
+    })
+}
+
+/// Poll (bounded) until the server's log contains a line with every one of `needles`; returns it.
+fn wait_for_log(server: &ServerProcess, needles: &[&str]) -> String {
+    let found = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        server
+            .stderr_so_far()
+            .lines()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "server logged no line containing all of {needles:?} within {POLL_DEADLINE:?}\n--- stderr ---\n{}",
+            server.stderr_so_far()
+        )
+    })
+}
+
+/// Poll (bounded) until a fresh client is greeted rather than refused: connect, read the first
+/// line, retry while it is an error (or nothing). Returns the greeted connection.
+fn wait_until_greeted(addr: SocketAddr, read_timeout: Duration) -> TcpStream {
+    let mut last = String::new();
+    let greeted = poll_until(POLL_DEADLINE, Duration::from_millis(20), || {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(read_timeout)).ok()?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).ok()?;
+        let local = stream.local_addr().ok()?;
+        last = match read_line(&stream) {
+            Ok(line) => line,
+            Err(e) => format!("<read error: {e}>"),
+        };
+        (last == greeting(local)).then_some(stream)
+    });
+    greeted.unwrap_or_else(|| {
+        panic!("no fresh client was greeted within {POLL_DEADLINE:?}; last first line: {last:?}")
+    })
+}
+
+/// Stop the server with SIGTERM, assert a clean exit, and return everything it printed.
+#[cfg(unix)]
+fn stop_cleanly(server: &mut ServerProcess) -> Output {
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    out
+}
+
+/// End a test that also runs off Unix: where the server can be signalled, stop it and insist on a
+/// clean exit; elsewhere the guard in `support` kills it.
+fn finish(server: ServerProcess) {
+    #[cfg(unix)]
+    {
+        let mut server = server;
+        stop_cleanly(&mut server);
+    }
+    #[cfg(not(unix))]
+    drop(server);
+}
+
+#[cfg(target_os = "linux")]
+mod procfs {
+    /// A `Name:   value kB`-style field of /proc/PID/status, as a number.
+    fn status_field(pid: u32, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(pid: u32) -> u64 {
+        status_field(pid, "VmRSS:")
+    }
+
+    /// Peak resident memory over the process's life, in KiB.
+    pub fn peak_rss_kib(pid: u32) -> u64 {
+        status_field(pid, "VmHWM:")
+    }
+
+    /// Number of threads.
+    pub fn threads(pid: u32) -> u64 {
+        status_field(pid, "Threads:")
+    }
+
+    /// A thread count that holds steady for a few readings (the server may still be finishing
+    /// start-up when it logs `listening on`).
+    pub fn steady_threads(pid: u32) -> u64 {
+        let mut last = threads(pid);
+        let mut steady = 0;
+        super::poll_until(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_millis(20),
+            || {
+                let now = threads(pid);
+                if now == last {
+                    steady += 1;
+                } else {
+                    steady = 0;
+                    last = now;
+                }
+                (steady >= 5).then_some(now)
+            },
+        )
+        .unwrap_or(last)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. --max-clients
+// ------------------------------------------------------------------------------------------------
+
+/// With `--max-clients 3`, a 4th client is told `server full` and closed without a greeting, the
+/// 3 keep working, and once one leaves a new client is greeted.
+#[test]
+fn max_clients() {
+    let server = ServerProcess::start(&["--max-clients", "3"]);
+    let addr = server.addr;
+
+    let mut clients: Vec<(SocketAddr, TcpStream)> = (0..3)
+        .map(|c| {
+            let stream = connect(addr);
+            let local = stream.local_addr().expect("local_addr");
+            let line = read_line(&stream).unwrap_or_else(|e| panic!("client {c}: greeting: {e}"));
+            assert_eq!(line, greeting(local), "client {c}: greeting");
+            (local, stream)
+        })
+        .collect();
+
+    // The 3 greetings were sent by their connection threads, so all 3 slots are taken now.
+    let fourth = connect(addr);
+    let fourth_local = fourth.local_addr().expect("local_addr");
+    expect_exactly_then_eof(&fourth, "error: server full (3 clients)\n", "4th client");
+    wait_for_log(
+        &server,
+        &[&format!("{fourth_local} refused: server full (3 clients)")],
+    );
+
+    for (c, (local, stream)) in clients.iter().enumerate() {
+        (&*stream)
+            .write_all(format!("client {c} still served\n").as_bytes())
+            .unwrap_or_else(|e| panic!("client {c}: write: {e}"));
+        assert_eq!(
+            wait_for_messages(&server, *local, 1),
+            [format!("client {c} still served")],
+            "client {c} ({local})"
+        );
+    }
+
+    // One leaves; its slot frees once its connection thread has seen the EOF.
+    let (_, leaving) = clients.remove(0);
+    drop(leaving);
+    let fresh = wait_until_greeted(addr, IO_TIMEOUT);
+    let fresh_local = fresh.local_addr().expect("local_addr");
+    (&fresh).write_all(b"new arrival\n").expect("write");
+    assert_eq!(wait_for_messages(&server, fresh_local, 1), ["new arrival"]);
+    assert!(
+        messages_from(&server.stdout_so_far(), fourth_local).is_empty(),
+        "the refused client must not be served"
+    );
+
+    drop(fresh);
+    drop(clients);
+    finish(server);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. A flood of clients over the cap
+// ------------------------------------------------------------------------------------------------
+
+/// 100 clients connect at once to a server capped at 20: exactly 20 are greeted and 80 refused,
+/// and once the 20 leave, the server still serves a new client.
+#[test]
+fn flood_over_the_cap() {
+    const CLIENTS: usize = 100;
+    const CAP: usize = 20;
+    let server = ServerProcess::start(&["--max-clients", &CAP.to_string()]);
+    let addr = server.addr;
+    let full = format!("error: server full ({CAP} clients)\n");
+
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let start = Arc::clone(&start);
+            thread::Builder::new()
+                .name(format!("flood-{c}"))
+                .spawn(move || {
+                    start.wait();
+                    let stream = connect(addr);
+                    let local = stream.local_addr().expect("local_addr");
+                    let line = read_line(&stream)
+                        .unwrap_or_else(|e| panic!("client {c}: first line: {e}"));
+                    (local, line, stream)
+                })
+                .expect("spawn client thread")
+        })
+        .collect();
+    let results: Vec<(SocketAddr, String, TcpStream)> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(c, h)| {
+            h.join()
+                .unwrap_or_else(|_| panic!("client thread {c} panicked (see above)"))
+        })
+        .collect();
+
+    let mut greeted = Vec::new();
+    let mut refused = 0;
+    for (local, line, stream) in results {
+        if line == greeting(local) {
+            greeted.push(stream);
+        } else if line == full {
+            refused += 1;
+            // Refused: nothing but that line, then EOF.
+            expect_exactly_then_eof(&stream, "", &format!("refused client {local}"));
+        } else {
+            panic!("client {local}: unexpected first line {line:?}");
+        }
+    }
+    assert_eq!(
+        (greeted.len(), refused),
+        (CAP, CLIENTS - CAP),
+        "(greeted, refused)\n--- stderr ---\n{}",
+        server.stderr_so_far()
+    );
+    let refusal = format!("refused: server full ({CAP} clients)");
+    let logged = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        let n = server.stderr_so_far().matches(&refusal).count();
+        (n >= CLIENTS - CAP).then_some(n)
+    });
+    assert_eq!(
+        logged,
+        Some(CLIENTS - CAP),
+        "one `{refusal}` log line per refused client\n--- stderr ---\n{}",
+        server.stderr_so_far()
+    );
+
+    drop(greeted);
+    let fresh = wait_until_greeted(addr, IO_TIMEOUT);
+    let local = fresh.local_addr().expect("local_addr");
+    (&fresh).write_all(b"after the flood\n").expect("write");
+    assert_eq!(wait_for_messages(&server, local, 1), ["after the flood"]);
+
+    drop(fresh);
+    finish(server);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. --max-line
+// ------------------------------------------------------------------------------------------------
+
+/// With `--max-line 100`, lines of exactly 100 bytes (LF and CRLF) are printed; a 101-byte line
+/// gets `error: line too long (max 100 bytes)` and EOF, and neither it nor anything after it is
+/// printed.
+#[cfg(unix)]
+#[test]
+fn max_line() {
+    let mut server = ServerProcess::start(&["--max-line", "100"]);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+
+    let lf = "a".repeat(100);
+    let crlf = "b".repeat(100);
+    let too_long = "c".repeat(101);
+    let sent = format!("{lf}\n{crlf}\r\n{too_long}\nafter\n");
+    (&stream).write_all(sent.as_bytes()).expect("write");
+    expect_exactly_then_eof(
+        &stream,
+        &format!("{}error: line too long (max 100 bytes)\n", greeting(local)),
+        "client with a 101-byte line",
+    );
+    wait_for_log(
+        &server,
+        &[&format!("{local} cut off: line too long (max 100 bytes)")],
+    );
+    drop(stream);
+
+    let out = stop_cleanly(&mut server);
+    assert_eq!(
+        messages_from(&out.stdout, local),
+        [lf.as_str(), crlf.as_str()],
+        "only the two 100-byte lines are printed\n{out}"
+    );
+    assert_eq!(out.stdout.lines().count(), 2, "unexpected lines\n{out}");
+}
+
+/// With `--max-line 1000`, a client pouring 64 MiB without a newline is cut off with the error
+/// line, and the server's memory stays bounded (its peak RSS grows by less than 16 MiB). Another
+/// client is served afterwards.
+#[cfg(target_os = "linux")]
+#[test]
+fn max_line_bounds_memory() {
+    const FLOOD: usize = 64 << 20;
+    const CHUNK: usize = 64 << 10;
+    const ALLOWED_GROWTH_KIB: u64 = 16 << 10;
+
+    let mut server = ServerProcess::start(&["--max-line", "1000"]);
+    let pid = server.pid();
+    let baseline_peak = procfs::peak_rss_kib(pid);
+    let baseline_rss = procfs::rss_kib(pid);
+
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    let writer = {
+        let stream = stream.try_clone().expect("try_clone");
+        thread::spawn(move || {
+            let chunk = vec![b'x'; CHUNK];
+            let mut written = 0;
+            while written < FLOOD {
+                match (&stream).write(&chunk) {
+                    Ok(n) => written += n,
+                    Err(_) => break, // cut off: that is the point
+                }
+            }
+            written
+        })
+    };
+
+    let first = read_line(&stream).expect("greeting");
+    assert_eq!(first, greeting(local));
+    let error = read_line(&stream).expect("error line");
+    assert_eq!(error, "error: line too long (max 1000 bytes)\n");
+    // After the error, EOF or (once the server closes with our flood unread) a reset; either way
+    // nothing more.
+    let (rest, _) = read_to_eof(&stream);
+    assert_eq!(rest, "", "nothing after the error line");
+    let written = writer.join().expect("writer thread");
+    drop(stream);
+
+    let peak = procfs::peak_rss_kib(pid);
+    let rss = procfs::rss_kib(pid);
+    assert!(
+        peak < baseline_peak + ALLOWED_GROWTH_KIB && rss < baseline_rss + ALLOWED_GROWTH_KIB,
+        "server memory grew too much while a client sent {written} bytes without a newline: peak RSS {peak} KiB (was {baseline_peak}), RSS {rss} KiB (was {baseline_rss})"
+    );
+    wait_for_log(
+        &server,
+        &[&format!("{local} cut off: line too long (max 1000 bytes)")],
+    );
+
+    let second = connect(server.addr);
+    let second_local = second.local_addr().expect("local_addr");
+    assert_eq!(
+        read_line(&second).expect("greeting"),
+        greeting(second_local)
+    );
+    (&second).write_all(b"still here\n").expect("write");
+    assert_eq!(wait_for_messages(&server, second_local, 1), ["still here"]);
+    drop(second);
+
+    let out = stop_cleanly(&mut server);
+    assert!(
+        messages_from(&out.stdout, local).is_empty(),
+        "nothing of the flood may be printed\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. --idle-timeout
+// ------------------------------------------------------------------------------------------------
+
+/// With `--idle-timeout 300ms`: a silent client and one trickling a line that never ends are both
+/// cut off with `error: idle timeout`; a client completing a line every 100 ms is not.
+#[test]
+fn idle_timeout() {
+    let server = ServerProcess::start(&["--idle-timeout", "300ms"]);
+    let addr = server.addr;
+    let cut_off = "error: idle timeout\n";
+
+    // Silent: connects and sends nothing.
+    let silent = thread::spawn(move || {
+        let stream = connect(addr);
+        let connected = Instant::now();
+        let local = stream.local_addr().expect("local_addr");
+        assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+        let line = read_line(&stream).expect("silent client: waiting to be cut off");
+        let after = connected.elapsed();
+        assert_eq!(line, cut_off, "silent client");
+        expect_exactly_then_eof(&stream, "", "silent client after the error");
+        (local, after)
+    });
+
+    // Trickling: one byte every 50 ms, never a newline.
+    let trickle = thread::spawn(move || {
+        let stream = connect(addr);
+        let connected = Instant::now();
+        let local = stream.local_addr().expect("local_addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stream = stream.try_clone().expect("try_clone");
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut sent = 0usize;
+                for &byte in b"trickle".iter().cycle() {
+                    if stop.load(Ordering::Relaxed) || connected.elapsed() > IO_TIMEOUT {
+                        break;
+                    }
+                    if (&stream).write_all(&[byte]).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                    pace(Duration::from_millis(50));
+                }
+                sent
+            })
+        };
+        assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+        let line = read_line(&stream);
+        let after = connected.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let sent = writer.join().expect("trickle writer");
+        let line = line.expect("trickling client: waiting to be cut off");
+        assert_eq!(line, cut_off, "trickling client ({sent} bytes sent)");
+        assert!(
+            sent >= 3,
+            "the trickle should have sent several bytes, sent {sent}"
+        );
+        (local, after)
+    });
+
+    // Active: a complete line every 100 ms, 10 lines, then a half-close.
+    let active = thread::spawn(move || {
+        let stream = connect(addr);
+        let local = stream.local_addr().expect("local_addr");
+        assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+        let reader = {
+            let stream = stream.try_clone().expect("try_clone");
+            thread::spawn(move || {
+                let (rest, error) = read_to_eof(&stream);
+                (rest, error.map(|e| e.to_string()), Instant::now())
+            })
+        };
+        for i in 0..10 {
+            if i > 0 {
+                pace(Duration::from_millis(100));
+            }
+            (&stream)
+                .write_all(format!("active {i}\n").as_bytes())
+                .unwrap_or_else(|e| panic!("active client: line {i}: {e}"));
+        }
+        let half_closed = Instant::now();
+        stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+        let (rest, error, eof_at) = reader.join().expect("active reader");
+        assert_eq!(
+            (rest.as_str(), error),
+            ("", None),
+            "the active client must not be cut off"
+        );
+        assert!(
+            eof_at >= half_closed,
+            "the active client saw EOF before it half-closed"
+        );
+        local
+    });
+
+    let (silent_local, silent_after) = silent.join().expect("silent client thread");
+    let (trickle_local, trickle_after) = trickle.join().expect("trickling client thread");
+    let active_local = active.join().expect("active client thread");
+
+    for (who, after) in [("silent", silent_after), ("trickling", trickle_after)] {
+        assert!(
+            after >= Duration::from_millis(250),
+            "{who} client cut off after only {after:?} (timeout 300ms)"
+        );
+        assert!(
+            after <= Duration::from_secs(5),
+            "{who} client cut off only after {after:?} (timeout 300ms)"
+        );
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("active {i}")).collect();
+    assert_eq!(wait_for_messages(&server, active_local, 10), expected);
+    for local in [silent_local, trickle_local] {
+        wait_for_log(&server, &[&format!("{local} cut off: idle timeout")]);
+    }
+    assert!(
+        !server
+            .stderr_so_far()
+            .contains(&format!("{active_local} cut off")),
+        "the active client was cut off\n{}",
+        server.stderr_so_far()
+    );
+
+    #[cfg(unix)]
+    {
+        let mut server = server;
+        let out = stop_cleanly(&mut server);
+        assert!(
+            messages_from(&out.stdout, trickle_local).is_empty(),
+            "the trickled, never-finished line must not be printed\n{out}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. --allow / --deny
+// ------------------------------------------------------------------------------------------------
+
+/// Expect `stream` to be refused as `not allowed`: that line, no greeting, EOF. Then try to send a
+/// line anyway (ignoring errors); the caller checks it is never printed.
+fn expect_not_allowed(stream: &TcpStream, what: &str) {
+    expect_exactly_then_eof(stream, "error: not allowed\n", what);
+    let _ = (&*stream).write_all(b"let me in\n");
+}
+
+/// Start a server with `args`, connect from 127.0.0.1 and expect it refused; the server prints
+/// nothing and logs the refusal.
+#[cfg(unix)]
+fn refused_by(args: &[&str]) {
+    let mut server = ServerProcess::start(args);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    expect_not_allowed(&stream, &format!("client of `{}`", server.command()));
+    wait_for_log(
+        &server,
+        &[&format!("{local} refused: not allowed by --allow/--deny")],
+    );
+    drop(stream);
+    let out = stop_cleanly(&mut server);
+    assert!(out.stdout.is_empty(), "nothing may be printed\n{out}");
+}
+
+/// `--deny` and `--allow` ranges, IPv4 and IPv6: refused clients get `error: not allowed` and no
+/// greeting; deny wins over allow; a bad range is a usage error.
+#[cfg(unix)]
+#[test]
+fn allow_deny() {
+    refused_by(&["--deny", "127.0.0.0/8"]);
+    refused_by(&["--allow", "10.0.0.0/8"]);
+
+    {
+        let mut server = ServerProcess::start(&["--allow", "127.0.0.1"]);
+        let stream = connect(server.addr);
+        let local = stream.local_addr().expect("local_addr");
+        assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+        drop(stream);
+        stop_cleanly(&mut server);
+    }
+
+    #[cfg(target_os = "linux")]
+    {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+        let mut server = ServerProcess::start(&["--allow", "127.0.0.0/8", "--deny", "127.0.0.2"]);
+        let from = |ip: &str| -> TcpStream {
+            let socket =
+                Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+            let local: SocketAddr = format!("{ip}:0").parse().expect("address");
+            socket
+                .bind(&SockAddr::from(local))
+                .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+            socket
+                .connect_timeout(&SockAddr::from(server.addr), IO_TIMEOUT)
+                .unwrap_or_else(|e| panic!("connect from {ip}: {e}"));
+            let stream: TcpStream = socket.into();
+            stream
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .expect("set_read_timeout");
+            stream
+        };
+        let denied = from("127.0.0.2");
+        assert_eq!(
+            denied.local_addr().expect("local_addr").ip().to_string(),
+            "127.0.0.2"
+        );
+        expect_not_allowed(&denied, "client from 127.0.0.2 (denied)");
+        let allowed = from("127.0.0.1");
+        let local = allowed.local_addr().expect("local_addr");
+        assert_eq!(read_line(&allowed).expect("greeting"), greeting(local));
+        (&allowed).write_all(b"allowed\n").expect("write");
+        assert_eq!(wait_for_messages(&server, local, 1), ["allowed"]);
+        drop((denied, allowed));
+        let out = stop_cleanly(&mut server);
+        assert_eq!(
+            out.stdout,
+            format!("{local} allowed\n"),
+            "only the allowed client is printed\n{out}"
+        );
+    }
+
+    match std::net::TcpListener::bind("[::1]:0") {
+        Err(e) => eprintln!("allow_deny: skipping the IPv6 case: cannot bind [::1]:0 here ({e})"),
+        Ok(probe) => {
+            drop(probe);
+            let mut server =
+                ServerProcess::spawn(&["--host", "::1", "--port", "0", "--deny", "::1/128"]);
+            assert!(server.addr.is_ipv6(), "listening on {}", server.addr);
+            let stream = connect(server.addr);
+            expect_not_allowed(&stream, "IPv6 client from ::1");
+            drop(stream);
+            let out = stop_cleanly(&mut server);
+            assert!(out.stdout.is_empty(), "nothing may be printed\n{out}");
+        }
+    }
+
+    let out = run_server(
+        &["--host", "127.0.0.1", "--port", "0", "--deny", "nonsense"],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(2).assert_no_panic();
+    assert!(
+        out.stderr.contains("nonsense"),
+        "the usage error should name the bad range\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. Escaping
+// ------------------------------------------------------------------------------------------------
+
+/// Control characters are printed escaped (C0 and DEL as `\xNN`, C1 as `\u{NN}`), invalid UTF-8
+/// as U+FFFD, and in raw framing a newline inside a chunk as `\x0a`, so a client can neither
+/// inject terminal escapes nor forge a stdout line.
+#[cfg(unix)]
+#[test]
+fn escaping() {
+    // Line framing.
+    let mut server = ServerProcess::start(&[]);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream)
+        .write_all(b"a\x1b[31mb\x07c\x7fd\xc2\x9be\nx\xffy\n")
+        .expect("write");
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    expect_exactly_then_eof(&stream, &greeting(local), "escaping client");
+    let out = stop_cleanly(&mut server);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        [
+            format!(r"{local} a\x1b[31mb\x07c\x7fd\u{{9b}}e"),
+            format!("{local} x\u{FFFD}y"),
+        ],
+        "escaped lines\n{out}"
+    );
+    // `out.stdout` went through a lossy conversion, which would hide raw invalid bytes: the raw
+    // output itself must be valid UTF-8, with no control character but the line ends.
+    let raw = server.stdout_bytes();
+    let text = String::from_utf8(raw).expect("the server's stdout must be valid UTF-8");
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters in the server's stdout: {text:?}"
+    );
+
+    // Raw framing: a newline inside a chunk must not start a new stdout line.
+    let mut server = ServerProcess::start(&["--framing", "raw"]);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream).write_all(b"one\ntwo").expect("write");
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    expect_exactly_then_eof(
+        &stream,
+        greeting(local).trim_end_matches('\n'),
+        "raw client",
+    );
+    let out = stop_cleanly(&mut server);
+    for line in out.stdout.lines() {
+        assert!(
+            line.starts_with(&format!("{local} ")),
+            "stdout line {line:?} lacks the `{local} ` prefix\n{out}"
+        );
+    }
+    assert_eq!(
+        messages_from(&out.stdout, local).concat(),
+        r"one\x0atwo",
+        "concatenated chunks\n{out}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. A peer that resets mid-line
+// ------------------------------------------------------------------------------------------------
+
+/// A client sends a complete line and half of another, then resets the connection: the complete
+/// line is printed, the partial never is, the server logs a warning, frees the connection's thread
+/// and serves the next client normally.
+#[cfg(unix)]
+#[test]
+fn reset_mid_line() {
+    let mut server = ServerProcess::start(&[]);
+    #[cfg(target_os = "linux")]
+    let baseline = procfs::steady_threads(server.pid());
+
+    let a = connect(server.addr);
+    let a_local = a.local_addr().expect("local_addr");
+    assert_eq!(read_line(&a).expect("greeting"), greeting(a_local));
+    (&a).write_all(b"complete\npartial").expect("write");
+    assert_eq!(wait_for_messages(&server, a_local, 1), ["complete"]);
+    socket2::SockRef::from(&a)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(a); // closing with SO_LINGER 0 sends a reset
+    let warning = wait_for_log(&server, &[&format!("{a_local} disconnected")]);
+    assert!(
+        warning.contains("WARN"),
+        "a reset should be logged as a warning: {warning:?}"
+    );
+
+    #[cfg(target_os = "linux")]
+    {
+        let pid = server.pid();
+        let settled = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+            (procfs::threads(pid) <= baseline).then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "server thread count stayed at {} (baseline {baseline}) after the reset\n--- stderr ---\n{}",
+            procfs::threads(pid),
+            server.stderr_so_far()
+        );
+    }
+
+    let b = connect(server.addr);
+    let b_local = b.local_addr().expect("local_addr");
+    assert_eq!(read_line(&b).expect("greeting"), greeting(b_local));
+    (&b).write_all(b"b one\nb two\n").expect("write");
+    b.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    expect_exactly_then_eof(&b, "", "client B after its half-close");
+
+    let out = stop_cleanly(&mut server);
+    assert_eq!(
+        messages_from(&out.stdout, a_local),
+        ["complete"],
+        "the partial line must never be printed\n{out}"
+    );
+    assert_eq!(
+        messages_from(&out.stdout, b_local),
+        ["b one", "b two"],
+        "client B\n{out}"
+    );
+    assert_eq!(out.stdout.lines().count(), 3, "unexpected lines\n{out}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8. A client that half-closes and never reads
+// ------------------------------------------------------------------------------------------------
+
+/// A client sends 3 lines, shuts its write side and does not read: the server prints the 3 lines
+/// and closes the connection (so the client, reading at last, finds the greeting and then EOF).
+#[test]
+fn half_open_reader() {
+    let server = ServerProcess::start(&[]);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream).write_all(b"one\ntwo\nthree\n").expect("write");
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+
+    assert_eq!(
+        wait_for_messages(&server, local, 3),
+        ["one", "two", "three"]
+    );
+    wait_for_log(
+        &server,
+        &[&format!("{local} disconnected after 3 messages")],
+    );
+    expect_exactly_then_eof(&stream, &greeting(local), "half-closed client");
+
+    #[cfg(unix)]
+    {
+        let mut server = server;
+        let out = stop_cleanly(&mut server);
+        assert_eq!(out.stdout.lines().count(), 3, "unexpected lines\n{out}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. SIGTERM while clients stream
+// ------------------------------------------------------------------------------------------------
+
+/// 8 clients stream numbered lines as fast as they can; SIGTERM mid-stream. The server exits 0
+/// within 2 s, every printed line is whole, and each client's printed numbers are a gap-free
+/// prefix 0..k in order.
+#[cfg(unix)]
+#[test]
+fn sigterm_under_load() {
+    use std::collections::HashMap;
+
+    const CLIENTS: usize = 8;
+    const BEFORE_SIGNAL: usize = 20_000;
+    const BATCH: u64 = 200;
+
+    let mut server = ServerProcess::start(&[]);
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let stream = connect(addr);
+                let local = stream.local_addr().expect("local_addr");
+                assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+                let mut next = 0u64;
+                let mut buf = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    buf.clear();
+                    for i in next..next + BATCH {
+                        buf.push_str(&format!("c{c} {i:09}\n"));
+                    }
+                    if (&stream).write_all(buf.as_bytes()).is_err() {
+                        break;
+                    }
+                    next += BATCH;
+                }
+                (local, next)
+            })
+        })
+        .collect();
+
+    let streaming = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        (server.stdout_line_count() >= BEFORE_SIGNAL).then_some(())
+    });
+    if streaming.is_none() {
+        stop.store(true, Ordering::Relaxed);
+        panic!(
+            "only {} lines printed within {POLL_DEADLINE:?}\n--- stderr ---\n{}",
+            server.stdout_line_count(),
+            server.stderr_so_far()
+        );
+    }
+    let signalled = server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    stop.store(true, Ordering::Relaxed);
+    let took = out.exited_at.duration_since(signalled);
+    out.assert_code(0).assert_no_panic();
+    assert!(
+        took < Duration::from_secs(2),
+        "server took {took:?} to exit after SIGTERM under load"
+    );
+
+    // Peer as printed -> (client number, its message prefix, the number expected next).
+    let mut clients: HashMap<String, (usize, String, u64)> = HashMap::new();
+    for (c, h) in handles.into_iter().enumerate() {
+        let (local, _) = h
+            .join()
+            .unwrap_or_else(|_| panic!("client thread {c} panicked (see above)"));
+        clients.insert(local.to_string(), (c, format!("c{c} "), 0));
+    }
+    let mut total = 0usize;
+    for (n, line) in out.stdout.lines().enumerate() {
+        let bad = |why: &str| -> ! {
+            panic!(
+                "stdout line {n} {line:?}: {why} ({} lines in all)",
+                out.stdout.lines().count()
+            )
+        };
+        let Some((peer, message)) = line.split_once(' ') else {
+            bad("not `PEER MESSAGE`")
+        };
+        let Some((c, prefix, next)) = clients.get_mut(peer) else {
+            bad("unknown peer")
+        };
+        let Some(number) = message.strip_prefix(prefix.as_str()) else {
+            bad(&format!("expected client {c}'s message"))
+        };
+        if number.len() != 9 || !number.bytes().all(|b| b.is_ascii_digit()) {
+            bad("torn or malformed number");
+        }
+        let number: u64 = number.parse().expect("nine digits");
+        if number != *next {
+            bad(&format!("client {c}: expected number {next}"));
+        }
+        *next += 1;
+        total += 1;
+    }
+    assert!(
+        total >= BEFORE_SIGNAL,
+        "only {total} lines in the final output, fewer than were seen before the signal"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 10. stdout closed by its reader
+// ------------------------------------------------------------------------------------------------
+
+/// Whoever reads the server's stdout goes away (`server | head -1`): the server notices on its
+/// next write, logs it, and exits 0 without panicking.
+#[cfg(unix)]
+#[test]
+fn closed_stdout() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+
+    /// Kills the child if the test fails before it exits.
+    struct Guard(Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let mut child = Command::new(bin_path("server"))
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut guard = Guard(child);
+
+    // Stderr: every line goes over the channel (the first one names the address).
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    let stderr_reader = thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            all.push_str(&line);
+            all.push('\n');
+            let _ = lines_tx.send(line);
+        }
+        all
+    });
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("server should log `listening on ADDR`");
+        if let Some(addr) = parse_listening_line(&line) {
+            break addr;
+        }
+    };
+
+    // Stdout: read one line, then drop the pipe (the thread owns it and ends).
+    let (first_tx, first) = mpsc::channel::<String>();
+    let stdout_reader = thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = first_tx.send(line);
+        // `reader` (and with it the pipe's read end) is dropped here.
+    });
+
+    let stream = connect(addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream).write_all(b"first\n").expect("write first");
+    let line = first
+        .recv_timeout(IO_TIMEOUT)
+        .expect("server should print the first line");
+    assert_eq!(line, format!("{local} first\n"));
+    stdout_reader.join().expect("stdout reader");
+
+    // Keep talking until the server goes (or 2 s).
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        if (&stream)
+            .write_all(format!("line {i}\n").as_bytes())
+            .is_err()
+        {
+            break;
+        }
+        i += 1;
+        pace(Duration::from_millis(5));
+    }
+
+    let status = poll_until(Duration::from_secs(10), POLL_EVERY, || {
+        guard.0.try_wait().expect("try_wait")
+    });
+    let Some(status) = status else {
+        drop(guard); // kills it
+        panic!(
+            "server did not exit within 10 s of its stdout closing\n--- stderr ---\n{}",
+            stderr_reader.join().unwrap_or_default()
+        );
+    };
+    let log = stderr_reader.join().expect("stderr reader");
+    assert_eq!(status.code(), Some(0), "exit status {status}\n{log}");
+    assert!(!log.contains("panicked"), "server panicked\n{log}");
+    assert!(
+        log.contains("output closed by its reader; stopping"),
+        "server should log why it stopped\n{log}"
+    );
+    drop(stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 11. Accept errors
+// ------------------------------------------------------------------------------------------------
+
+/// With only 40 descriptors (soft and hard), 60 clients exhaust them: `accept` fails with EMFILE,
+/// the server logs it, backs off and keeps going; once the clients leave it serves again and still
+/// stops cleanly.
+#[cfg(target_os = "linux")]
+#[test]
+fn accept_errors_do_not_end_the_loop() {
+    let server_bin = bin_path("server");
+    let script = format!(
+        "ulimit -n 40 && exec '{}' --host 127.0.0.1 --port 0",
+        server_bin.display()
+    );
+    let mut server = ServerProcess::spawn_program("sh", &["-c", &script]);
+    wait_for_log(&server, &["open file limit is 40"]);
+
+    // Best effort: connections over the limit wait in the backlog (or fail); that is the point.
+    let clients: Vec<TcpStream> = (0..60)
+        .filter_map(|_| {
+            let stream = TcpStream::connect_timeout(&server.addr, Duration::from_secs(2)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            Some(stream)
+        })
+        .collect();
+    let failure = wait_for_log(&server, &["accept on", "failed"]);
+    assert!(
+        failure.contains(&server.addr.to_string()),
+        "the warning should name the listening address: {failure:?}"
+    );
+    drop(clients);
+
+    // Freed descriptors let it accept again (after at most a second of back-off).
+    let fresh = wait_until_greeted(server.addr, Duration::from_secs(3));
+    let local = fresh.local_addr().expect("local_addr");
+    (&fresh).write_all(b"served again\n").expect("write");
+    assert_eq!(wait_for_messages(&server, local, 1), ["served again"]);
+    drop(fresh);
+
+    stop_cleanly(&mut server);
+}
