@@ -62,6 +62,23 @@ impl Client {
         }))
     }
 
+    /// Wraps a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Client {
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Client {
+            stream: Arc::new(stream),
+            peer,
+            framing: Framing::Line,
+        }
+    }
+
+    /// Sends bytes exactly as they are, whatever the framing.
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), Error> {
+        (&*self.stream).write_all(bytes).map_err(|e| self.failed(e))
+    }
+
     /// Uses `framing` for what is sent and received from now on (default: [`Framing::Line`]).
     pub fn framing(mut self, framing: Framing) -> Client {
         self.framing = framing;

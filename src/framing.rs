@@ -61,7 +61,9 @@ impl FromStr for Framing {
 /// A connection reuses one `Batch` for its whole life, so decoding allocates nothing per message.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    text: String,
+    /// Only ever valid UTF-8 (checked, escaped or plain ASCII as it goes in); kept as bytes so
+    /// printing it needs no second check.
+    text: Vec<u8>,
     ends: Vec<usize>,
     /// The messages' bytes exactly as received, with line framing's `\n`: kept only when asked
     /// for, by an echo server.
@@ -93,6 +95,17 @@ impl Batch {
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
         let mut start = 0;
         self.ends.iter().map(move |&end| {
+            // Always valid (see `text`), so this never falls back to "".
+            let message = std::str::from_utf8(&self.text[start..end]).unwrap_or_default();
+            start = end;
+            message
+        })
+    }
+
+    /// The messages as UTF-8 bytes, oldest first: for writing them out without a second check.
+    pub fn iter_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
             let message = &self.text[start..end];
             start = end;
             message
@@ -101,24 +114,26 @@ impl Batch {
 
     /// Appends one message.
     pub fn push(&mut self, message: &str) {
-        self.text.push_str(message);
+        self.text.extend_from_slice(message.as_bytes());
         self.ends.push(self.text.len());
     }
 
     /// Appends one message decoded from bytes: invalid UTF-8 becomes U+FFFD and control
     /// characters are escaped (newlines too, unless `keep_newlines`).
     pub fn push_bytes(&mut self, bytes: &[u8], keep_newlines: bool) {
-        if bytes.iter().all(|&b| is_plain_ascii(b)) {
-            // The common case: printable ASCII needs no escaping, and is valid UTF-8.
-            if let Ok(text) = std::str::from_utf8(bytes) {
-                self.text.push_str(text);
-            }
+        if is_printable_ascii(bytes) {
+            // By far the most common case, checked 8 bytes at a time: copied as it is.
+            self.text.extend_from_slice(bytes);
         } else {
-            escape_into(
-                &mut self.text,
-                &String::from_utf8_lossy(bytes),
-                keep_newlines,
-            );
+            match std::str::from_utf8(bytes) {
+                Ok(_) if !may_need_escape(bytes) => self.text.extend_from_slice(bytes),
+                Ok(text) => escape(&mut self.text, text, keep_newlines),
+                Err(_) => escape(
+                    &mut self.text,
+                    &String::from_utf8_lossy(bytes),
+                    keep_newlines,
+                ),
+            }
         }
         self.ends.push(self.text.len());
     }
@@ -331,9 +346,32 @@ impl Decoder {
     }
 }
 
-/// Printable ASCII or tab: bytes that go out exactly as they came in.
-fn is_plain_ascii(b: u8) -> bool {
-    (0x20..0x7f).contains(&b) || b == b'\t'
+/// Whether every byte is printable ASCII (0x20 to 0x7e): text that needs neither a UTF-8 check
+/// nor escaping. Eight bytes at a time, with the usual bit tricks for "has a byte below n" and
+/// "has a zero byte"; they are exact about whether such a byte exists, which is all we ask.
+fn is_printable_ascii(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut bad = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let del = x ^ (ONES * 0x7f);
+        // High bit: non-ASCII; below 0x20: a control; zero after xor 0x7f: DEL.
+        bad |= x | (x.wrapping_sub(ONES * 0x20) & !x) | (del.wrapping_sub(ONES) & !del);
+    }
+    bad & HIGH == 0 && chunks.remainder().iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+/// Whether valid UTF-8 `bytes` may hold a character to escape: a C0 control (tab too, to keep
+/// this simple), DEL, or a C1 control, whose encoding starts with 0xC2. Written without early
+/// exit so that it compiles to vector instructions: it runs on every byte received.
+fn may_need_escape(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |seen, &b| {
+        seen | u8::from(b < 0x20) | u8::from(b == 0x7f) | u8::from(b == 0xc2)
+    }) != 0
 }
 
 /// Whether `c` is written as an escape: C0 controls but tab, DEL, and C1 controls.
@@ -349,12 +387,20 @@ pub fn needs_escape(c: char, keep_newlines: bool) -> bool {
 /// C1. Tab is kept; `\n` is kept only if `keep_newlines`. Backslashes are not escaped, so
 /// escaping twice changes nothing.
 pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
-    use std::fmt::Write as _;
+    let mut bytes = Vec::with_capacity(text.len());
+    escape(&mut bytes, text, keep_newlines);
+    // Escaping valid text gives valid text.
+    out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
+}
+
+/// [`escape_into`], appending to UTF-8 bytes.
+fn escape(out: &mut Vec<u8>, text: &str, keep_newlines: bool) {
+    use std::io::Write as _;
     let mut rest = text;
     while let Some(at) = rest.find(|c| needs_escape(c, keep_newlines)) {
-        out.push_str(&rest[..at]);
+        out.extend_from_slice(rest[..at].as_bytes());
         let c = rest[at..].chars().next().unwrap_or_default();
-        // Writing to a String cannot fail.
+        // Writing to a Vec cannot fail.
         let _ = if (c as u32) < 0x80 {
             write!(out, "\\x{:02x}", c as u32)
         } else {
@@ -362,7 +408,7 @@ pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
         };
         rest = &rest[at + c.len_utf8()..];
     }
-    out.push_str(rest);
+    out.extend_from_slice(rest.as_bytes());
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
@@ -621,6 +667,12 @@ mod tests {
                 expected.push(b'\n'); // the last line, completed
             }
             prop_assert_eq!(batch.raw(), &expected[..]);
+        }
+
+        #[test]
+        fn the_ascii_fast_path_agrees_with_a_plain_check(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let plain = bytes.iter().all(|b| (0x20..0x7f).contains(b));
+            prop_assert_eq!(is_printable_ascii(&bytes), plain);
         }
 
         #[test]

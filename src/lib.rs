@@ -48,6 +48,7 @@ mod connection;
 mod error;
 mod framing;
 mod limits;
+mod load;
 mod room;
 mod server;
 mod sink;
@@ -60,6 +61,7 @@ pub use framing::{
     needs_escape,
 };
 pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors};
+pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
 pub use room::OUTBOX_BYTES;
 pub use server::{
     CONNECTION_STACK, DEFAULT_GREETING, Mode, Server, ServerOptions, Stopper, Summary,

@@ -57,7 +57,7 @@ const SCRATCH_KEEP: usize = 64 * 1024;
 /// Appends `PEER MESSAGE\n` for every message of `batch` to `buf`, formatting the peer once.
 pub fn format_batch(buf: &mut Vec<u8>, peer: SocketAddr, batch: &Batch) {
     let mut prefix: Option<(usize, usize)> = None;
-    for message in batch.iter() {
+    for message in batch.iter_bytes() {
         match prefix {
             Some((start, end)) => buf.extend_from_within(start..end),
             None => {
@@ -67,7 +67,7 @@ pub fn format_batch(buf: &mut Vec<u8>, peer: SocketAddr, batch: &Batch) {
                 prefix = Some((start, buf.len()));
             }
         }
-        buf.extend_from_slice(message.as_bytes());
+        buf.extend_from_slice(message);
         buf.push(b'\n');
     }
 }

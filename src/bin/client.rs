@@ -2,15 +2,17 @@
 
 mod common;
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use plugboard::{Client, Framing, Receiver};
+use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load};
 use tracing::{debug, info, warn};
 
 use common::{FramingArg, LogArgs};
@@ -49,8 +51,22 @@ struct Cli {
     framing: FramingArg,
     /// Send each line typed or piped on standard input instead of numbered messages; at its end,
     /// half-close and wait (at most --linger) for the server to close.
-    #[arg(long, conflicts_with_all = ["count", "interval", "message"])]
+    #[arg(long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "json", "size"])]
     stdin: bool,
+    /// Load mode: this many connections in parallel, each sending --count messages; a summary
+    /// (messages/s, MB/s, errors) goes to stderr. Nothing received is printed.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..100_000))]
+    connections: Option<u64>,
+    /// Load mode: pad each message to this many bytes on the wire (counting the newline).
+    #[arg(long, value_name = "BYTES")]
+    size: Option<usize>,
+    /// Load mode, against an echo server: send one message, wait for its echo, repeat; the
+    /// summary adds latency percentiles.
+    #[arg(long)]
+    rtt: bool,
+    /// Load mode: also print the summary as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -73,6 +89,9 @@ enum Event {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.json {
+        return load(&cli);
+    }
     let framing: Framing = cli.framing.into();
     let client = Client::connect(&cli.host, cli.port, cli.connect_timeout)?.framing(framing);
     let server = client.peer_addr();
@@ -221,4 +240,82 @@ fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<Option
         last = Some(message);
     }
     Ok(last)
+}
+
+/// Load mode: many connections, a summary at the end.
+fn load(cli: &Cli) -> anyhow::Result<()> {
+    let options = LoadOptions {
+        connections: cli.connections.unwrap_or(1) as usize,
+        count: cli.count,
+        interval: cli.interval,
+        message: cli.message.clone(),
+        size: cli.size.unwrap_or(0),
+        framing: cli.framing.into(),
+        rtt: cli.rtt,
+        connect_timeout: cli.connect_timeout,
+        linger: cli.linger,
+    };
+    if options.rtt && options.framing != Framing::Line {
+        // Usage error, like clap's own: exit 2.
+        eprintln!("error: --rtt needs line framing");
+        std::process::exit(2);
+    }
+    plugboard::raise_fd_limit().ok();
+    let progress = Arc::new(Progress::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = io::stderr().is_terminal().then(|| {
+        let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
+        thread::spawn(move || show_progress(&progress, &done))
+    });
+    let report = run_load(&cli.host, cli.port, &options, &progress);
+    done.store(true, Ordering::Relaxed);
+    if let Some(ticker) = ticker {
+        let _ = ticker.join();
+    }
+    let report = report?;
+    let mut summary = format!(
+        "{} connections, {} messages, {} bytes in {:.3} s: {:.0} messages/s, {:.1} MB/s, {} errors",
+        report.connections,
+        report.messages,
+        report.bytes,
+        report.elapsed.as_secs_f64(),
+        report.messages_per_sec(),
+        report.mb_per_sec(),
+        report.errors
+    );
+    if let Some(l) = report.latency {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        summary.push_str(&format!(
+            "; round trip p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            us(l.p50),
+            us(l.p90),
+            us(l.p99),
+            us(l.p999),
+            us(l.max)
+        ));
+    }
+    info!("{summary}");
+    if cli.json {
+        println!("{}", report.to_json());
+    }
+    if let Some(error) = report.first_error {
+        bail!(
+            "{} of {} connections failed; first: {error}",
+            report.errors,
+            report.connections
+        );
+    }
+    Ok(())
+}
+
+/// Rewrites one progress line on stderr every half second until `done`.
+fn show_progress(progress: &Progress, done: &AtomicBool) {
+    let started = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(500)); // a display refresh, not synchronisation
+        let sent = progress.messages();
+        let rate = sent as f64 / started.elapsed().as_secs_f64();
+        eprint!("\r{sent} messages sent, {rate:.0}/s   ");
+    }
+    eprint!("\r\x1b[K");
 }

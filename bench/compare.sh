@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Benchmarks plugboard against its peers on this machine and prints a table of medians and ratios:
+#   1. ingest: 8 connections x 200,000 lines of 64 bytes into `server > /dev/null`, against
+#      `ncat -l -k 127.0.0.1 PORT > /dev/null` (timed until the server has read everything);
+#   2. echo round trip, one connection, 64-byte lines: `server --mode echo` against a minimal
+#      std-only echo server (examples/echo_floor.rs);
+#   3. 10,000 clients: connect time, RSS per client, SIGTERM-to-exit (tests/scale.rs);
+#   4. the load client itself: how fast one client process sends into a reader that only reads.
+# Runs of plugboard and its peer alternate, so a noisy machine hurts both alike.
+# Usage: bench/compare.sh [RUNS]   (default 5 runs per workload)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-5}
+
+if ! command -v ncat >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq ncat >/dev/null
+fi
+cargo build --release --quiet --bins --examples
+client=target/release/client
+server=target/release/server
+floor=target/release/examples/echo_floor
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+# start NAME CMD...: runs CMD with stderr to a file and waits for its `listening on ADDR` line.
+start() {
+    local name=$1; shift
+    "$@" >/dev/null 2>"$tmp/$name.err" &
+    pids+=($!)
+    for _ in $(seq 200); do
+        port=$(grep -o 'listening on [^ ]*' "$tmp/$name.err" 2>/dev/null | head -1 | sed 's/.*://') || true
+        [ -n "$port" ] && return 0
+        sleep 0.05
+    done
+    echo "$name did not start" >&2; cat "$tmp/$name.err" >&2; exit 1
+}
+stop_last() { kill "${pids[-1]}" 2>/dev/null || true; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+start_ncat() {
+    port=$(free_port)
+    ncat -l -k 127.0.0.1 "$port" >/dev/null 2>"$tmp/ncat.err" &
+    pids+=($!)
+    for _ in $(seq 200); do
+        ss -ltn "sport = :$port" | grep -q LISTEN && return 0
+        sleep 0.05
+    done
+    echo "ncat did not start" >&2; exit 1
+}
+# json FIELD: extracts a number from the client's --json line on stdin.
+json() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+median() { sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else print (a[m]+a[m+1])/2}'; }
+
+ingest="--connections 8 --count 200000 --interval 0 --size 64 --json -q"
+: >"$tmp/ingest.plugboard"; : >"$tmp/ingest.ncat"
+: >"$tmp/rtt.plugboard"; : >"$tmp/rtt.floor"; : >"$tmp/push"
+for run in $(seq "$runs"); do
+    echo "run $run of $runs" >&2
+    start server "$server" --port 0
+    $client --port "$port" $ingest | json messages_per_s >>"$tmp/ingest.plugboard"
+    stop_last
+    start_ncat
+    $client --port "$port" $ingest | json messages_per_s >>"$tmp/ingest.ncat"
+    stop_last
+
+    start echo "$server" --port 0 --mode echo
+    $client --port "$port" --rtt --count 20000 --size 64 --json -q | json p50 >>"$tmp/rtt.plugboard"
+    stop_last
+    start floor "$floor"
+    $client --port "$port" --rtt --count 20000 --size 64 --json -q | json p50 >>"$tmp/rtt.floor"
+    stop_last
+
+    start discard "$floor" --discard
+    $client --port "$port" $ingest | json messages_per_s >>"$tmp/push"
+    stop_last
+done
+
+scale=$(cargo test --release --quiet --test scale ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
+
+ip=$(median <"$tmp/ingest.plugboard"); in=$(median <"$tmp/ingest.ncat")
+rp=$(median <"$tmp/rtt.plugboard"); rf=$(median <"$tmp/rtt.floor")
+push=$(median <"$tmp/push")
+echo
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r); $runs runs each, medians"
+echo
+echo "| workload | plugboard | peer | ratio |"
+echo "| --- | --- | --- | --- |"
+awk -v p="$ip" -v n="$in" 'BEGIN { printf "| ingest, 8 x 200,000 lines of 64 B (lines/s) | %.2f M | ncat -l -k: %.2f M | %.2fx (higher is better) |\n", p/1e6, n/1e6, p/n }'
+awk -v p="$rp" -v f="$rf" 'BEGIN { printf "| echo round trip, 64 B, p50 | %.1f us | std-only echo floor: %.1f us | %.3fx (lower is better) |\n", p, f, p/f }'
+awk -v c="$push" -v p="$ip" 'BEGIN { printf "| one load client into a reader that only reads (lines/s) | %.2f M | server ingest: %.2f M | %.2fx client headroom |\n", c/1e6, p/1e6, c/p }'
+echo
+echo "10,000 clients: ${scale:-not measured}"

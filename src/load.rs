@@ -1,0 +1,425 @@
+//! The client's load mode: many connections in parallel, throughput and round-trip latency.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::client::Client;
+use crate::framing::Framing;
+use crate::{Error, addr};
+
+/// What a load run does.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Connections in parallel, one thread each.
+    pub connections: usize,
+    /// Messages per connection.
+    pub count: u64,
+    /// Pause between a connection's messages (zero: as fast as possible).
+    pub interval: Duration,
+    /// Message text; `{i}` becomes the message number.
+    pub message: String,
+    /// Pad each message with `.` to this many bytes on the wire, counting line framing's `\n`.
+    pub size: usize,
+    /// Framing (`--rtt` needs line framing).
+    pub framing: Framing,
+    /// Round trips: send one message, wait for its echo, repeat; latencies are recorded.
+    pub rtt: bool,
+    /// Connect timeout per connection (zero: the operating system's).
+    pub connect_timeout: Duration,
+    /// After the last message, how long to wait for the server to close.
+    pub linger: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            connections: 1,
+            count: 10,
+            interval: Duration::ZERO,
+            message: "hello world {i}".to_string(),
+            size: 0,
+            framing: Framing::Line,
+            rtt: false,
+            connect_timeout: Duration::from_secs(5),
+            linger: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Round-trip latency percentiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency {
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// 99.9th percentile.
+    pub p999: Duration,
+    /// Slowest.
+    pub max: Duration,
+}
+
+/// What a load run measured.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// Connections attempted.
+    pub connections: usize,
+    /// Messages sent.
+    pub messages: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// From the first connect to the last connection's close.
+    pub elapsed: Duration,
+    /// Connections that failed (connect, send or receive).
+    pub errors: usize,
+    /// The first failure, if any.
+    pub first_error: Option<String>,
+    /// With `rtt`: round-trip latencies.
+    pub latency: Option<Latency>,
+}
+
+impl LoadReport {
+    /// Messages per second.
+    pub fn messages_per_sec(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Megabytes (10^6 bytes) per second.
+    pub fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// One line of JSON, for scripts.
+    pub fn to_json(&self) -> String {
+        let mut json = format!(
+            "{{\"connections\":{},\"messages\":{},\"bytes\":{},\"elapsed_s\":{:.6},\"messages_per_s\":{:.1},\"mb_per_s\":{:.3},\"errors\":{}",
+            self.connections,
+            self.messages,
+            self.bytes,
+            self.elapsed.as_secs_f64(),
+            self.messages_per_sec(),
+            self.mb_per_sec(),
+            self.errors
+        );
+        if let Some(l) = self.latency {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            json.push_str(&format!(
+                ",\"latency_us\":{{\"p50\":{:.1},\"p90\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}}",
+                us(l.p50),
+                us(l.p90),
+                us(l.p99),
+                us(l.p999),
+                us(l.max)
+            ));
+        }
+        json.push('}');
+        json
+    }
+}
+
+/// Messages sent so far by a running load, for a progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    messages: AtomicU64,
+}
+
+impl Progress {
+    /// Messages sent so far.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+}
+
+/// What one connection did.
+struct Outcome {
+    messages: u64,
+    bytes: u64,
+    error: Option<String>,
+    latencies: Option<Histogram<u64>>,
+}
+
+/// Runs the load against `host:port` and reports it. Connection failures are counted, not fatal;
+/// only an unresolvable host is an error.
+pub fn run_load(
+    host: &str,
+    port: u16,
+    options: &LoadOptions,
+    progress: &Arc<Progress>,
+) -> Result<LoadReport, Error> {
+    let addrs = addr::resolve(host, port)?;
+    let started = Instant::now();
+    let threads: Vec<_> = (0..options.connections)
+        .map(|_| {
+            let options = options.clone();
+            let addrs = addrs.clone();
+            let progress = Arc::clone(progress);
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || one_connection(&addrs, &options, &progress))
+        })
+        .collect();
+    let mut report = LoadReport {
+        connections: options.connections,
+        messages: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        errors: 0,
+        first_error: None,
+        latency: None,
+    };
+    let mut latencies: Option<Histogram<u64>> = None;
+    for thread in threads {
+        let outcome = match thread
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.join().map_err(|_| "a load thread panicked".to_string()))
+        {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome {
+                messages: 0,
+                bytes: 0,
+                error: Some(error),
+                latencies: None,
+            },
+        };
+        report.messages += outcome.messages;
+        report.bytes += outcome.bytes;
+        if let Some(error) = outcome.error {
+            report.errors += 1;
+            report.first_error.get_or_insert(error);
+        }
+        if let Some(h) = outcome.latencies {
+            match &mut latencies {
+                Some(all) => {
+                    let _ = all.add(&h);
+                }
+                None => latencies = Some(h),
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    report.latency = latencies.filter(|h| !h.is_empty()).map(|h| {
+        let at = |q: f64| Duration::from_nanos(h.value_at_quantile(q));
+        Latency {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: Duration::from_nanos(h.max()),
+        }
+    });
+    Ok(report)
+}
+
+fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        let attempt = if timeout.is_zero() {
+            TcpStream::connect(addr)
+        } else {
+            TcpStream::connect_timeout(addr, timeout)
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Message `i`: the template with `{i}` filled in, padded to `size` on the wire.
+fn message(options: &LoadOptions, i: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(options.message.replace("{i}", &i.to_string()).as_bytes());
+    let newline = usize::from(options.framing == Framing::Line);
+    let len = out.len() - start + newline;
+    if len < options.size {
+        out.resize(out.len() + options.size - len, b'.');
+    }
+    if newline == 1 {
+        out.push(b'\n');
+    }
+}
+
+fn one_connection(addrs: &[SocketAddr], options: &LoadOptions, progress: &Progress) -> Outcome {
+    let mut outcome = Outcome {
+        messages: 0,
+        bytes: 0,
+        error: None,
+        latencies: None,
+    };
+    let stream = match connect(addrs, options.connect_timeout) {
+        Ok(stream) => stream,
+        Err(e) => {
+            outcome.error = Some(e);
+            return outcome;
+        }
+    };
+    let result = if options.rtt {
+        round_trips(stream, options, progress, &mut outcome)
+    } else {
+        stream_messages(stream, options, progress, &mut outcome)
+    };
+    if let Err(e) = result {
+        outcome.error = Some(e);
+    }
+    outcome
+}
+
+/// Sends every message (batched into large writes when there is no interval) while a second
+/// thread drains what the server sends; then half-closes and waits for the server to close, so
+/// the time counts until the server has read everything.
+fn stream_messages(
+    stream: TcpStream,
+    options: &LoadOptions,
+    progress: &Progress,
+    outcome: &mut Outcome,
+) -> Result<(), String> {
+    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    let failed = |e: io::Error| format!("connection to {peer} failed: {e}");
+    let stream = Arc::new(stream);
+    let (closed_tx, closed) = mpsc::channel();
+    let drain_stream = Arc::clone(&stream);
+    thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let mut buf = vec![0; 64 * 1024];
+            let result = loop {
+                match (&*drain_stream).read(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = closed_tx.send(result);
+        })
+        .map_err(|e| e.to_string())?;
+
+    let mut buf = Vec::with_capacity(128 * 1024);
+    let mut pending = 0u64;
+    for i in 0..options.count {
+        if i > 0 && !options.interval.is_zero() {
+            thread::sleep(options.interval); // pacing the load, as asked
+        }
+        message(options, i, &mut buf);
+        pending += 1;
+        if buf.len() >= 64 * 1024 || !options.interval.is_zero() || i + 1 == options.count {
+            (&*stream).write_all(&buf).map_err(failed)?;
+            outcome.messages += pending;
+            outcome.bytes += buf.len() as u64;
+            progress.messages.fetch_add(pending, Ordering::Relaxed);
+            buf.clear();
+            pending = 0;
+        }
+    }
+    stream.shutdown(Shutdown::Write).map_err(failed)?;
+    match closed.recv_timeout(options.linger) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(RecvTimeoutError::Disconnected) => Err(format!("connection to {peer}: reader ended")),
+        Err(RecvTimeoutError::Timeout) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            Err(format!(
+                "{peer} did not close within {} of the last message",
+                humantime::format_duration(options.linger)
+            ))
+        }
+    }
+}
+
+/// Sends one message, waits for the same line to come back, records the time, repeats.
+fn round_trips(
+    stream: TcpStream,
+    options: &LoadOptions,
+    progress: &Progress,
+    outcome: &mut Outcome,
+) -> Result<(), String> {
+    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("connection to {peer}: {e}"))?;
+    let client = Client::from_stream(stream).framing(Framing::Line);
+    let mut replies = client.receiver();
+    // Nanoseconds from 1 ns to 100 s, three significant figures.
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    for i in 0..options.count {
+        if i > 0 && !options.interval.is_zero() {
+            thread::sleep(options.interval); // pacing the load, as asked
+        }
+        line.clear();
+        message(options, i, &mut line);
+        let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
+        let sent = Instant::now();
+        client.send_raw(&line).map_err(|e| e.to_string())?;
+        // Anything before our echo (a greeting) is skipped.
+        loop {
+            match replies.next() {
+                Some(Ok(reply)) if reply == expected => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err(format!("{peer} closed before echoing message {i}")),
+            }
+        }
+        let _ = histogram.record(sent.elapsed().as_nanos().max(1) as u64);
+        outcome.messages += 1;
+        outcome.bytes += line.len() as u64;
+        progress.messages.fetch_add(1, Ordering::Relaxed);
+    }
+    outcome.latencies = Some(histogram);
+    client.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_padded_to_size_on_the_wire() {
+        let options = LoadOptions {
+            size: 20,
+            ..LoadOptions::default()
+        };
+        let mut out = Vec::new();
+        message(&options, 7, &mut out);
+        assert_eq!(out, b"hello world 7......\n");
+        assert_eq!(out.len(), 20);
+        let mut longer = Vec::new();
+        message(&LoadOptions { size: 3, ..options }, 7, &mut longer);
+        assert_eq!(longer, b"hello world 7\n", "never cut");
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let report = LoadReport {
+            connections: 2,
+            messages: 10,
+            bytes: 640,
+            elapsed: Duration::from_millis(500),
+            errors: 0,
+            first_error: None,
+            latency: Some(Latency {
+                p50: Duration::from_micros(50),
+                p90: Duration::from_micros(60),
+                p99: Duration::from_micros(70),
+                p999: Duration::from_micros(80),
+                max: Duration::from_micros(90),
+            }),
+        };
+        assert_eq!(
+            report.to_json(),
+            "{\"connections\":2,\"messages\":10,\"bytes\":640,\"elapsed_s\":0.500000,\"messages_per_s\":20.0,\"mb_per_s\":0.001,\"errors\":0,\"latency_us\":{\"p50\":50.0,\"p90\":60.0,\"p99\":70.0,\"p999\":80.0,\"max\":90.0}}"
+        );
+    }
+}
