@@ -398,7 +398,7 @@ fn escape(out: &mut Vec<u8>, text: &str, keep_newlines: bool) {
     use std::io::Write as _;
     let mut rest = text;
     while let Some(at) = rest.find(|c| needs_escape(c, keep_newlines)) {
-        out.extend_from_slice(rest[..at].as_bytes());
+        out.extend_from_slice(&rest.as_bytes()[..at]);
         let c = rest[at..].chars().next().unwrap_or_default();
         // Writing to a Vec cannot fail.
         let _ = if (c as u32) < 0x80 {

@@ -1,4 +1,7 @@
 //! Server modes (echo, chat) and the client's --stdin, on real processes and loopback sockets.
+//! Unix only: the server's full output is read after SIGTERM.
+
+#![cfg(unix)]
 
 mod support;
 
@@ -41,7 +44,6 @@ fn read_to_end(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
     rest
 }
 
-#[cfg(unix)]
 #[test]
 fn echo_returns_every_byte_in_order_and_prints_too() {
     let mut server = ServerProcess::start(&["--mode", "echo"]);
@@ -68,7 +70,6 @@ fn echo_returns_every_byte_in_order_and_prints_too() {
     assert_eq!(&printed[1000..], ["crlf", "esc\\x1b[1m", "bad\u{fffd}"]);
 }
 
-#[cfg(unix)]
 #[test]
 fn raw_echo_returns_the_chunks() {
     let mut server =
@@ -87,7 +88,6 @@ fn raw_echo_returns_the_chunks() {
     server.stop().assert_code(0);
 }
 
-#[cfg(unix)]
 #[test]
 fn chat_relays_to_the_others_not_the_sender() {
     let mut server = ServerProcess::start(&["--mode", "chat"]);
@@ -236,7 +236,6 @@ fn client_with_stdin(args: &[&str], input: &[u8], close: bool) -> (i32, String, 
     (status.code().unwrap_or(-1), stdout, stderr)
 }
 
-#[cfg(unix)]
 #[test]
 fn stdin_lines_go_to_an_echo_server_and_come_back() {
     let mut server = ServerProcess::start(&["--mode", "echo"]);
@@ -254,7 +253,6 @@ fn stdin_lines_go_to_an_echo_server_and_come_back() {
     server.stop().assert_code(0);
 }
 
-#[cfg(unix)]
 #[test]
 fn stdin_client_reports_a_server_that_closes_first() {
     let mut server = ServerProcess::start(&["--max-clients", "1"]);
