@@ -65,10 +65,10 @@ for run in $(seq "$runs"); do
     stop_last
 
     start echo "$server" --port 0 --mode echo
-    $client --port "$port" --rtt --count 20000 --size 64 --json -q | json p50 >>"$tmp/rtt.plugboard"
+    $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.plugboard"
     stop_last
     start floor "$floor"
-    $client --port "$port" --rtt --count 20000 --size 64 --json -q | json p50 >>"$tmp/rtt.floor"
+    $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.floor"
     stop_last
 
     start discard "$floor" --discard

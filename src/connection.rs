@@ -243,6 +243,8 @@ impl<'a> Relay<'a> {
         if options.mode != Mode::Log {
             // A client that takes nothing of what is sent to it for this long is cut off.
             stream.set_write_timeout(Some(options.send_timeout))?;
+            // Replies go out at once, not after the previous one is acknowledged (Nagle).
+            stream.set_nodelay(true)?;
         }
         if options.mode != Mode::Chat
             && let Some(greeting) = &greeting

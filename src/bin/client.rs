@@ -34,9 +34,10 @@ struct Cli {
     /// How many messages to send.
     #[arg(long, default_value_t = 10)]
     count: u64,
-    /// Pause between messages (`2s`, `500ms`, `0`).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    interval: Duration,
+    /// Pause between messages (`2s`, `500ms`, `0`) [default: 2s; in load mode 0, as fast as
+    /// possible].
+    #[arg(long, value_parser = parse_duration)]
+    interval: Option<Duration>,
     /// Message text; `{i}` becomes the message's number, counting from 0.
     #[arg(long, default_value = "hello world {i}")]
     message: String,
@@ -79,6 +80,9 @@ fn main() -> ExitCode {
         Err(error) => common::fail(&error),
     }
 }
+
+/// The pause between the demo's messages, as in the original.
+const DEMO_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What the main thread waits for.
 enum Event {
@@ -157,7 +161,7 @@ fn send_numbered(
 ) -> anyhow::Result<bool> {
     for i in 0..cli.count {
         if i > 0 {
-            match events.recv_timeout(cli.interval) {
+            match events.recv_timeout(cli.interval.unwrap_or(DEMO_INTERVAL)) {
                 Err(RecvTimeoutError::Timeout) | Ok(Event::StdinEnded(_)) => {}
                 Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => return Ok(true),
             }
@@ -247,7 +251,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     let options = LoadOptions {
         connections: cli.connections.unwrap_or(1) as usize,
         count: cli.count,
-        interval: cli.interval,
+        interval: cli.interval.unwrap_or(Duration::ZERO),
         message: cli.message.clone(),
         size: cli.size.unwrap_or(0),
         framing: cli.framing.into(),
