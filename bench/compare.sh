@@ -76,7 +76,7 @@ for run in $(seq "$runs"); do
     stop_last
 done
 
-scale=$(cargo test --release --quiet --test scale ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
+scale=${SKIP_SCALE:+skipped}; [ -n "$scale" ] || scale=$(cargo test --release --quiet --test scale ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
 
 ip=$(median <"$tmp/ingest.plugboard"); in=$(median <"$tmp/ingest.ncat")
 rp=$(median <"$tmp/rtt.plugboard"); rf=$(median <"$tmp/rtt.floor")

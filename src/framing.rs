@@ -61,9 +61,11 @@ impl FromStr for Framing {
 /// A connection reuses one `Batch` for its whole life, so decoding allocates nothing per message.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    /// Only ever valid UTF-8 (checked, escaped or plain ASCII as it goes in); kept as bytes so
-    /// printing it needs no second check.
+    /// Each message followed by `\n`. Only ever valid UTF-8 (checked, escaped or plain ASCII as
+    /// it goes in); kept as bytes so printing it needs no second check. The `\n` after each lets
+    /// a run of plain lines go in with one copy, and a message go out with its newline in one.
     text: Vec<u8>,
+    /// Where each message's `\n` is in `text`.
     ends: Vec<usize>,
     /// The messages' bytes exactly as received, with line framing's `\n`: kept only when asked
     /// for, by an echo server.
@@ -88,34 +90,36 @@ impl Batch {
 
     /// Total length in bytes of the messages' text.
     pub fn text_len(&self) -> usize {
-        self.text.len()
+        self.text.len() - self.ends.len()
     }
 
     /// The messages, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        // Always valid (see `text`), so this never falls back to "".
+        self.lines()
+            .map(|line| std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default())
+    }
+
+    /// Each message as UTF-8 bytes followed by `\n`, oldest first: for writing them out as lines
+    /// without a second check.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let mut start = 0;
         self.ends.iter().map(move |&end| {
-            // Always valid (see `text`), so this never falls back to "".
-            let message = std::str::from_utf8(&self.text[start..end]).unwrap_or_default();
-            start = end;
-            message
+            let line = &self.text[start..=end];
+            start = end + 1;
+            line
         })
     }
 
-    /// The messages as UTF-8 bytes, oldest first: for writing them out without a second check.
-    pub fn iter_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let message = &self.text[start..end];
-            start = end;
-            message
-        })
+    fn end_message(&mut self) {
+        self.ends.push(self.text.len());
+        self.text.push(b'\n');
     }
 
     /// Appends one message.
     pub fn push(&mut self, message: &str) {
         self.text.extend_from_slice(message.as_bytes());
-        self.ends.push(self.text.len());
+        self.end_message();
     }
 
     /// Appends one message decoded from bytes: invalid UTF-8 becomes U+FFFD and control
@@ -135,7 +139,7 @@ impl Batch {
                 ),
             }
         }
-        self.ends.push(self.text.len());
+        self.end_message();
     }
 
     /// Removes every message, keeping the memory for reuse.
@@ -157,6 +161,26 @@ impl Batch {
     /// chunk as it was), or nothing unless [`keep_raw`](Batch::keep_raw) was set.
     pub fn raw(&self) -> &[u8] {
         self.raw.as_deref().unwrap_or_default()
+    }
+
+    /// Appends the complete lines at the start of `bytes`, known to be printable ASCII and `\n`
+    /// only (see [`is_plain_lines`]), with one copy. Returns how many bytes that took, and
+    /// whether it stopped at a line longer than `max_line`.
+    fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> (usize, bool) {
+        let base = self.text.len();
+        let mut complete = 0;
+        let mut too_long = false;
+        for newline in memchr::memchr_iter(b'\n', bytes) {
+            if newline - complete > max_line {
+                too_long = true;
+                break;
+            }
+            self.ends.push(base + newline);
+            complete = newline + 1;
+        }
+        self.text.extend_from_slice(&bytes[..complete]);
+        self.record_raw(&bytes[..complete], b"");
+        (complete, too_long)
     }
 
     fn record_raw(&mut self, bytes: &[u8], terminator: &[u8]) {
@@ -301,9 +325,20 @@ impl Decoder {
             bytes = &bytes[newline + 1..];
         }
         let mut start = 0;
-        for newline in memchr::memchr_iter(b'\n', bytes) {
-            self.push_line(&bytes[start..newline], out)?;
-            start = newline + 1;
+        if is_plain_lines(bytes) {
+            // Printable ASCII and newlines only, checked once for the whole read: the lines need
+            // no UTF-8 check, no `\r` strip and no escaping, only the length limit, and go into
+            // the batch with one copy.
+            let (complete, too_long) = out.push_plain_lines(bytes, self.max_line);
+            if too_long {
+                return Err(self.too_long());
+            }
+            start = complete;
+        } else {
+            for newline in memchr::memchr_iter(b'\n', bytes) {
+                self.push_line(&bytes[start..newline], out)?;
+                start = newline + 1;
+            }
         }
         self.pending.extend_from_slice(&bytes[start..]);
         self.check_pending()
@@ -346,12 +381,14 @@ impl Decoder {
     }
 }
 
+/// 0x01 in every byte of a word, and the high bit of every byte.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
 /// Whether every byte is printable ASCII (0x20 to 0x7e): text that needs neither a UTF-8 check
 /// nor escaping. Eight bytes at a time, with the usual bit tricks for "has a byte below n" and
 /// "has a zero byte"; they are exact about whether such a byte exists, which is all we ask.
 fn is_printable_ascii(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut chunks = bytes.chunks_exact(8);
     let mut bad = 0;
     for chunk in &mut chunks {
@@ -363,6 +400,14 @@ fn is_printable_ascii(bytes: &[u8]) -> bool {
         bad |= x | (x.wrapping_sub(ONES * 0x20) & !x) | (del.wrapping_sub(ONES) & !del);
     }
     bad & HIGH == 0 && chunks.remainder().iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+/// Whether `bytes` holds only printable ASCII and `\n`: then every line in it can be taken as it
+/// is. Without early exit, so that it compiles to vector instructions over a whole read.
+fn is_plain_lines(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |bad, &b| {
+        bad | u8::from((b < 0x20 && b != b'\n') || b >= 0x7f)
+    }) == 0
 }
 
 /// Whether valid UTF-8 `bytes` may hold a character to escape: a C0 control (tab too, to keep
@@ -583,6 +628,8 @@ mod tests {
     fn stream() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             "(\\PC|\r|\n|\u{1b}|\u{9b}|\u{7f}){0,200}".prop_map(String::into_bytes),
+            // Printable ASCII and newlines: the fast path.
+            "[ -~\n]{0,200}".prop_map(String::into_bytes),
             proptest::collection::vec(any::<u8>(), 0..300),
         ]
     }
@@ -667,6 +714,12 @@ mod tests {
                 expected.push(b'\n'); // the last line, completed
             }
             prop_assert_eq!(batch.raw(), &expected[..]);
+        }
+
+        #[test]
+        fn the_whole_read_check_agrees_with_a_plain_check(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let plain = bytes.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\n');
+            prop_assert_eq!(is_plain_lines(&bytes), plain);
         }
 
         #[test]
