@@ -1,0 +1,111 @@
+//! The client's load mode against real servers: counts, the JSON summary, round trips.
+
+#![cfg(unix)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{ServerProcess, run_client_to};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The number after `"field":` in a JSON line.
+fn field(json: &str, name: &str) -> f64 {
+    let key = format!("\"{name}\":");
+    let at = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+        + key.len();
+    json[at..]
+        .split(|c| c == ',' || c == '}')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number in {json}"))
+}
+
+#[test]
+fn load_mode_sends_everything_and_reports_it() {
+    let mut server = ServerProcess::start(&[]);
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--connections",
+            "4",
+            "--count",
+            "2500",
+            "--size",
+            "64",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let json = client.stdout.trim();
+    assert_eq!(field(json, "connections"), 4.0, "{client}");
+    assert_eq!(field(json, "messages"), 10_000.0, "{client}");
+    assert_eq!(
+        field(json, "bytes"),
+        640_000.0,
+        "every message padded to 64 bytes\n{client}"
+    );
+    assert_eq!(field(json, "errors"), 0.0);
+    assert!(field(json, "messages_per_s") > 0.0);
+    assert!(
+        client.stderr.contains("4 connections, 10000 messages"),
+        "{client}"
+    );
+
+    // The client waited for the server to close each connection, so all is printed.
+    let out = server.stop();
+    out.assert_code(0);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 10_000, "{out}");
+    for line in &lines {
+        let (_, message) = support::parse_message_line(line).expect("PEER MESSAGE");
+        assert_eq!(message.len(), 63, "{line:?}");
+        assert!(message.starts_with("hello world "));
+    }
+}
+
+#[test]
+fn round_trips_against_an_echo_server_report_latency() {
+    let mut server = ServerProcess::start(&["--mode", "echo"]);
+    let client = run_client_to(
+        server.addr,
+        &["--rtt", "--count", "300", "--size", "64", "--json"],
+        TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let json = client.stdout.trim();
+    assert_eq!(field(json, "messages"), 300.0, "{client}");
+    let (p50, p99, max) = (field(json, "p50"), field(json, "p99"), field(json, "max"));
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{json}");
+    assert!(client.stderr.contains("round trip p50"), "{client}");
+    server.stop().assert_code(0);
+}
+
+#[test]
+fn load_mode_counts_failed_connections() {
+    // Nobody listens on a port that was just released.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let client = run_client_to(
+        port,
+        &["--connections", "3", "--count", "1", "--json"],
+        TIMEOUT,
+    );
+    client.assert_code(1).assert_no_panic();
+    assert_eq!(field(client.stdout.trim(), "errors"), 3.0, "{client}");
+    let errors = client.error_lines();
+    assert_eq!(errors.len(), 1, "{client}");
+    assert!(errors[0].contains("3 of 3 connections failed") && errors[0].contains("refused"));
+}
+
+#[test]
+fn rtt_needs_line_framing() {
+    let client = support::run_client(&["--rtt", "--framing", "raw", "--port", "1"], TIMEOUT);
+    client.assert_code(2).assert_no_panic();
+}
