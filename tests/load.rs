@@ -18,7 +18,7 @@ fn field(json: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in {json}"))
         + key.len();
     json[at..]
-        .split(|c| c == ',' || c == '}')
+        .split([',', '}'])
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} is not a number in {json}"))
