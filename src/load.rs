@@ -126,6 +126,36 @@ impl LoadReport {
     }
 }
 
+impl std::fmt::Display for LoadReport {
+    /// The summary line: counts, rates, errors, and round-trip percentiles if measured.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections, {} messages, {} bytes in {:.3} s: {:.0} messages/s, {:.1} MB/s, {} errors",
+            self.connections,
+            self.messages,
+            self.bytes,
+            self.elapsed.as_secs_f64(),
+            self.messages_per_sec(),
+            self.mb_per_sec(),
+            self.errors
+        )?;
+        if let Some(l) = self.latency {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            write!(
+                f,
+                "; round trip p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+                us(l.p50),
+                us(l.p90),
+                us(l.p99),
+                us(l.p999),
+                us(l.max)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Messages sent so far by a running load, for a progress line.
 #[derive(Debug, Default)]
 pub struct Progress {

@@ -277,28 +277,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         let _ = ticker.join();
     }
     let report = report?;
-    let mut summary = format!(
-        "{} connections, {} messages, {} bytes in {:.3} s: {:.0} messages/s, {:.1} MB/s, {} errors",
-        report.connections,
-        report.messages,
-        report.bytes,
-        report.elapsed.as_secs_f64(),
-        report.messages_per_sec(),
-        report.mb_per_sec(),
-        report.errors
-    );
-    if let Some(l) = report.latency {
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
-        summary.push_str(&format!(
-            "; round trip p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
-            us(l.p50),
-            us(l.p90),
-            us(l.p99),
-            us(l.p999),
-            us(l.max)
-        ));
-    }
-    info!("{summary}");
+    info!("{report}");
     if cli.json {
         println!("{}", report.to_json());
     }
