@@ -4,6 +4,9 @@
 //! messages ([`Framing`]) and hands them to a [`Sink`]: the `server` binary prints them to stdout,
 //! a test collects them. A [`Client`] connects, sends messages and receives what the server says.
 //!
+//! In [`Mode::Echo`] each message also goes back to its sender, in [`Mode::Chat`] to every other
+//! client. [`run_load`] drives many connections at once and measures throughput and round trips.
+//!
 //! Plain blocking `std::net` and threads: one accept thread, one thread per client. Stopping is
 //! explicit and complete: [`Server::stop`] (or a [`Stopper`] from another thread) stops accepting,
 //! lets each connection read what had already arrived, closes it, and [`Server::join`] waits for

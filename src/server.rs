@@ -540,8 +540,16 @@ impl Shared {
         } else {
             Shutdown::Read
         };
-        for live in self.registry().live.values() {
-            let _ = live.stream.shutdown(how);
+        // Shut them outside the lock, so the readers that wake can deregister meanwhile. None
+        // is missed: a connection registered after this copy saw `stopping` and was refused.
+        let streams: Vec<Arc<TcpStream>> = self
+            .registry()
+            .live
+            .values()
+            .map(|live| Arc::clone(&live.stream))
+            .collect();
+        for stream in streams {
+            let _ = stream.shutdown(how);
         }
     }
 
