@@ -299,7 +299,11 @@ impl<'a> Relay<'a> {
             Relay::Log { peer } => *peer,
             // Echo first: the sender is waiting for it; printing can follow.
             Relay::Echo { peer, stream } => {
-                if let Err(e) = (&**stream).write_all(batch.raw()) {
+                // After a stop the write side is shut: what is left is printed, not echoed.
+                if !shared.is_stopping()
+                    && let Err(e) = (&**stream).write_all(batch.raw())
+                    && !shared.is_stopping()
+                {
                     batch.clear();
                     return Err(End::Failed(e));
                 }
@@ -310,10 +314,13 @@ impl<'a> Relay<'a> {
             } => {
                 lines.clear();
                 format_batch(lines, *peer, batch);
-                let payload: Arc<[u8]> = Arc::from(&lines[..]);
-                shared
-                    .room
-                    .broadcast(*id, &payload, shared.options.send_timeout);
+                // After a stop nothing is relayed (and no sender waits on a full outbox).
+                if !shared.is_stopping() {
+                    let payload: Arc<[u8]> = Arc::from(&lines[..]);
+                    shared
+                        .room
+                        .broadcast(*id, &payload, shared.options.send_timeout);
+                }
                 *peer
             }
         };

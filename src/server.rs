@@ -534,8 +534,11 @@ impl Shared {
             warn!("cannot wake the accept loop through {wake}: {e}");
         }
         // Wake every reader. On Unix, shutting the read side still lets it read what had already
-        // arrived, then it sees end of stream; Windows needs both sides shut to wake a recv.
-        let how = if cfg!(windows) {
+        // arrived, then it sees end of stream; Windows needs both sides shut to wake a recv. In
+        // echo and chat mode the write side is shut too, so that no thread stays blocked sending
+        // to a client that doesn't read (replies are not owed after a stop; what was received is
+        // still read and printed).
+        let how = if cfg!(windows) || self.options.mode != Mode::Log {
             Shutdown::Both
         } else {
             Shutdown::Read

@@ -271,3 +271,90 @@ fn stdin_client_reports_a_server_that_closes_first() {
     let out = server.stop();
     out.assert_code(0);
 }
+
+/// A client flooding the server without ever reading; `stop` ends it.
+struct Flooder {
+    stream: TcpStream,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Flooder {
+    fn start(server: SocketAddr) -> Flooder {
+        let mut stream = TcpStream::connect_timeout(&server, TIMEOUT).expect("connect");
+        stream
+            .set_write_timeout(Some(TIMEOUT))
+            .expect("write timeout");
+        let control = stream.try_clone().expect("clone");
+        let thread = thread::spawn(move || {
+            let chunk = "flood line that nobody reads back\n".repeat(2000);
+            while stream.write_all(chunk.as_bytes()).is_ok() {}
+        });
+        Flooder {
+            stream: control,
+            thread,
+        }
+    }
+
+    /// Ends the flood: shutting our socket fails the blocked write at once (waiting for the
+    /// closed server to reset a zero-window connection can take many seconds).
+    fn stop(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.thread.join().expect("flooder thread");
+    }
+}
+
+/// Waits (bounded) until the server's output stops growing: its threads are blocked sending to a
+/// client that doesn't read. Polls the line count every 200 ms until two readings agree.
+fn wait_until_stuck(server: &ServerProcess) {
+    let mut last = 0;
+    let stuck = poll_until(TIMEOUT, Duration::from_millis(200), || {
+        let now = server.stdout_line_count();
+        let same = now > 10_000 && now == last;
+        last = now;
+        same.then_some(())
+    });
+    assert!(
+        stuck.is_some(),
+        "the server never blocked ({last} lines printed)"
+    );
+}
+
+/// SIGTERM, then the exit status and how long the exit took.
+fn terminate_timed(server: &mut ServerProcess) -> (support::Output, Duration) {
+    let signalled = server.terminate();
+    let out = server.wait_exit(support::EXIT_TIMEOUT);
+    let took = out.exited_at.duration_since(signalled);
+    (out, took)
+}
+
+/// A client that floods an echo server and never reads the echoes leaves the server's thread
+/// blocked sending; a stop must still be quick and print only whole lines.
+#[test]
+fn echo_stop_is_quick_with_a_client_that_never_reads() {
+    let mut server = ServerProcess::start(&["--mode", "echo"]);
+    let flooder = Flooder::start(server.addr);
+    wait_until_stuck(&server);
+    let (out, took) = terminate_timed(&mut server);
+    out.assert_code(0).assert_no_panic();
+    assert!(took < Duration::from_secs(1), "exit took {took:?}\n{out}");
+    assert!(
+        out.stdout
+            .lines()
+            .all(|l| l.ends_with(" flood line that nobody reads back")),
+        "a torn line\n{out}"
+    );
+    flooder.stop();
+}
+
+/// The same in chat mode, with a stuck recipient and a flooding sender.
+#[test]
+fn chat_stop_is_quick_with_a_stuck_reader() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let (_stuck, _stuck_in, _) = join(server.addr);
+    let flooder = Flooder::start(server.addr);
+    wait_until_stuck(&server);
+    let (out, took) = terminate_timed(&mut server);
+    out.assert_code(0).assert_no_panic();
+    assert!(took < Duration::from_secs(1), "exit took {took:?}\n{out}");
+    flooder.stop();
+}
