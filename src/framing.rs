@@ -405,8 +405,9 @@ fn is_printable_ascii(bytes: &[u8]) -> bool {
 /// Whether `bytes` holds only printable ASCII and `\n`: then every line in it can be taken as it
 /// is. Without early exit, so that it compiles to vector instructions over a whole read.
 fn is_plain_lines(bytes: &[u8]) -> bool {
+    // One unsigned compare catches both ends: below 0x20 and from 0x7f up.
     bytes.iter().fold(0u8, |bad, &b| {
-        bad | u8::from((b < 0x20 && b != b'\n') || b >= 0x7f)
+        bad | (u8::from(b.wrapping_sub(0x20) > 0x5e) & u8::from(b != b'\n'))
     }) == 0
 }
 
