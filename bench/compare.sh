@@ -50,7 +50,7 @@ start_ncat() {
 }
 # json FIELD: extracts a number from the client's --json line on stdin.
 json() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
-median() { sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else print (a[m]+a[m+1])/2}'; }
+median() { grep . | sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else print (a[m]+a[m+1])/2}'; }
 
 ingest="--connections 8 --count 200000 --interval 0 --size 64 --json -q"
 : >"$tmp/ingest.plugboard"; : >"$tmp/ingest.ncat"
@@ -64,11 +64,13 @@ for run in $(seq "$runs"); do
     $client --port "$port" $ingest | json messages_per_s >>"$tmp/ingest.ncat"
     stop_last
 
-    start echo "$server" --port 0 --mode echo
-    $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.plugboard"
+    # Round trips: server on CPU 0, client on CPU 1. Unpinned, the scheduler sometimes puts both
+    # on one CPU, where a round trip takes ~5 us instead of ~65 us, and medians flip between the two.
+    start echo taskset -c 0 "$server" --port 0 --mode echo
+    taskset -c 1 $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.plugboard"
     stop_last
-    start floor "$floor"
-    $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.floor"
+    start floor taskset -c 0 "$floor"
+    taskset -c 1 $client --port "$port" --rtt --count 20000 --interval 0 --size 64 --json -q | json p50 >>"$tmp/rtt.floor"
     stop_last
 
     start discard "$floor" --discard
