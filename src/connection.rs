@@ -34,6 +34,8 @@ enum End {
     Idle,
     /// A line over the limit.
     TooLong(LineTooLong),
+    /// Echo: the client took nothing sent to it within the send timeout.
+    NotReading,
     /// The sink could not take the messages.
     OutputFailed,
 }
@@ -133,6 +135,9 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
         End::Failed(e) => warn!("{peer} disconnected: {e}; {counts}{dropped}"),
         End::Idle => info!("{peer} cut off: idle timeout; {counts}{dropped}"),
         End::TooLong(e) => warn!("{peer} cut off: {e}; {counts}"),
+        End::NotReading => warn!(
+            "{peer} disconnected: not reading (nothing could be sent within the send timeout); {counts}"
+        ),
         End::OutputFailed => debug!("{peer} closed: output failed"),
     }
     relay.finish(shared);
@@ -305,7 +310,10 @@ impl<'a> Relay<'a> {
                     && !shared.is_stopping()
                 {
                     batch.clear();
-                    return Err(End::Failed(e));
+                    return Err(match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => End::NotReading,
+                        _ => End::Failed(e),
+                    });
                 }
                 *peer
             }

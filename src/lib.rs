@@ -55,6 +55,7 @@ mod load;
 mod room;
 mod server;
 mod sink;
+mod turnaway;
 
 pub use addr::resolve;
 pub use client::{Client, RECEIVE_MAX_LINE, Receiver};

@@ -384,6 +384,11 @@ fn round_trips(
     outcome: &mut Outcome,
 ) -> Result<(), String> {
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    // An echo that never comes (not an echo server) ends the run instead of hanging it.
+    let wait = (!options.linger.is_zero()).then_some(options.linger);
+    stream
+        .set_read_timeout(wait)
+        .map_err(|e| format!("connection to {peer}: {e}"))?;
     stream
         .set_nodelay(true)
         .map_err(|e| format!("connection to {peer}: {e}"))?;
@@ -401,13 +406,24 @@ fn round_trips(
         message(options, i, &mut line);
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
         let sent = Instant::now();
-        client.send_raw(&line).map_err(|e| e.to_string())?;
+        client.send_raw(&line).map_err(|e| describe(&e))?;
         // Anything before our echo (a greeting) is skipped.
         loop {
             match replies.next() {
                 Some(Ok(reply)) if reply == expected => break,
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(Error::Connection { source, .. }))
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!(
+                        "no echo of message {i} from {peer} within {} (is it an echo server?)",
+                        humantime::format_duration(options.linger)
+                    ));
+                }
+                Some(Err(e)) => return Err(describe(&e)),
                 None => return Err(format!("{peer} closed before echoing message {i}")),
             }
         }
@@ -417,8 +433,16 @@ fn round_trips(
         progress.messages.fetch_add(1, Ordering::Relaxed);
     }
     outcome.latencies = Some(histogram);
-    client.finish().map_err(|e| e.to_string())?;
+    client.finish().map_err(|e| describe(&e))?;
     Ok(())
+}
+
+/// An error with its cause, on one line.
+fn describe(error: &Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ pub trait Sink: Send + Sync {
 
 /// Writes each message as one line `PEER MESSAGE` to a writer (stdout in the `server` binary).
 ///
-/// Each batch is written with one vectored write (more if the writer takes it in parts) under one
-/// lock, so lines from concurrent peers never interleave mid-line and the lock is taken once per
-/// batch. Nothing is copied: the peer is formatted once and each message goes out as it is.
+/// Each batch is formatted into one buffer outside the lock, then written with one `write_all`
+/// under it, so lines from concurrent peers never interleave mid-line and the lock is taken once
+/// per batch.
 #[derive(Debug)]
 pub struct LineWriterSink<W> {
     out: Mutex<W>,

@@ -358,3 +358,46 @@ fn chat_stop_is_quick_with_a_stuck_reader() {
     assert!(took < Duration::from_secs(1), "exit took {took:?}\n{out}");
     flooder.stop();
 }
+
+/// A refused client is told why even when it sends at once (the demo client does) or its input
+/// ends first: the reason is its error line and exit status 1, never a bare reset.
+#[test]
+fn a_refused_client_always_reports_the_reason() {
+    let mut server = ServerProcess::start(&["--deny", "127.0.0.1"]);
+    for attempt in 0..5 {
+        let client =
+            support::run_client_to(server.addr, &["--count", "2", "--interval", "0"], TIMEOUT);
+        client.assert_code(1).assert_no_panic();
+        assert_eq!(
+            client.stdout, "error: not allowed\n",
+            "attempt {attempt}\n{client}"
+        );
+        let errors = client.error_lines();
+        assert_eq!(errors.len(), 1, "attempt {attempt}\n{client}");
+        assert!(
+            errors[0].ends_with("closed the connection: error: not allowed"),
+            "{client}"
+        );
+    }
+    let port = server.port_arg();
+    let (code, stdout, stderr) = client_with_stdin(&["--port", &port], b"", true);
+    assert_eq!(
+        code, 1,
+        "standard input ending first must not hide the refusal\n{stderr}"
+    );
+    assert_eq!(stdout, "error: not allowed\n");
+    server.stop().assert_code(0);
+}
+
+#[test]
+fn round_trips_against_a_server_that_does_not_echo_end_with_an_error() {
+    let mut server = ServerProcess::start(&[]);
+    let client = support::run_client_to(
+        server.addr,
+        &["--rtt", "--count", "3", "--linger", "300ms"],
+        TIMEOUT,
+    );
+    client.assert_code(1).assert_no_panic();
+    assert!(client.stderr.contains("is it an echo server?"), "{client}");
+    server.stop().assert_code(0);
+}

@@ -122,7 +122,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
 
     if !server_closed_first {
-        client.finish()?;
+        // A failure here means the server has closed already; the reader says how.
+        if let Err(e) = client.finish() {
+            debug!("half-close: {e:#}");
+        }
         match events.recv_timeout(cli.linger) {
             Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => {}
             Ok(Event::StdinEnded(_)) | Err(RecvTimeoutError::Timeout) => {
@@ -134,14 +137,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    let last = match reader.join() {
-        Ok(result) => result?,
-        Err(_) => bail!("the reader thread panicked"),
+    let Ok((last, failure)) = reader.join() else {
+        bail!("the reader thread panicked");
     };
+    // The server's own reason comes first: a refused client may also see a reset or a failed
+    // send, which says less.
+    if let Some(error) = last.filter(|line| line.starts_with("error:")) {
+        bail!("{server} closed the connection: {error}");
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
     if server_closed_first {
-        if let Some(error) = last.filter(|line| line.starts_with("error:")) {
-            bail!("{server} closed the connection: {error}");
-        }
         if !cli.stdin {
             bail!(
                 "{server} closed the connection before all {} messages were sent",
@@ -167,7 +174,11 @@ fn send_numbered(
             }
         }
         let message = cli.message.replace("{i}", &i.to_string());
-        client.send(&message)?;
+        if let Err(e) = client.send(&message) {
+            // The server has gone; the reader knows why.
+            debug!("send: {e:#}");
+            return Ok(true);
+        }
         info!("sent {message:?}");
     }
     Ok(false)
@@ -224,12 +235,15 @@ fn forward_stdin(client: &Client) -> anyhow::Result<()> {
 }
 
 /// Prints every message as it arrives: a line per message, or raw chunks as they are. Returns
-/// the last message.
-fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<Option<String>> {
+/// the last message, and how the connection failed if it did.
+fn print_received(receiver: Receiver, framing: Framing) -> (Option<String>, Option<anyhow::Error>) {
     let stdout = io::stdout();
     let mut last = None;
     for message in receiver {
-        let message = message?;
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => return (last, Some(e.into())),
+        };
         let mut out = stdout.lock();
         let written = match framing {
             Framing::Line => writeln!(out, "{message}"),
@@ -239,11 +253,14 @@ fn print_received(receiver: Receiver, framing: Framing) -> anyhow::Result<Option
             Ok(()) => {}
             // Nobody reads our output any more; keep draining the connection quietly.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-            Err(e) => return Err(e).context("cannot write to stdout"),
+            Err(e) => {
+                let failure = anyhow::Error::new(e).context("cannot write to stdout");
+                return (last, Some(failure));
+            }
         }
         last = Some(message);
     }
-    Ok(last)
+    (last, None)
 }
 
 /// Load mode: many connections, a summary at the end.
