@@ -32,20 +32,21 @@ struct Cli {
     #[arg(long, default_value_t = 8887)]
     port: u16,
     /// How many messages to send.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "N")]
     count: u64,
     /// Pause between messages (`2s`, `500ms`, `0`) [default: 2s; in load mode 0, as fast as
     /// possible].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     interval: Option<Duration>,
     /// Message text; `{i}` becomes the message's number, counting from 0.
-    #[arg(long, default_value = "hello world {i}")]
+    #[arg(long, default_value = "hello world {i}", value_name = "TEMPLATE")]
     message: String,
     /// How long to wait for the connection (`0`: the operating system's limit).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
-    /// After the last message, how long to wait for the server to close before closing anyway.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// After the last message, how long to wait for the server to close before closing anyway
+    /// (with --rtt: how long to wait for each echo).
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     linger: Duration,
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
