@@ -180,16 +180,7 @@ fn finish(server: ServerProcess) {
 
 #[cfg(target_os = "linux")]
 mod procfs {
-    /// A `Name:   value kB`-style field of /proc/PID/status, as a number.
-    fn status_field(pid: u32, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
-    }
+    use super::support::proc_status as status_field;
 
     /// Resident memory now, in KiB.
     pub fn rss_kib(pid: u32) -> u64 {

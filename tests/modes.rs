@@ -127,12 +127,7 @@ fn chat_relays_to_the_others_not_the_sender() {
 /// VmHWM (peak RSS) of a process in KiB.
 #[cfg(target_os = "linux")]
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+    support::proc_status(pid, "VmHWM:")
 }
 
 /// One client never reads, another floods 100,000 lines, a third must get them all: the stuck

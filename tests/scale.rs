@@ -15,12 +15,7 @@ use support::{EXIT_TIMEOUT, ServerProcess, poll_until};
 
 /// VmRSS of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+    support::proc_status(pid, "VmRSS:")
 }
 
 struct Figures {

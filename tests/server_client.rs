@@ -281,14 +281,8 @@ mod concurrent {
 #[cfg(target_os = "linux")]
 mod procfs {
     /// `Threads:` from /proc/PID/status.
-    pub fn threads(pid: u32) -> usize {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no Threads: in /proc/{pid}/status:\n{status}"))
+    pub fn threads(pid: u32) -> u64 {
+        super::support::proc_status(pid, "Threads:")
     }
 
     /// utime + stime (clock ticks) from /proc/PID/stat.

@@ -522,3 +522,16 @@ pub fn poll_until<T>(
         thread::sleep(interval);
     }
 }
+
+/// A number field of /proc/PID/status (`VmRSS:`, `VmHWM:` in KiB, `Threads:`), for the
+/// memory and thread checks.
+#[cfg(target_os = "linux")]
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
+}
