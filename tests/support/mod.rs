@@ -21,8 +21,6 @@ use std::time::{Duration, Instant};
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to wait for a process to exit after it was told to (or for a client run to finish).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-/// Interval between `try_wait` polls. Polling with a deadline is the only waiting done here.
-const POLL: Duration = Duration::from_millis(2);
 
 /// Path of one of the crate's binaries (`server` or `client`), looked up at run time.
 pub fn bin_path(name: &str) -> PathBuf {
@@ -124,7 +122,7 @@ pub struct Output {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
-    /// When `try_wait` first saw the process gone.
+    /// When both output pipes had closed, i.e. the process had exited.
     pub exited_at: Instant,
 }
 
@@ -176,6 +174,8 @@ struct Captured {
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     threads: Vec<JoinHandle<()>>,
+    /// One message per output pipe when it closes, which is when the process exits.
+    closed: Receiver<()>,
 }
 
 impl Captured {
@@ -203,6 +203,8 @@ impl Captured {
         let (tx, rx) = mpsc::channel();
 
         let out_buf = Arc::clone(&stdout);
+        let (closed_tx, closed) = mpsc::channel();
+        let out_closed = closed_tx.clone();
         let out_thread = thread::spawn(move || {
             let mut pipe = stdout_pipe;
             let mut buf = [0u8; 64 * 1024];
@@ -215,6 +217,7 @@ impl Captured {
                         .extend_from_slice(&buf[..n]),
                 }
             }
+            let _ = out_closed.send(());
         });
 
         let err_buf = Arc::clone(&stderr);
@@ -236,6 +239,7 @@ impl Captured {
                     }
                 }
             }
+            let _ = closed_tx.send(());
         });
 
         (
@@ -245,6 +249,7 @@ impl Captured {
                 stdout,
                 stderr,
                 threads: vec![out_thread, err_thread],
+                closed,
             },
             rx,
         )
@@ -275,29 +280,32 @@ impl Captured {
             .count()
     }
 
-    /// Poll for exit until `timeout`; on timeout kill the child and panic with its output.
+    /// Waits (bounded) for the process to exit, seen as both its output pipes closing; on
+    /// timeout kills it and panics with its output.
     fn wait_exit(&mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("child already reaped");
-        let (status, exited_at) = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break (status, Instant::now()),
-                Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let status = child.wait().expect("wait after kill");
-                    self.child = None;
-                    self.join_readers();
-                    panic!(
-                        "process did not exit within {timeout:?}; killed it\ncommand: {}\nstatus:  {status}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                        self.command,
-                        abbreviate(&self.stdout_so_far()),
-                        abbreviate(&self.stderr_so_far()),
-                    );
-                }
-                Err(e) => panic!("try_wait failed for `{}`: {e}", self.command),
+        for _pipe in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.closed.recv_timeout(left).is_err() {
+                let child = self.child.as_mut().expect("child already reaped");
+                let _ = child.kill();
+                let status = child.wait().expect("wait after kill");
+                self.child = None;
+                self.join_readers();
+                panic!(
+                    "process did not exit within {timeout:?}; killed it\ncommand: {}\nstatus:  {status}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.command,
+                    abbreviate(&self.stdout_so_far()),
+                    abbreviate(&self.stderr_so_far()),
+                );
             }
-        };
+        }
+        let exited_at = Instant::now();
+        // Both pipes closed: the process is exiting, so this returns at once.
+        let child = self.child.as_mut().expect("child already reaped");
+        let status = child
+            .wait()
+            .unwrap_or_else(|e| panic!("wait failed for `{}`: {e}", self.command));
         self.child = None;
         // The pipes close when the process exits, so the readers finish promptly.
         self.join_readers();
