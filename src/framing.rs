@@ -11,6 +11,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::scan;
+
 /// How messages are delimited on the wire.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Framing {
@@ -111,6 +113,12 @@ impl Batch {
         })
     }
 
+    /// Every message with its `\n`, back to back, and where each `\n` is: for copying the
+    /// messages out in blocks.
+    pub(crate) fn text_and_ends(&self) -> (&[u8], &[usize]) {
+        (&self.text, &self.ends)
+    }
+
     fn end_message(&mut self) {
         self.ends.push(self.text.len());
         self.text.push(b'\n');
@@ -163,24 +171,15 @@ impl Batch {
         self.raw.as_deref().unwrap_or_default()
     }
 
-    /// Appends the complete lines at the start of `bytes`, known to be printable ASCII and `\n`
-    /// only (see [`is_plain_lines`]), with one copy. Returns how many bytes that took, and
-    /// whether it stopped at a line longer than `max_line`.
-    fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> (usize, bool) {
-        let base = self.text.len();
-        let mut complete = 0;
-        let mut too_long = false;
-        for newline in memchr::memchr_iter(b'\n', bytes) {
-            if newline - complete > max_line {
-                too_long = true;
-                break;
-            }
-            self.ends.push(base + newline);
-            complete = newline + 1;
-        }
+    /// Appends the complete lines at the start of `bytes` with one copy, if `bytes` holds only
+    /// printable ASCII and `\n` (see [`scan::plain_lines`]). Returns how many bytes that took and
+    /// whether it stopped at a line longer than `max_line`, or `None` if `bytes` isn't plain.
+    fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> Option<(usize, bool)> {
+        let (complete, too_long) =
+            scan::plain_lines(bytes, self.text.len(), max_line, &mut self.ends)?;
         self.text.extend_from_slice(&bytes[..complete]);
         self.record_raw(&bytes[..complete], b"");
-        (complete, too_long)
+        Some((complete, too_long))
     }
 
     fn record_raw(&mut self, bytes: &[u8], terminator: &[u8]) {
@@ -325,11 +324,10 @@ impl Decoder {
             bytes = &bytes[newline + 1..];
         }
         let mut start = 0;
-        if is_plain_lines(bytes) {
+        if let Some((complete, too_long)) = out.push_plain_lines(bytes, self.max_line) {
             // Printable ASCII and newlines only, checked once for the whole read: the lines need
             // no UTF-8 check, no `\r` strip and no escaping, only the length limit, and go into
             // the batch with one copy.
-            let (complete, too_long) = out.push_plain_lines(bytes, self.max_line);
             if too_long {
                 return Err(self.too_long());
             }
@@ -400,15 +398,6 @@ fn is_printable_ascii(bytes: &[u8]) -> bool {
         bad |= x | (x.wrapping_sub(ONES * 0x20) & !x) | (del.wrapping_sub(ONES) & !del);
     }
     bad & HIGH == 0 && chunks.remainder().iter().all(|b| (0x20..0x7f).contains(b))
-}
-
-/// Whether `bytes` holds only printable ASCII and `\n`: then every line in it can be taken as it
-/// is. Without early exit, so that it compiles to vector instructions over a whole read.
-fn is_plain_lines(bytes: &[u8]) -> bool {
-    // One unsigned compare catches both ends: below 0x20 and from 0x7f up.
-    bytes.iter().fold(0u8, |bad, &b| {
-        bad | (u8::from(b.wrapping_sub(0x20) > 0x5e) & u8::from(b != b'\n'))
-    }) == 0
 }
 
 /// Whether valid UTF-8 `bytes` may hold a character to escape: a C0 control (tab too, to keep
@@ -715,12 +704,6 @@ mod tests {
                 expected.push(b'\n'); // the last line, completed
             }
             prop_assert_eq!(batch.raw(), &expected[..]);
-        }
-
-        #[test]
-        fn the_whole_read_check_agrees_with_a_plain_check(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let plain = bytes.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\n');
-            prop_assert_eq!(is_plain_lines(&bytes), plain);
         }
 
         #[test]

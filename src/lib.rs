@@ -53,6 +53,7 @@ mod framing;
 mod limits;
 mod load;
 mod room;
+mod scan;
 mod server;
 mod sink;
 mod turnaway;
