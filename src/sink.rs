@@ -51,22 +51,38 @@ pub fn stdout() -> LineWriterSink<io::Stdout> {
 /// Appends `PEER MESSAGE\n` for every message of `batch` to `buf`, formatting the peer once.
 pub fn format_batch(buf: &mut Vec<u8>, peer: SocketAddr, batch: &Batch) {
     // The longest address ("[v6%scope]:port ") fits in 64 bytes, so the prefix is copied as a
-    // fixed-size block, which compiles to a few vector moves rather than a call per line.
-    let mut prefix = [0u8; PREFIX_BLOCK];
-    let mut text = String::with_capacity(PREFIX_BLOCK);
+    // fixed-size block, which compiles to a few vector moves rather than a call per line. So is
+    // a short line when the batch has 64 bytes from its start: the copy runs into the next
+    // line, and the truncate takes that back.
+    let mut prefix = [0u8; BLOCK];
+    let mut text = String::with_capacity(BLOCK);
     let _ = write!(text, "{peer} ");
-    let len = text.len().min(PREFIX_BLOCK);
+    let len = text.len().min(BLOCK);
     prefix[..len].copy_from_slice(&text.as_bytes()[..len]);
-    buf.reserve(batch.text_len() + batch.len() * (PREFIX_BLOCK + 1));
-    for line in batch.lines() {
+    let (text, ends) = batch.text_and_ends();
+    buf.reserve(text.len() + ends.len() * BLOCK + BLOCK);
+    let mut start = 0;
+    for &end in ends {
         let at = buf.len();
         buf.extend_from_slice(&prefix);
-        buf.truncate(at + len);
-        buf.extend_from_slice(line);
+        let line = end + 1 - start;
+        let block = text.get(start..start + BLOCK);
+        match block.and_then(|block| <&[u8; BLOCK]>::try_from(block).ok()) {
+            Some(block) if line <= BLOCK => {
+                buf.truncate(at + len);
+                buf.extend_from_slice(block);
+                buf.truncate(at + len + line);
+            }
+            _ => {
+                buf.truncate(at + len);
+                buf.extend_from_slice(&text[start..=end]);
+            }
+        }
+        start = end + 1;
     }
 }
 
-const PREFIX_BLOCK: usize = 64;
+const BLOCK: usize = 64;
 
 impl<W: Write + Send> Sink for LineWriterSink<W> {
     fn deliver(&self, peer: SocketAddr, batch: &Batch) -> io::Result<()> {
