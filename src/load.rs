@@ -265,27 +265,61 @@ fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String>
     Err(last)
 }
 
-/// Message `i`: the template with `{i}` filled in, padded to `size` on the wire. Allocates
-/// nothing: the load generator shares the machine with the server it measures.
-fn message(options: &LoadOptions, i: u64, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    let start = out.len();
-    let mut parts = options.message.split("{i}");
-    if let Some(first) = parts.next() {
-        out.extend_from_slice(first.as_bytes());
+/// The message template, split once at each `{i}`, so that writing message `i` is a few copies:
+/// the load generator shares the machine with the server it measures.
+struct Template {
+    /// The text between the `{i}`s (one more part than there are `{i}`s).
+    parts: Vec<Vec<u8>>,
+    size: usize,
+    newline: bool,
+}
+
+impl Template {
+    fn new(options: &LoadOptions) -> Template {
+        Template {
+            parts: options
+                .message
+                .split("{i}")
+                .map(|part| part.as_bytes().to_vec())
+                .collect(),
+            size: options.size,
+            newline: options.framing == Framing::Line,
+        }
     }
-    for part in parts {
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, "{i}");
-        out.extend_from_slice(part.as_bytes());
+
+    /// Appends message `i`: the template with `{i}` filled in, padded with `.` to `size` bytes on
+    /// the wire (never cut). Allocates nothing once `out` has grown.
+    fn write(&self, i: u64, out: &mut Vec<u8>) {
+        let start = out.len();
+        let mut digits = [0u8; 20]; // u64::MAX has 20
+        let number = decimal(i, &mut digits);
+        for (n, part) in self.parts.iter().enumerate() {
+            if n > 0 {
+                out.extend_from_slice(number);
+            }
+            out.extend_from_slice(part);
+        }
+        let newline = usize::from(self.newline);
+        let len = out.len() - start + newline;
+        if len < self.size {
+            out.resize(out.len() + self.size - len, b'.');
+        }
+        if self.newline {
+            out.push(b'\n');
+        }
     }
-    let newline = usize::from(options.framing == Framing::Line);
-    let len = out.len() - start + newline;
-    if len < options.size {
-        out.resize(out.len() + options.size - len, b'.');
-    }
-    if newline == 1 {
-        out.push(b'\n');
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -344,13 +378,14 @@ fn stream_messages(
         })
         .map_err(|e| e.to_string())?;
 
+    let template = Template::new(options);
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0u64;
     for i in 0..options.count {
         if i > 0 && !options.interval.is_zero() {
             thread::sleep(options.interval); // pacing the load, as asked
         }
-        message(options, i, &mut buf);
+        template.write(i, &mut buf);
         pending += 1;
         if buf.len() >= 64 * 1024 || !options.interval.is_zero() || i + 1 == options.count {
             (&*stream).write_all(&buf).map_err(failed)?;
@@ -397,13 +432,14 @@ fn round_trips(
     // Nanoseconds from 1 ns to 100 s, three significant figures.
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3).map_err(|e| e.to_string())?;
+    let template = Template::new(options);
     let mut line = Vec::new();
     for i in 0..options.count {
         if i > 0 && !options.interval.is_zero() {
             thread::sleep(options.interval); // pacing the load, as asked
         }
         line.clear();
-        message(options, i, &mut line);
+        template.write(i, &mut line);
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
         let sent = Instant::now();
         client.send_raw(&line).map_err(|e| describe(&e))?;
@@ -456,19 +492,22 @@ mod tests {
             ..LoadOptions::default()
         };
         let mut out = Vec::new();
-        message(&options, 7, &mut out);
+        Template::new(&options).write(7, &mut out);
         assert_eq!(out, b"hello world 7......\n");
         assert_eq!(out.len(), 20);
         let mut longer = Vec::new();
-        message(&LoadOptions { size: 3, ..options }, 7, &mut longer);
+        Template::new(&LoadOptions { size: 3, ..options }).write(7, &mut longer);
         assert_eq!(longer, b"hello world 7\n", "never cut");
         let mut twice = Vec::new();
         let options = LoadOptions {
             message: "{i}-{i} 我".to_string(),
             ..LoadOptions::default()
         };
-        message(&options, 42, &mut twice);
+        Template::new(&options).write(42, &mut twice);
         assert_eq!(twice, "42-42 我\n".as_bytes());
+        for n in [0, 9, 10, 1_000_000, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
     }
 
     #[test]
