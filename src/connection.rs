@@ -13,7 +13,7 @@ use crate::room::{self, Outbox};
 use crate::server::{CONNECTION_STACK, Mode, Shared};
 use crate::sink::format_batch;
 
-/// The first read buffer; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
+/// The first read size; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
 /// costs little and a streaming one gets large reads.
 const FIRST_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
@@ -76,14 +76,17 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
     } else {
         Batch::new()
     };
-    let mut buf = vec![0; FIRST_READ];
+    let mut read_size = FIRST_READ;
     let mut messages = 0u64;
     let mut bytes = 0u64;
     let end = loop {
         if shared.drain_expired() {
             break End::Stopped;
         }
-        let n = match reader.read(&mut buf, decoder.pending_len() > 0) {
+        let mid_message = decoder.pending_len() > 0;
+        // Straight into the batch: plain lines are decoded where they are read.
+        let room = decoder.read_room(&mut batch, read_size);
+        let n = match reader.read(room, mid_message) {
             Ok(0) => {
                 // After a stop, end of stream may be our own shutdown: an unfinished line is not
                 // a message the client sent, so it is dropped rather than printed torn.
@@ -106,7 +109,7 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
             Err(e) => break End::Failed(e),
         };
         bytes += n as u64;
-        let decoded = decoder.feed(&buf[..n], &mut batch);
+        let decoded = decoder.decode_read(n, &mut batch);
         if !batch.is_empty() {
             reader.last_message = Instant::now();
         }
@@ -116,8 +119,8 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
         if let Err(too_long) = decoded {
             break End::TooLong(too_long);
         }
-        if n == buf.len() && buf.len() < MAX_READ {
-            buf.resize(buf.len() * 2, 0);
+        if n == read_size && read_size < MAX_READ {
+            read_size *= 2;
         }
     };
 
@@ -142,8 +145,8 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
     }
     relay.finish(shared);
     match end {
-        End::Idle => refuse(stream, "idle timeout", &mut buf),
-        End::TooLong(e) => refuse(stream, &e.to_string(), &mut buf),
+        End::Idle => refuse(stream, "idle timeout", &mut [0; 1024]),
+        End::TooLong(e) => refuse(stream, &e.to_string(), &mut [0; 1024]),
         _ => {}
     }
     let _ = stream.shutdown(Shutdown::Both);

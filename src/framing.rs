@@ -63,10 +63,16 @@ impl FromStr for Framing {
 /// A connection reuses one `Batch` for its whole life, so decoding allocates nothing per message.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    /// Each message followed by `\n`. Only ever valid UTF-8 (checked, escaped or plain ASCII as
-    /// it goes in); kept as bytes so printing it needs no second check. The `\n` after each lets
-    /// a run of plain lines go in with one copy, and a message go out with its newline in one.
+    /// Up to `used`, each message followed by `\n`. Only ever valid UTF-8 (checked, escaped or
+    /// plain ASCII as it goes in); kept as bytes so printing it needs no second check. The `\n`
+    /// after each lets a run of plain lines go in with one copy, and a message go out with its
+    /// newline in one.
+    ///
+    /// After `used`: room a connection reads into (see [`Decoder::read_room`]), kept initialised
+    /// across batches, so that plain lines are decoded where they were read, not copied.
     text: Vec<u8>,
+    /// How much of `text` holds messages.
+    used: usize,
     /// Where each message's `\n` is in `text`.
     ends: Vec<usize>,
     /// The messages' bytes exactly as received, with line framing's `\n`: kept only when asked
@@ -92,7 +98,7 @@ impl Batch {
 
     /// Total length in bytes of the messages' text.
     pub fn text_len(&self) -> usize {
-        self.text.len() - self.ends.len()
+        self.used - self.ends.len()
     }
 
     /// The messages, oldest first.
@@ -116,35 +122,39 @@ impl Batch {
     /// Every message with its `\n`, back to back, and where each `\n` is: for copying the
     /// messages out in blocks.
     pub(crate) fn text_and_ends(&self) -> (&[u8], &[usize]) {
-        (&self.text, &self.ends)
+        (&self.text[..self.used], &self.ends)
+    }
+
+    /// The messages' text, to append to (the read room after it is given up).
+    fn text_to_append(&mut self) -> &mut Vec<u8> {
+        self.text.truncate(self.used);
+        &mut self.text
     }
 
     fn end_message(&mut self) {
         self.ends.push(self.text.len());
         self.text.push(b'\n');
+        self.used = self.text.len();
     }
 
     /// Appends one message.
     pub fn push(&mut self, message: &str) {
-        self.text.extend_from_slice(message.as_bytes());
+        self.text_to_append().extend_from_slice(message.as_bytes());
         self.end_message();
     }
 
     /// Appends one message decoded from bytes: invalid UTF-8 becomes U+FFFD and control
     /// characters are escaped (newlines too, unless `keep_newlines`).
     pub fn push_bytes(&mut self, bytes: &[u8], keep_newlines: bool) {
+        let text = self.text_to_append();
         if is_printable_ascii(bytes) {
             // By far the most common case, checked 8 bytes at a time: copied as it is.
-            self.text.extend_from_slice(bytes);
+            text.extend_from_slice(bytes);
         } else {
             match std::str::from_utf8(bytes) {
-                Ok(_) if !may_need_escape(bytes) => self.text.extend_from_slice(bytes),
-                Ok(text) => escape(&mut self.text, text, keep_newlines),
-                Err(_) => escape(
-                    &mut self.text,
-                    &String::from_utf8_lossy(bytes),
-                    keep_newlines,
-                ),
+                Ok(_) if !may_need_escape(bytes) => text.extend_from_slice(bytes),
+                Ok(valid) => escape(text, valid, keep_newlines),
+                Err(_) => escape(text, &String::from_utf8_lossy(bytes), keep_newlines),
             }
         }
         self.end_message();
@@ -152,7 +162,7 @@ impl Batch {
 
     /// Removes every message, keeping the memory for reuse.
     pub fn clear(&mut self) {
-        self.text.clear();
+        self.used = 0;
         self.ends.clear();
         if let Some(raw) = &mut self.raw {
             raw.clear();
@@ -175,10 +185,34 @@ impl Batch {
     /// printable ASCII and `\n` (see [`scan::plain_lines`]). Returns how many bytes that took and
     /// whether it stopped at a line longer than `max_line`, or `None` if `bytes` isn't plain.
     fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> Option<(usize, bool)> {
-        let (complete, too_long) =
-            scan::plain_lines(bytes, self.text.len(), max_line, &mut self.ends)?;
-        self.text.extend_from_slice(&bytes[..complete]);
+        let (complete, too_long) = scan::plain_lines(bytes, self.used, max_line, &mut self.ends)?;
+        self.text_to_append().extend_from_slice(&bytes[..complete]);
+        self.used = self.text.len();
         self.record_raw(&bytes[..complete], b"");
+        Some((complete, too_long))
+    }
+
+    /// Room for a read of `size` bytes that leaves `keep` bytes free before it, right after the
+    /// messages.
+    fn room(&mut self, keep: usize, size: usize) -> &mut [u8] {
+        let start = self.used + keep;
+        if self.text.len() < start + size {
+            self.text.resize(start + size, 0);
+        }
+        &mut self.text[start..start + size]
+    }
+
+    /// Takes the plain lines of the `len` bytes after the messages, where they are (see
+    /// [`scan::plain_lines`]). Returns how many bytes they took and whether a line was too long,
+    /// or `None` if the bytes aren't plain.
+    fn take_plain_lines(&mut self, len: usize, max_line: usize) -> Option<(usize, bool)> {
+        let start = self.used;
+        let bytes = &self.text[start..start + len];
+        let (complete, too_long) = scan::plain_lines(bytes, start, max_line, &mut self.ends)?;
+        if let Some(raw) = &mut self.raw {
+            raw.extend_from_slice(&bytes[..complete]);
+        }
+        self.used += complete;
         Some((complete, too_long))
     }
 
@@ -189,6 +223,9 @@ impl Batch {
         }
     }
 }
+
+/// The longest unfinished line moved in front of the next read to decode it in place.
+const IN_PLACE_KEEP: usize = 4 * 1024;
 
 /// The longest line, in bytes, a server accepts by default.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
@@ -221,6 +258,10 @@ pub struct Decoder {
     failed: bool,
     // Line: the start of a line whose `\n` has not arrived. Raw: a cut UTF-8 character (<= 3 bytes).
     pending: Vec<u8>,
+    /// How many bytes of `pending` the last [`read_room`](Decoder::read_room) left room for.
+    kept: usize,
+    /// Bytes read in place that must be decoded with copies after all.
+    scratch: Vec<u8>,
 }
 
 impl Decoder {
@@ -232,6 +273,8 @@ impl Decoder {
             keep_newlines: false,
             failed: false,
             pending: Vec::new(),
+            kept: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -273,6 +316,54 @@ impl Decoder {
                 Ok(())
             }
         }
+    }
+
+    /// Room in `batch` for reading up to `size` bytes of the stream: read into it, then pass
+    /// how many bytes came to [`decode_read`](Decoder::decode_read) before anything else.
+    ///
+    /// Decoding the bytes where they were read saves a copy of every plain line: the lines are
+    /// already in the batch. Room is left before the read for the start of a line held back.
+    pub(crate) fn read_room<'b>(&mut self, batch: &'b mut Batch, size: usize) -> &'b mut [u8] {
+        // A long unfinished line is not moved in front of every read: that would copy it again
+        // and again. Its continuation is decoded with a copy, as by `feed`.
+        self.kept = if self.framing == Framing::Line && self.pending.len() <= IN_PLACE_KEEP {
+            self.pending.len()
+        } else {
+            0
+        };
+        batch.room(self.kept, size)
+    }
+
+    /// Decodes the `n` bytes read into the room [`read_room`](Decoder::read_room) gave, like
+    /// [`feed`](Decoder::feed).
+    pub(crate) fn decode_read(&mut self, n: usize, batch: &mut Batch) -> Result<(), LineTooLong> {
+        if self.failed {
+            return Err(self.too_long());
+        }
+        let kept = std::mem::take(&mut self.kept);
+        let start = batch.used;
+        if self.framing == Framing::Line && self.pending.len() == kept {
+            batch.text[start..start + kept].copy_from_slice(&self.pending);
+            if let Some((complete, too_long)) = batch.take_plain_lines(kept + n, self.max_line) {
+                if too_long {
+                    return Err(self.too_long());
+                }
+                self.pending.clear();
+                let rest = start + complete..start + kept + n;
+                self.pending.extend_from_slice(&batch.text[rest]);
+                return self.check_pending();
+            }
+        }
+        // Not plain, or framed otherwise: decoding appends to the batch where the bytes lie, so
+        // they are moved out first.
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
+        bytes.extend_from_slice(&batch.text[start + kept..start + kept + n]);
+        let decoded = self.feed(&bytes, batch);
+        if bytes.capacity() <= DEFAULT_MAX_LINE {
+            self.scratch = bytes;
+        }
+        decoded
     }
 
     /// Ends the stream: whatever is held back (a last line without `\n`) becomes a message.
@@ -614,6 +705,48 @@ mod tests {
         pieces
     }
 
+    /// Decodes `pieces` as a connection does: each read straight into the batch's room, the
+    /// messages taken out after every read (unless `keep`), raw bytes kept.
+    fn decode_in_place(
+        decoder: Decoder,
+        pieces: &[&[u8]],
+        keep: bool,
+    ) -> (Vec<String>, Option<LineTooLong>, Vec<u8>) {
+        let mut decoder = decoder;
+        let mut batch = Batch::new().keep_raw();
+        let (mut messages, mut raw, mut error) = (Vec::new(), Vec::new(), None);
+        for piece in pieces {
+            let room = decoder.read_room(&mut batch, piece.len() + 7);
+            room[..piece.len()].copy_from_slice(piece);
+            let decoded = decoder.decode_read(piece.len(), &mut batch);
+            if !keep || decoded.is_err() {
+                messages.extend(batch.iter().map(str::to_string));
+                raw.extend_from_slice(batch.raw());
+                batch.clear();
+            }
+            if let Err(e) = decoded {
+                error = Some(e);
+                break;
+            }
+        }
+        if error.is_none() {
+            error = decoder.finish(&mut batch).err();
+        }
+        messages.extend(batch.iter().map(str::to_string));
+        raw.extend_from_slice(batch.raw());
+        (messages, error, raw)
+    }
+
+    #[test]
+    fn a_long_unfinished_line_is_decoded_with_copies() {
+        let line = format!("{}\n", "x".repeat(3 * IN_PLACE_KEEP));
+        let pieces: Vec<&[u8]> = line.as_bytes().chunks(1000).collect();
+        let decoder = Decoder::new(Framing::Line).max_line(4 * IN_PLACE_KEEP);
+        let (messages, error, raw) = decode_in_place(decoder, &pieces, false);
+        assert_eq!((messages, error), (vec![line.trim_end().to_string()], None));
+        assert_eq!(raw, line.as_bytes());
+    }
+
     /// Text rich in what matters here: multi-byte characters, `\r`, `\n`, controls.
     fn stream() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
@@ -652,6 +785,28 @@ mod tests {
             let whole = decode_with(Decoder::new(Framing::Line).max_line(max), &[&bytes]);
             let split = decode_with(Decoder::new(Framing::Line).max_line(max), &cut(&bytes, &cuts));
             prop_assert_eq!(split, whole);
+        }
+
+        #[test]
+        fn reading_in_place_decodes_like_feeding(
+            bytes in stream(),
+            cuts in cuts(),
+            max in 0..40usize,
+            raw_framing in any::<bool>(),
+            keep in any::<bool>(),
+        ) {
+            let framing = if raw_framing { Framing::Raw } else { Framing::Line };
+            let decoder = Decoder::new(framing).max_line(max);
+            let fed = decode_with(decoder.clone(), &cut(&bytes, &cuts));
+            let (messages, error, raw) = decode_in_place(decoder, &cut(&bytes, &cuts), keep);
+            prop_assert_eq!((messages, error), fed);
+            if error.is_none() {
+                let mut expected = bytes.clone();
+                if !raw_framing && !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+                    expected.push(b'\n');
+                }
+                prop_assert_eq!(raw, expected);
+            }
         }
 
         #[test]
