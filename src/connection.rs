@@ -59,7 +59,7 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
         Ok(relay) => relay,
         Err(e) => {
             warn!("{peer}: cannot start its writer thread: {e}; closing");
-            refuse(stream, "server busy", &mut [0; 64]);
+            refuse(stream, "server busy");
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
@@ -145,8 +145,8 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
     }
     relay.finish(shared);
     match end {
-        End::Idle => refuse(stream, "idle timeout", &mut [0; 1024]),
-        End::TooLong(e) => refuse(stream, &e.to_string(), &mut [0; 1024]),
+        End::Idle => refuse(stream, "idle timeout"),
+        End::TooLong(e) => refuse(stream, &e.to_string()),
         _ => {}
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -193,7 +193,13 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Tells the client in one line why it is cut off, then lets it read that line before closing.
-fn refuse(stream: &TcpStream, reason: &str, scratch: &mut [u8]) {
+///
+/// Not inlined, so that its buffer is on the stack only while it runs: every page a connection
+/// thread's stack touches is memory held per client.
+#[inline(never)]
+#[cold]
+fn refuse(stream: &TcpStream, reason: &str) {
+    let mut scratch = [0; 512];
     let _ = stream.set_write_timeout(Some(LINGER_AFTER_ERROR));
     if (&*stream)
         .write_all(format!("error: {reason}\n").as_bytes())
@@ -210,7 +216,7 @@ fn refuse(stream: &TcpStream, reason: &str, scratch: &mut [u8]) {
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             break;
         }
-        match (&*stream).read(scratch) {
+        match (&*stream).read(&mut scratch) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
