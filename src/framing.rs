@@ -224,7 +224,8 @@ impl Batch {
     }
 }
 
-/// The longest unfinished line moved in front of the next read to decode it in place.
+/// The longest unfinished line moved in front of the next read to decode it in place (see
+/// [`Decoder::read_room`]).
 const IN_PLACE_KEEP: usize = 4 * 1024;
 
 /// The longest line, in bytes, a server accepts by default.
@@ -325,12 +326,14 @@ impl Decoder {
     /// already in the batch. Room is left before the read for the start of a line held back.
     pub(crate) fn read_room<'b>(&mut self, batch: &'b mut Batch, size: usize) -> &'b mut [u8] {
         // A long unfinished line is not moved in front of every read: that would copy it again
-        // and again. Its continuation is decoded with a copy, as by `feed`.
-        self.kept = if self.framing == Framing::Line && self.pending.len() <= IN_PLACE_KEEP {
-            self.pending.len()
-        } else {
-            0
-        };
+        // and again (a line trickling in a byte a read, say). Nor is one longer than the read:
+        // copying the read is then cheaper. Its continuation is decoded with a copy, as by `feed`.
+        self.kept =
+            if self.framing == Framing::Line && self.pending.len() <= IN_PLACE_KEEP.min(size) {
+                self.pending.len()
+            } else {
+                0
+            };
         batch.room(self.kept, size)
     }
 
@@ -705,20 +708,26 @@ mod tests {
         pieces
     }
 
-    /// Decodes `pieces` as a connection does: each read straight into the batch's room, the
-    /// messages taken out after every read (unless `keep`), raw bytes kept.
+    /// Decodes `pieces` as a connection does: each read straight into the batch's room (`spare`
+    /// bytes more than the read), the messages taken out after every read (unless `keep`), raw
+    /// bytes kept.
     fn decode_in_place(
         decoder: Decoder,
         pieces: &[&[u8]],
+        spare: usize,
         keep: bool,
     ) -> (Vec<String>, Option<LineTooLong>, Vec<u8>) {
         let mut decoder = decoder;
         let mut batch = Batch::new().keep_raw();
         let (mut messages, mut raw, mut error) = (Vec::new(), Vec::new(), None);
         for piece in pieces {
-            let room = decoder.read_room(&mut batch, piece.len() + 7);
+            let room = decoder.read_room(&mut batch, piece.len() + spare);
             room[..piece.len()].copy_from_slice(piece);
             let decoded = decoder.decode_read(piece.len(), &mut batch);
+            // Bounded memory, as with `feed`: the limit, the `\r` slack and one read at most.
+            if decoder.framing() == Framing::Line {
+                assert!(decoder.pending_len() <= decoder.max_line + 1 + piece.len());
+            }
             if !keep || decoded.is_err() {
                 messages.extend(batch.iter().map(str::to_string));
                 raw.extend_from_slice(batch.raw());
@@ -742,7 +751,7 @@ mod tests {
         let line = format!("{}\n", "x".repeat(3 * IN_PLACE_KEEP));
         let pieces: Vec<&[u8]> = line.as_bytes().chunks(1000).collect();
         let decoder = Decoder::new(Framing::Line).max_line(4 * IN_PLACE_KEEP);
-        let (messages, error, raw) = decode_in_place(decoder, &pieces, false);
+        let (messages, error, raw) = decode_in_place(decoder, &pieces, 64 * 1024, false);
         assert_eq!((messages, error), (vec![line.trim_end().to_string()], None));
         assert_eq!(raw, line.as_bytes());
     }
@@ -789,16 +798,22 @@ mod tests {
 
         #[test]
         fn reading_in_place_decodes_like_feeding(
-            bytes in stream(),
+            // Also long plain lines: held back across reads, they test the line limit there.
+            bytes in prop_oneof![
+                stream(),
+                "[ -~]{0,90}(\n[ -~]{0,90}){0,3}".prop_map(String::into_bytes),
+            ],
             cuts in cuts(),
             max in 0..40usize,
             raw_framing in any::<bool>(),
+            spare in 0..400usize,
             keep in any::<bool>(),
         ) {
             let framing = if raw_framing { Framing::Raw } else { Framing::Line };
             let decoder = Decoder::new(framing).max_line(max);
             let fed = decode_with(decoder.clone(), &cut(&bytes, &cuts));
-            let (messages, error, raw) = decode_in_place(decoder, &cut(&bytes, &cuts), keep);
+            let (messages, error, raw) =
+                decode_in_place(decoder, &cut(&bytes, &cuts), spare, keep);
             prop_assert_eq!((messages, error), fed);
             if error.is_none() {
                 let mut expected = bytes.clone();
