@@ -161,6 +161,29 @@ impl Sink for Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn formatted_lines_are_peer_space_message(
+            messages in proptest::collection::vec("[ -~]{0,150}", 0..40),
+            v6 in any::<bool>(),
+        ) {
+            let peer: SocketAddr = if v6 {
+                "[fe80::1234:5678:9abc:def0%4294967295]:65535".parse().expect("addr")
+            } else {
+                "127.0.0.1:8887".parse().expect("addr")
+            };
+            let mut batch = Batch::new();
+            for message in &messages {
+                batch.push(message);
+            }
+            let mut buf = b"before\n".to_vec();
+            format_batch(&mut buf, peer, &batch);
+            let expected: String = messages.iter().map(|m| format!("{peer} {m}\n")).collect();
+            prop_assert_eq!(String::from_utf8(buf).expect("utf-8"), format!("before\n{expected}"));
+        }
+    }
 
     #[test]
     fn formats_one_line_per_message_with_the_peer() {
