@@ -181,9 +181,9 @@ impl Batch {
         self.raw.as_deref().unwrap_or_default()
     }
 
-    /// Appends the complete lines at the start of `bytes` with one copy, if `bytes` holds only
-    /// printable ASCII and `\n` (see [`scan::plain_lines`]). Returns how many bytes that took and
-    /// whether it stopped at a line longer than `max_line`, or `None` if `bytes` isn't plain.
+    /// Appends the complete lines at the start of `bytes` with one copy, if they are plain: valid
+    /// UTF-8 with nothing to escape (see [`scan::plain_lines`]). Returns how many bytes that took
+    /// and whether it stopped at a line longer than `max_line`, or `None` if `bytes` isn't plain.
     fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> Option<(usize, bool)> {
         let (complete, too_long) = scan::plain_lines(bytes, self.used, max_line, &mut self.ends)?;
         self.text_to_append().extend_from_slice(&bytes[..complete]);
@@ -419,9 +419,9 @@ impl Decoder {
         }
         let mut start = 0;
         if let Some((complete, too_long)) = out.push_plain_lines(bytes, self.max_line) {
-            // Printable ASCII and newlines only, checked once for the whole read: the lines need
-            // no UTF-8 check, no `\r` strip and no escaping, only the length limit, and go into
-            // the batch with one copy.
+            // Plain text, checked once for the whole read: the lines need no UTF-8 check of
+            // their own, no `\r` strip and no escaping, only the length limit, and go into the
+            // batch with one copy.
             if too_long {
                 return Err(self.too_long());
             }
@@ -524,17 +524,22 @@ pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
 
 /// [`escape_into`], appending to UTF-8 bytes.
 fn escape(out: &mut Vec<u8>, text: &str, keep_newlines: bool) {
-    use std::io::Write as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut rest = text;
     while let Some(at) = rest.find(|c| needs_escape(c, keep_newlines)) {
         out.extend_from_slice(&rest.as_bytes()[..at]);
         let c = rest[at..].chars().next().unwrap_or_default();
-        // Writing to a Vec cannot fail.
-        let _ = if (c as u32) < 0x80 {
-            write!(out, "\\x{:02x}", c as u32)
+        // Controls are C0 and DEL (below 0x80) or C1 (0x80 to 0x9f): two hex digits each.
+        let code = c as u32;
+        let digits = [HEX[(code >> 4 & 0xf) as usize], HEX[(code & 0xf) as usize]];
+        if code < 0x80 {
+            out.extend_from_slice(b"\\x");
+            out.extend_from_slice(&digits);
         } else {
-            write!(out, "\\u{{{:x}}}", c as u32)
-        };
+            out.extend_from_slice(b"\\u{");
+            out.extend_from_slice(&digits);
+            out.push(b'}');
+        }
         rest = &rest[at + c.len_utf8()..];
     }
     out.extend_from_slice(rest.as_bytes());
