@@ -30,8 +30,9 @@ start() {
     "$@" >/dev/null 2>"$tmp/$name.err" &
     pids+=($!)
     for _ in $(seq 200); do
-        port=$(grep -o 'listening on [^ ]*' "$tmp/$name.err" 2>/dev/null | head -1 | sed 's/.*://') || true
-        [ -n "$port" ] && return 0
+        # Only whole lines: the log line may be caught half written.
+        port=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\)$/\1/p' "$tmp/$name.err" 2>/dev/null | head -1) || true
+        [ -n "$port" ] && [ -z "$(tail -c1 "$tmp/$name.err")" ] && return 0
         sleep 0.05
     done
     echo "$name did not start" >&2; cat "$tmp/$name.err" >&2; exit 1
