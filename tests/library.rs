@@ -137,6 +137,32 @@ fn stop_closes_live_connections_and_joins() {
 }
 
 #[test]
+fn wait_returns_once_every_connection_is_done_and_closed() {
+    let (server, collector) = server(ServerOptions::default());
+    let clients: Vec<Client> = (0..20).map(|_| connect(&server)).collect();
+    let mut receivers: Vec<_> = clients.iter().map(Client::receiver).collect();
+    for (i, client) in clients.iter().enumerate() {
+        receivers[i].next().expect("greeting").expect("ok");
+        client.send(&format!("from {i}")).expect("send");
+    }
+    assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);
+    let stopper = server.stopper();
+    let waited = thread::spawn(move || server.wait());
+    stopper.stop();
+    let summary = bounded("wait", move || waited.join())
+        .expect("wait thread")
+        .expect("wait");
+    assert_eq!((summary.connections, summary.messages), (20, 20));
+    // The connection threads stay parked, but every client is told the end.
+    for mut receiver in receivers {
+        assert!(
+            bounded("client sees close", move || receiver.next().is_none()),
+            "after a stop every client sees end of stream"
+        );
+    }
+}
+
+#[test]
 fn stop_from_another_thread_and_drop_are_safe() {
     let (server, _) = server(ServerOptions::default());
     let stopper = server.stopper();

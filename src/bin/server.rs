@@ -119,7 +119,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         info!("mode: {}", Mode::from(cli.mode));
     }
 
-    let result = server.join();
+    // The process exits next: its connection threads needn't exit one by one.
+    let result = server.wait();
     let flushed = io::stdout().flush();
     match result {
         Ok(summary) => {
