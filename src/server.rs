@@ -87,7 +87,7 @@ impl Default for ServerOptions {
         ServerOptions {
             greeting: Some(DEFAULT_GREETING.to_string()),
             framing: Framing::Line,
-            backlog: 1024,
+            backlog: 4096,
             max_clients: 10_000,
             max_line: DEFAULT_MAX_LINE,
             idle_timeout: None,

@@ -59,8 +59,9 @@ struct Cli {
     /// Refuse clients in this range (CIDR or address; repeatable). Deny wins over allow.
     #[arg(long, value_name = "CIDR")]
     deny: Vec<Range>,
-    /// Listen backlog: connections the kernel queues before they are accepted.
-    #[arg(long, default_value_t = 1024, value_name = "N",
+    /// Listen backlog: connections the kernel queues before they are accepted (Linux caps it at
+    /// net.core.somaxconn, 4096 by default).
+    #[arg(long, default_value_t = 4096, value_name = "N",
           value_parser = clap::value_parser!(i32).range(1..))]
     backlog: i32,
     #[command(flatten)]
