@@ -1,5 +1,6 @@
 //! The listener: binding, the accept loop, the registry of live connections, stop and join.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -305,9 +306,10 @@ impl Server {
     }
 
     /// Like [`join`](Server::join), for a program that exits right after: waits until the server
-    /// is stopped and every connection is done (its messages delivered, its socket closed), but
-    /// not for the connection threads to exit. After the stop they stay parked instead, until
-    /// the process exits and ends them all at once.
+    /// is stopped and every connection is done (its messages delivered, its socket shut down),
+    /// but not for the connection threads to exit. Those that end after the stop stay parked
+    /// instead, with their stacks, until the process exits and ends them all at once: a program
+    /// that goes on running should call `join`.
     ///
     /// That halves the stop time with many clients: a thread that exits unmaps its signal stack
     /// and gives back its stack, and each of those makes every CPU flush its TLB (10,000 clients
@@ -495,14 +497,24 @@ struct Live {
 struct Deregister<'a> {
     shared: &'a Shared,
     id: u64,
+    /// Set if the thread is to park rather than exit (see [`Server::wait`]).
+    park: &'a Cell<bool>,
 }
 
 impl Drop for Deregister<'_> {
     fn drop(&mut self) {
         let mut registry = self.shared.registry();
+        // Decided under the lock, with where the handle goes: a thread that will park is never
+        // handed to anyone who joins threads (the starter reaps finished ones between connects).
+        let park = self.shared.is_stopping() && self.shared.exit_follows.load(Ordering::Acquire);
         if let Some(thread) = registry.live.remove(&self.id).and_then(|live| live.thread) {
-            registry.finished.push(thread);
+            if park {
+                drop(thread); // detached: it never ends
+            } else {
+                registry.finished.push(thread);
+            }
         }
+        self.park.set(park);
         debug!("{} clients connected", registry.live.len());
         if registry.live.is_empty() {
             self.shared.idle.notify_all();
@@ -517,16 +529,6 @@ impl Shared {
 
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
-    }
-
-    /// After a stop, if the process exits next (see [`Server::wait`]): never returns, so that
-    /// the thread is ended with the process instead of exiting on its own.
-    fn park_if_exit_follows(&self) {
-        if self.is_stopping() && self.exit_follows.load(Ordering::Acquire) {
-            loop {
-                thread::park();
-            }
-        }
     }
 
     /// Whether a stop happened long enough ago that connections must stop reading.
@@ -633,15 +635,22 @@ impl Shared {
         let spawned = thread::Builder::new()
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
+                let park = Cell::new(false);
                 {
                     let _deregister = Deregister {
                         shared: &shared,
                         id,
+                        park: &park,
                     };
                     connection::serve(&shared, id, &thread_stream, peer);
                 }
                 drop(thread_stream);
-                shared.park_if_exit_follows();
+                if park.get() {
+                    // After a stop, with the process exiting next: ended with it, not on its own.
+                    loop {
+                        thread::park();
+                    }
+                }
             });
         match spawned {
             Ok(thread) => {

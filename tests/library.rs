@@ -163,6 +163,48 @@ fn wait_returns_once_every_connection_is_done_and_closed() {
 }
 
 #[test]
+fn wait_returns_when_a_stop_lands_among_connects() {
+    // Connections ending after the stop park; the thread that starts connections must never
+    // wait for one of them (it joins finished threads between connects).
+    for trial in 0..5 {
+        let (server, _) = server(ServerOptions::default());
+        let addr = server.local_addr();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn: Vec<_> = (0..8)
+            .map(|_| {
+                let done = Arc::clone(&done);
+                thread::spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(stream) = TcpStream::connect_timeout(&addr, TIMEOUT) {
+                            drop(stream);
+                        }
+                    }
+                })
+            })
+            .collect();
+        // The race needs connects arriving as the stop lands.
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while server.summary().connections < 100 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connects in trial {trial}"
+            );
+            thread::yield_now();
+        }
+        let stopper = server.stopper();
+        let waited = thread::spawn(move || server.wait());
+        stopper.stop();
+        bounded(&format!("wait in trial {trial}"), move || waited.join())
+            .expect("wait thread")
+            .expect("wait");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in churn {
+            thread.join().expect("churn thread");
+        }
+    }
+}
+
+#[test]
 fn stop_from_another_thread_and_drop_are_safe() {
     let (server, _) = server(ServerOptions::default());
     let stopper = server.stopper();
