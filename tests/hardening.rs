@@ -980,6 +980,48 @@ fn sigterm_under_load() {
     );
 }
 
+/// Clients connect and leave in a loop as SIGTERM arrives: the server still exits 0 at once.
+/// (Connection threads that end after the stop park until the process exits; the thread that
+/// starts connections once joined one of them and hung the exit.)
+#[cfg(unix)]
+#[test]
+fn sigterm_while_clients_come_and_go() {
+    let mut server = ServerProcess::start(&[]);
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = TcpStream::connect_timeout(&addr, IO_TIMEOUT);
+                }
+            })
+        })
+        .collect();
+    let churning = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        let connects = server
+            .stderr_so_far()
+            .lines()
+            .filter(|line| line.ends_with(" connected"))
+            .count();
+        (connects >= 200).then_some(())
+    });
+    let signalled = server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    stop.store(true, Ordering::Relaxed);
+    for thread in churn {
+        thread.join().expect("churn thread");
+    }
+    assert!(churning.is_some(), "clients never got going\n{out}");
+    out.assert_code(0).assert_no_panic();
+    let took = out.exited_at.duration_since(signalled);
+    assert!(
+        took < Duration::from_secs(2),
+        "server took {took:?} to exit after SIGTERM among connects"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // 10. stdout closed by its reader
 // ------------------------------------------------------------------------------------------------
