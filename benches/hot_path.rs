@@ -35,6 +35,10 @@ mod bench {
                 "我是客户端发送的消息,hello world 12345\n".to_string(),
             ),
             (
+                "ascii 64 B lines ending in \\r\\n",
+                format!("hello world 12345 {}\r\n", ".".repeat(44)),
+            ),
+            (
                 "lines with escapes",
                 "\x1b[31mred\x1b[0m and a bell \x07 here\n".to_string(),
             ),

@@ -83,7 +83,8 @@ fn utf8_lines(
     max_line: usize,
     ends: &mut Vec<usize>,
 ) -> Option<(usize, bool)> {
-    if needs_escape(bytes) {
+    // The start first: reads that aren't plain (`\r\n` lines, say) mostly show it at once.
+    if needs_escape(&bytes[..bytes.len().min(256)]) || needs_escape(bytes) {
         return None;
     }
     let before = ends.len();
