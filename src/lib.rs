@@ -10,7 +10,8 @@
 //! Plain blocking `std::net` and threads: one accept thread, one thread per client. Stopping is
 //! explicit and complete: [`Server::stop`] (or a [`Stopper`] from another thread) stops accepting,
 //! lets each connection read what had already arrived, closes it, and [`Server::join`] waits for
-//! every thread.
+//! every thread ([`Server::wait`], for a program that exits next, waits for every connection but
+//! lets the process exit end their threads).
 //!
 //! # Example
 //!
