@@ -345,24 +345,37 @@ impl Decoder {
         }
         let kept = std::mem::take(&mut self.kept);
         let start = batch.used;
-        if self.framing == Framing::Line && self.pending.len() == kept {
-            batch.text[start..start + kept].copy_from_slice(&self.pending);
-            if let Some((complete, too_long)) = batch.take_plain_lines(kept + n, self.max_line) {
-                if too_long {
-                    return Err(self.too_long());
-                }
-                self.pending.clear();
-                let rest = start + complete..start + kept + n;
-                self.pending.extend_from_slice(&batch.text[rest]);
-                return self.check_pending();
-            }
+        if self.framing != Framing::Line || self.pending.len() != kept {
+            // Framed otherwise, or after a long unfinished line: as `feed` does.
+            return self.decode_copy(batch, start + kept..start + kept + n, Decoder::feed);
         }
-        // Not plain, or framed otherwise: decoding appends to the batch where the bytes lie, so
-        // they are moved out first.
+        let read = start..start + kept + n;
+        batch.text[start..start + kept].copy_from_slice(&self.pending);
+        self.pending.clear();
+        match batch.take_plain_lines(read.len(), self.max_line) {
+            Some((_, true)) => Err(self.too_long()),
+            Some((complete, false)) => {
+                self.pending
+                    .extend_from_slice(&batch.text[start + complete..read.end]);
+                self.check_pending()
+            }
+            // Known not to be plain, so not checked again.
+            None => self.decode_copy(batch, read, Decoder::lines_one_by_one),
+        }
+    }
+
+    /// Decodes bytes in `batch`'s read room with `decode`, from a copy: decoding appends to the
+    /// batch where the bytes lie.
+    fn decode_copy(
+        &mut self,
+        batch: &mut Batch,
+        room: std::ops::Range<usize>,
+        decode: fn(&mut Decoder, &[u8], &mut Batch) -> Result<(), LineTooLong>,
+    ) -> Result<(), LineTooLong> {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
-        bytes.extend_from_slice(&batch.text[start + kept..start + kept + n]);
-        let decoded = self.feed(&bytes, batch);
+        bytes.extend_from_slice(&batch.text[room]);
+        let decoded = decode(self, &bytes, batch);
         if bytes.capacity() <= DEFAULT_MAX_LINE {
             self.scratch = bytes;
         }
@@ -417,20 +430,26 @@ impl Decoder {
             self.pending = line; // keep the allocation
             bytes = &bytes[newline + 1..];
         }
-        let mut start = 0;
-        if let Some((complete, too_long)) = out.push_plain_lines(bytes, self.max_line) {
+        match out.push_plain_lines(bytes, self.max_line) {
             // Plain text, checked once for the whole read: the lines need no UTF-8 check of
             // their own, no `\r` strip and no escaping, only the length limit, and go into the
             // batch with one copy.
-            if too_long {
-                return Err(self.too_long());
+            Some((_, true)) => Err(self.too_long()),
+            Some((complete, false)) => {
+                self.pending.extend_from_slice(&bytes[complete..]);
+                self.check_pending()
             }
-            start = complete;
-        } else {
-            for newline in memchr::memchr_iter(b'\n', bytes) {
-                self.push_line(&bytes[start..newline], out)?;
-                start = newline + 1;
-            }
+            None => self.lines_one_by_one(bytes, out),
+        }
+    }
+
+    /// Decodes `bytes`, which start at the start of a line, line by line: the way for text that
+    /// isn't plain.
+    fn lines_one_by_one(&mut self, bytes: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
+        let mut start = 0;
+        for newline in memchr::memchr_iter(b'\n', bytes) {
+            self.push_line(&bytes[start..newline], out)?;
+            start = newline + 1;
         }
         self.pending.extend_from_slice(&bytes[start..]);
         self.check_pending()
