@@ -63,15 +63,7 @@ fn portable_ascii_lines(
     if !is_plain_lines(bytes) {
         return None;
     }
-    let mut complete = 0;
-    for newline in memchr::memchr_iter(b'\n', bytes) {
-        if newline - complete > max_line {
-            return Some((complete, true));
-        }
-        ends.push(base + newline);
-        complete = newline + 1;
-    }
-    Some((complete, false))
+    Some(newline_ends(bytes, base, max_line, ends))
 }
 
 /// [`plain_lines`] for other text: `Some` if no byte of `bytes` needs escaping and the complete
@@ -88,21 +80,31 @@ fn utf8_lines(
         return None;
     }
     let before = ends.len();
-    let mut complete = 0;
-    let mut too_long = false;
-    for newline in memchr::memchr_iter(b'\n', bytes) {
-        if newline - complete > max_line {
-            too_long = true;
-            break;
-        }
-        ends.push(base + newline);
-        complete = newline + 1;
-    }
+    let (complete, too_long) = newline_ends(bytes, base, max_line, ends);
     if std::str::from_utf8(&bytes[..complete]).is_err() {
         ends.truncate(before);
         return None;
     }
     Some((complete, too_long))
+}
+
+/// Pushes `base + position` of each newline in `bytes` with `memchr`, up to a line longer than
+/// `max_line`; returns the length of the complete lines and whether it stopped at a long one.
+fn newline_ends(
+    bytes: &[u8],
+    base: usize,
+    max_line: usize,
+    ends: &mut Vec<usize>,
+) -> (usize, bool) {
+    let mut complete = 0;
+    for newline in memchr::memchr_iter(b'\n', bytes) {
+        if newline - complete > max_line {
+            return (complete, true);
+        }
+        ends.push(base + newline);
+        complete = newline + 1;
+    }
+    (complete, false)
 }
 
 /// Whether `bytes` may hold a character to escape or a `\r`: a C0 control but tab and `\n`, DEL,
