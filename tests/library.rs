@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use plugboard::{Batch, Client, Collector, Error, Framing, Server, ServerOptions, Sink};
+use plugboard::{Batch, Client, Collector, Error, Framing, Server, ServerOptions, Sink, Summary};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,8 +115,9 @@ fn raw_framing_passes_chunks_through() {
     assert_eq!(text, "hello world0你好");
 }
 
-#[test]
-fn stop_closes_live_connections_and_joins() {
+/// Twenty clients each send a line; then `finish` stops the server and waits for it. Every
+/// message is counted and every client sees end of stream.
+fn twenty_clients_then(finish: impl FnOnce(Server) -> Result<Summary, Error> + Send + 'static) {
     let (server, collector) = server(ServerOptions::default());
     let clients: Vec<Client> = (0..20).map(|_| connect(&server)).collect();
     let mut receivers: Vec<_> = clients.iter().map(Client::receiver).collect();
@@ -125,8 +126,7 @@ fn stop_closes_live_connections_and_joins() {
         client.send(&format!("from {i}")).expect("send");
     }
     assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);
-    server.stop();
-    let summary = bounded("join", move || server.join()).expect("join");
+    let summary = bounded("stop", move || finish(server)).expect("stop");
     assert_eq!((summary.connections, summary.messages), (20, 20));
     for mut receiver in receivers {
         assert!(
@@ -137,29 +137,23 @@ fn stop_closes_live_connections_and_joins() {
 }
 
 #[test]
+fn stop_closes_live_connections_and_joins() {
+    twenty_clients_then(|server| {
+        server.stop();
+        server.join()
+    });
+}
+
+#[test]
 fn wait_returns_once_every_connection_is_done_and_closed() {
-    let (server, collector) = server(ServerOptions::default());
-    let clients: Vec<Client> = (0..20).map(|_| connect(&server)).collect();
-    let mut receivers: Vec<_> = clients.iter().map(Client::receiver).collect();
-    for (i, client) in clients.iter().enumerate() {
-        receivers[i].next().expect("greeting").expect("ok");
-        client.send(&format!("from {i}")).expect("send");
-    }
-    assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);
-    let stopper = server.stopper();
-    let waited = thread::spawn(move || server.wait());
-    stopper.stop();
-    let summary = bounded("wait", move || waited.join())
-        .expect("wait thread")
-        .expect("wait");
-    assert_eq!((summary.connections, summary.messages), (20, 20));
-    // The connection threads stay parked, but every client is told the end.
-    for mut receiver in receivers {
-        assert!(
-            bounded("client sees close", move || receiver.next().is_none()),
-            "after a stop every client sees end of stream"
-        );
-    }
+    // Waiting before the stop, so that the connections end while it waits and their threads
+    // park: they never exit, but every client is still told the end.
+    twenty_clients_then(|server| {
+        let stopper = server.stopper();
+        let waited = thread::spawn(move || server.wait());
+        stopper.stop();
+        waited.join().expect("wait thread")
+    });
 }
 
 #[test]
