@@ -24,6 +24,7 @@ pub struct Client {
     stream: Arc<TcpStream>,
     peer: SocketAddr,
     framing: Framing,
+    send_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -48,6 +49,7 @@ impl Client {
                         stream: Arc::new(stream),
                         peer: addr,
                         framing: Framing::Line,
+                        send_timeout: None,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -71,7 +73,19 @@ impl Client {
             stream: Arc::new(stream),
             peer,
             framing: Framing::Line,
+            send_timeout: None,
         }
+    }
+
+    /// Gives up a send when the server takes nothing of it for `timeout` (`None`: waits for
+    /// ever), with [`Error::SendTimeout`]. Clones made afterwards share the setting.
+    pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        let timeout = timeout.filter(|t| !t.is_zero());
+        self.stream
+            .set_write_timeout(timeout)
+            .map_err(|e| self.failed(e))?;
+        self.send_timeout = timeout;
+        Ok(())
     }
 
     /// Sends bytes exactly as they are, whatever the framing.
@@ -155,9 +169,23 @@ impl Client {
     }
 
     fn failed(&self, source: io::Error) -> Error {
-        Error::Connection {
-            addr: self.peer,
-            source,
+        match self.send_timeout {
+            // A send that timed out: the only calls with a timeout here are sends.
+            Some(timeout)
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::SendTimeout {
+                    addr: self.peer,
+                    timeout,
+                }
+            }
+            _ => Error::Connection {
+                addr: self.peer,
+                source,
+            },
         }
     }
 }

@@ -1,7 +1,9 @@
-//! One client's thread: greet, read, frame, deliver, apply the limits, account for it at the end.
+//! One client's thread: greet, read, frame, deliver, apply the limits, and end the connection the
+//! way the delivery contract says: a clean close only after the client's end of stream was read
+//! and everything before it printed; otherwise the reason and a reset (see `stream`).
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::room::{self, Outbox};
 use crate::server::{CONNECTION_STACK, Mode, Shared};
 use crate::sink::format_batch;
+use crate::stream::{SendError, Stream, is_timeout};
 
 /// The first read size; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
 /// costs little and a streaming one gets large reads.
@@ -19,15 +22,25 @@ const FIRST_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
 
 /// After telling a client why it is cut off, how long to read and drop what it still sends, so
-/// that closing with unread data doesn't reset the connection before it reads the reason.
+/// that it can read the reason before the reset.
 const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
+
+/// A connection whose buffers grew gives them back once its client has sent nothing for this
+/// long.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Bytes of buffers a connection holds without drawing on the server's buffer budget: enough for
+/// the first read and lines of a few KiB.
+const ALLOWANCE: usize = 8 * 1024;
 
 /// How a connection ended.
 enum End {
-    /// The client closed its side (or the server's stop shut ours).
+    /// The client closed its side, and everything it sent was handed to the sink.
     Closed,
-    /// The server stopped and the drain time ran out.
+    /// Cut by the server's stop.
     Stopped,
+    /// Chat: cut off for not reading what the room sends it.
+    Evicted,
     /// The connection failed (reset, ...).
     Failed(io::Error),
     /// No complete message for the idle timeout.
@@ -38,16 +51,29 @@ enum End {
     NotReading,
     /// The sink could not take the messages.
     OutputFailed,
+    /// An unfinished line the buffer budget could not hold.
+    Busy,
+}
+
+/// What one connection counted.
+#[derive(Default)]
+struct Counts {
+    /// Complete messages read.
+    messages: u64,
+    /// Of those, messages the sink refused.
+    refused: u64,
+    bytes: u64,
 }
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
-pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, peer: SocketAddr) {
-    let stream: &TcpStream = shared_stream;
-    // Here rather than in the accept loop, which must keep up with bursts of connects.
-    if let Err(e) = crate::server::set_keepalive(stream) {
-        debug!("{peer}: cannot set TCP keepalive: {e}");
-    }
+pub(crate) fn serve(shared: &Shared, id: u64, stream: &Arc<Stream>) {
+    let peer = stream.peer();
     let options = &shared.options;
+    if let Err(e) = stream.prepare(options.send_timeout, options.mode != Mode::Log) {
+        warn!("{peer}: cannot set up its socket: {e}; closing");
+        stream.tell_now("server busy");
+        return;
+    }
     let greeting = options.greeting.as_ref().map(|greeting| {
         let mut text = greeting.replace("{peer}", &peer.to_string());
         if options.framing == Framing::Line {
@@ -55,188 +81,354 @@ pub(crate) fn serve(shared: &Shared, id: u64, shared_stream: &Arc<TcpStream>, pe
         }
         text
     });
-    let mut relay = match Relay::start(shared, id, shared_stream, peer, greeting) {
-        Ok(relay) => relay,
-        Err(e) => {
-            warn!("{peer}: cannot start its writer thread: {e}; closing");
-            refuse(stream, "server busy");
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
+    let mut counts = Counts::default();
+    let (end, mut relay) = match Relay::start(shared, id, stream, greeting) {
+        Ok(mut relay) => {
+            let mut reading = Reading::new(shared, stream);
+            let end = reading.run(&mut relay, &mut counts);
+            reading.give_back();
+            (end, Some(relay))
         }
+        Err(end) => (end, None),
     };
-    let mut reader = Reader {
-        stream,
-        idle_timeout: options.idle_timeout,
-        timeout_set: None,
-        last_message: Instant::now(),
+    let end = match end {
+        End::Closed => finish_cleanly(shared, stream, relay.take()),
+        end => end,
     };
-    let mut decoder = Decoder::new(options.framing).max_line(options.max_line);
-    let mut batch = if options.mode == Mode::Echo {
-        Batch::new().keep_raw()
-    } else {
-        Batch::new()
-    };
-    let mut read_size = FIRST_READ;
-    let mut messages = 0u64;
-    let mut bytes = 0u64;
-    let end = loop {
-        if shared.drain_expired() {
-            break End::Stopped;
-        }
-        let mid_message = decoder.pending_len() > 0;
-        // Straight into the batch: plain lines are decoded where they are read.
-        let room = decoder.read_room(&mut batch, read_size);
-        let n = match reader.read(room, mid_message) {
-            Ok(0) => {
-                // After a stop, end of stream may be our own shutdown: an unfinished line is not
-                // a message the client sent, so it is dropped rather than printed torn.
-                let finished = if shared.is_stopping() {
-                    Ok(())
-                } else {
-                    decoder.finish(&mut batch)
-                };
-                if let Err(end) = relay.handle(shared, &mut batch, &mut messages) {
-                    break end;
-                }
-                break match finished {
-                    Ok(()) => End::Closed,
-                    Err(too_long) => End::TooLong(too_long),
-                };
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if is_timeout(&e) => break End::Idle,
-            Err(e) => break End::Failed(e),
-        };
-        bytes += n as u64;
-        let decoded = decoder.decode_read(n, &mut batch);
-        if !batch.is_empty() {
-            reader.last_message = Instant::now();
-        }
-        if let Err(end) = relay.handle(shared, &mut batch, &mut messages) {
-            break end;
-        }
-        if let Err(too_long) = decoded {
-            break End::TooLong(too_long);
-        }
-        if n == read_size && read_size < MAX_READ {
-            read_size *= 2;
-        }
-    };
-
-    let counts = format!("after {messages} messages, {bytes} bytes");
-    let unfinished = decoder.pending_len();
-    let dropped = if unfinished > 0 && options.framing == Framing::Line {
-        format!(" ({unfinished} bytes of an unfinished line dropped)")
-    } else {
-        String::new()
-    };
-    match &end {
-        End::Closed => info!("{peer} disconnected {counts}{dropped}"),
-        // Debug: at a stop, thousands of these would only slow the exit; the summary counts them.
-        End::Stopped => debug!("{peer} closed by the server stop {counts}{dropped}"),
-        End::Failed(e) => warn!("{peer} disconnected: {e}; {counts}{dropped}"),
-        End::Idle => info!("{peer} cut off: idle timeout; {counts}{dropped}"),
-        End::TooLong(e) => warn!("{peer} cut off: {e}; {counts}"),
-        End::NotReading => warn!(
-            "{peer} disconnected: not reading (nothing could be sent within the send timeout); {counts}"
-        ),
-        End::OutputFailed => debug!("{peer} closed: output failed"),
+    if let Some(relay) = relay {
+        relay.finish(shared, stream, false);
     }
-    relay.finish(shared);
+    log_end(peer, &end, &counts);
     match end {
-        End::Idle => refuse(stream, "idle timeout"),
-        End::TooLong(e) => refuse(stream, &e.to_string()),
-        _ => {}
+        End::Closed => stream.close_cleanly(),
+        End::Stopped => stream.tell_now("server stopping"),
+        End::OutputFailed => stream.tell_now("server output failed"),
+        End::Idle => stream.refuse("idle timeout", LINGER_AFTER_ERROR),
+        End::TooLong(e) => stream.refuse(&e.to_string(), LINGER_AFTER_ERROR),
+        End::Busy => stream.refuse("server busy (buffers full)", LINGER_AFTER_ERROR),
+        // Nothing to say that the client would read: the reset says it.
+        End::Evicted | End::NotReading | End::Failed(_) => {}
     }
-    let _ = stream.shutdown(Shutdown::Both);
-    shared.add_totals(messages, bytes);
+    shared.add_totals(counts.messages, counts.refused, counts.bytes);
+}
+
+/// The client closed its side: sends what the room queued for it, waits until everything it
+/// sent is written out, and says whether the connection may now close cleanly.
+fn finish_cleanly(shared: &Shared, stream: &Stream, relay: Option<Relay>) -> End {
+    if let Some(relay) = relay {
+        relay.finish(shared, stream, true);
+    }
+    if stream.was_cut() {
+        // Chat: the room gave up on sending to it meanwhile.
+        return End::Evicted;
+    }
+    match shared.sink.flush() {
+        Ok(()) => End::Closed,
+        Err(e) => output_end(shared, &e),
+    }
+}
+
+/// How a failure of the sink ends a connection: a stop that gave up waiting for the output, or
+/// an output that failed.
+fn output_end(shared: &Shared, error: &io::Error) -> End {
+    shared.output_failed(error);
+    if error.kind() == io::ErrorKind::TimedOut && shared.is_stopping() {
+        End::Stopped
+    } else {
+        End::OutputFailed
+    }
+}
+
+fn log_end(peer: SocketAddr, end: &End, counts: &Counts) {
+    let Counts {
+        messages,
+        refused,
+        bytes,
+    } = counts;
+    let mut counted = format!("after {messages} messages, {bytes} bytes");
+    if *refused > 0 {
+        counted.push_str(&format!(" ({refused} messages not printed)"));
+    }
+    match end {
+        End::Closed => info!("{peer} disconnected {counted}"),
+        // Debug: at a stop, thousands of these would only slow the exit; the summary counts them.
+        End::Stopped => debug!("{peer} cut off by the server stop {counted}"),
+        End::Evicted => warn!("{peer} disconnected: not reading; {counted}"),
+        End::Failed(e) => warn!("{peer} disconnected: {e}; {counted}"),
+        End::Idle => info!("{peer} cut off: idle timeout; {counted}"),
+        End::TooLong(e) => warn!("{peer} cut off: {e}; {counted}"),
+        End::NotReading => warn!(
+            "{peer} disconnected: not reading (nothing could be sent within the send timeout); {counted}"
+        ),
+        End::OutputFailed => debug!("{peer} closed: output failed; {counted}"),
+        End::Busy => warn!(
+            "{peer} cut off: its unfinished line does not fit in the buffer budget; {counted}"
+        ),
+    }
+}
+
+/// The reading side of a connection: its buffers, their share of the budget, and the loop.
+struct Reading<'a> {
+    shared: &'a Shared,
+    stream: &'a Stream,
+    reader: Reader<'a>,
+    decoder: Decoder,
+    batch: Batch,
+    read_size: usize,
+    /// Bytes taken from the buffer budget.
+    reserved: usize,
+}
+
+impl<'a> Reading<'a> {
+    fn new(shared: &'a Shared, stream: &'a Stream) -> Reading<'a> {
+        let options = &shared.options;
+        Reading {
+            shared,
+            stream,
+            reader: Reader {
+                stream,
+                idle_timeout: options.idle_timeout,
+                timeout_set: None,
+                last_message: Instant::now(),
+                resumed: false,
+            },
+            decoder: Decoder::new(options.framing).max_line(options.max_line),
+            batch: if options.mode == Mode::Echo {
+                Batch::new().keep_raw()
+            } else {
+                Batch::new()
+            },
+            read_size: FIRST_READ,
+            reserved: 0,
+        }
+    }
+
+    /// Reads until the client closes, a limit is broken, or the server stops.
+    fn run(&mut self, relay: &mut Relay, counts: &mut Counts) -> End {
+        let shared = self.shared;
+        loop {
+            if shared.drain_expired() {
+                return End::Stopped;
+            }
+            let mid_message = self.decoder.pending_len() > 0;
+            let quiet = (self.held() > FIRST_READ * 2).then_some(QUIET);
+            // Straight into the batch: plain lines are decoded where they are read.
+            let room = self.decoder.read_room(&mut self.batch, self.read_size);
+            let n = match self.reader.read(room, mid_message, quiet) {
+                Ok(0) => {
+                    if self.stream.was_cut() {
+                        return self.cut_end();
+                    }
+                    // The client closed its side: a last line without `\n` is a message too.
+                    let finished = self.decoder.finish(&mut self.batch);
+                    if let Err(end) = self.handle(relay, counts) {
+                        return end;
+                    }
+                    return match finished {
+                        Ok(()) => End::Closed,
+                        Err(too_long) => End::TooLong(too_long),
+                    };
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) if self.stream.was_cut() => return self.cut_end(),
+                Err(e) if is_timeout(&e) => {
+                    if self.reader.idle_expired(mid_message) {
+                        return End::Idle;
+                    }
+                    self.shrink();
+                    continue;
+                }
+                Err(e) => return End::Failed(e),
+            };
+            self.stream.touch(shared.now_ms());
+            counts.bytes += n as u64;
+            let decoded = self.decoder.decode_read(n, &mut self.batch);
+            if !self.batch.is_empty() {
+                self.reader.last_message = Instant::now();
+            }
+            if let Err(end) = self.handle(relay, counts) {
+                return end;
+            }
+            if let Err(too_long) = decoded {
+                return End::TooLong(too_long);
+            }
+            if n == self.read_size
+                && self.read_size < MAX_READ
+                && shared.budget.left() >= self.read_size * 8
+            {
+                self.read_size *= 2;
+            }
+            if let Err(end) = self.settle() {
+                return end;
+            }
+        }
+    }
+
+    /// The server cut the connection: a stop, or (chat) an eviction.
+    fn cut_end(&self) -> End {
+        if self.shared.is_stopping() {
+            End::Stopped
+        } else {
+            End::Evicted
+        }
+    }
+
+    /// Sends the batch on as the mode says, hands it to the sink, and empties it. Whatever is
+    /// counted is handed to the sink, even when sending it on failed.
+    fn handle(&mut self, relay: &mut Relay, counts: &mut Counts) -> Result<(), End> {
+        let shared = self.shared;
+        let batch = &mut self.batch;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        counts.messages += batch.len() as u64;
+        let peer = self.stream.peer();
+        let relayed = match relay {
+            Relay::Log => Ok(()),
+            // Echo first: the sender is waiting for it; printing can follow. After a stop no
+            // replies are owed: what is left is printed, not echoed.
+            Relay::Echo if shared.is_stopping() => Ok(()),
+            Relay::Echo => self
+                .stream
+                .send(batch.raw(), shared.options.send_timeout, || {
+                    shared.is_stopping()
+                })
+                .map_err(|e| match e {
+                    SendError::NotReading => End::NotReading,
+                    SendError::GaveUp => End::Stopped,
+                    SendError::Failed(e) => End::Failed(e),
+                }),
+            Relay::Chat { id, lines, .. } => {
+                lines.clear();
+                format_batch(lines, peer, batch);
+                // After a stop the room is closed: nothing is relayed.
+                let payload: Arc<[u8]> = Arc::from(&lines[..]);
+                shared
+                    .room
+                    .broadcast(*id, &payload, shared.options.send_timeout);
+                if lines.capacity() > MAX_READ {
+                    *lines = Vec::new(); // a burst's buffer is not kept for an idle client
+                }
+                Ok(())
+            }
+        };
+        let delivered = shared.sink.deliver(peer, batch);
+        let len = batch.len() as u64;
+        batch.clear();
+        if let Err(e) = delivered {
+            counts.refused += len;
+            return Err(output_end(shared, &e));
+        }
+        relayed
+    }
+
+    /// Bytes the buffers hold.
+    fn held(&self) -> usize {
+        self.batch.capacity_bytes() + self.decoder.capacity_bytes()
+    }
+
+    /// Gives the buffers back to their small size (what an unfinished line holds stays).
+    fn shrink(&mut self) {
+        self.batch.shrink();
+        self.decoder.shrink();
+        self.read_size = FIRST_READ;
+        let _ = self.settle();
+    }
+
+    /// Squares what the buffers hold beyond the allowance with what was taken from the budget;
+    /// a connection that needs more than the budget has left gives back all it can first, and
+    /// is cut off if its unfinished line still does not fit.
+    fn settle(&mut self) -> Result<(), End> {
+        let budget = &self.shared.budget;
+        let mut over = self.held().saturating_sub(ALLOWANCE);
+        if over > self.reserved && !budget.take(over - self.reserved) {
+            self.batch.shrink();
+            self.decoder.shrink();
+            self.read_size = FIRST_READ;
+            over = self.held().saturating_sub(ALLOWANCE);
+            if over > self.reserved && !budget.take(over - self.reserved) {
+                return Err(End::Busy);
+            }
+        }
+        if over < self.reserved {
+            budget.give_back(self.reserved - over);
+        }
+        self.reserved = over;
+        Ok(())
+    }
+
+    /// Returns what was taken from the budget, at the end.
+    fn give_back(&mut self) {
+        self.shared
+            .budget
+            .give_back(std::mem::take(&mut self.reserved));
+    }
 }
 
 /// Reads from the client, applying the idle timeout: a client that completes no message within
 /// it is cut off, whether it is silent or trickling a line byte by byte.
 struct Reader<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     idle_timeout: Option<Duration>,
     /// The read timeout the socket has now, to avoid a system call per read.
     timeout_set: Option<Duration>,
     last_message: Instant,
+    /// Set when a wait ended for [`QUIET`], not the idle timeout: the idle clock goes on.
+    resumed: bool,
 }
 
 impl Reader<'_> {
-    fn read(&mut self, buf: &mut [u8], mid_message: bool) -> io::Result<usize> {
-        if let Some(idle) = self.idle_timeout {
-            let left = if mid_message {
+    /// Reads, waiting at most until the idle timeout, or `quiet` if that comes first.
+    fn read(
+        &mut self,
+        buf: &mut [u8],
+        mid_message: bool,
+        quiet: Option<Duration>,
+    ) -> io::Result<usize> {
+        let idle_left = self.idle_left(mid_message);
+        if idle_left == Some(Duration::ZERO) {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let timeout = match (idle_left, quiet) {
+            (Some(idle), Some(quiet)) => Some(idle.min(quiet)),
+            (idle, quiet) => idle.or(quiet),
+        };
+        if self.timeout_set != timeout {
+            self.stream.set_read_timeout(timeout)?;
+            self.timeout_set = timeout;
+        }
+        let read = self.stream.read(buf);
+        self.resumed = matches!(&read, Err(e) if is_timeout(e));
+        read
+    }
+
+    /// How long the client may still take to complete a message (`None`: no idle timeout).
+    fn idle_left(&self, mid_message: bool) -> Option<Duration> {
+        self.idle_timeout.map(|idle| {
+            if mid_message || self.resumed {
                 // The clock runs from the last complete message, not the last byte.
                 idle.saturating_sub(self.last_message.elapsed())
             } else {
                 idle
-            };
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
             }
-            if self.timeout_set != Some(left) {
-                self.stream.set_read_timeout(Some(left))?;
-                self.timeout_set = Some(left);
-            }
-        }
-        (&*self.stream).read(buf)
+        })
+    }
+
+    /// After a read timed out: whether it was the idle timeout (not the quiet one).
+    fn idle_expired(&self, mid_message: bool) -> bool {
+        self.idle_left(mid_message)
+            .is_some_and(|left| left <= Duration::from_millis(1))
     }
 }
 
-/// A read that gave up waiting: `WouldBlock` on Unix, `TimedOut` on Windows.
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// Tells the client in one line why it is cut off, then lets it read that line before closing.
-///
-/// Not inlined, so that its buffer is on the stack only while it runs: every page a connection
-/// thread's stack touches is memory held per client.
-#[inline(never)]
-#[cold]
-fn refuse(stream: &TcpStream, reason: &str) {
-    let mut scratch = [0; 512];
-    let _ = stream.set_write_timeout(Some(LINGER_AFTER_ERROR));
-    if (&*stream)
-        .write_all(format!("error: {reason}\n").as_bytes())
-        .is_err()
-    {
-        return;
-    }
-    let _ = stream.shutdown(Shutdown::Write);
-    // Closing with unread data would send a reset, which can destroy our line in the client's
-    // receive queue; so read and drop for a moment, until the client closes.
-    let deadline = Instant::now() + LINGER_AFTER_ERROR;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match (&*stream).read(&mut scratch) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// What a connection does with each batch of messages: print it, and in echo and chat mode also
-/// send it on.
-enum Relay<'a> {
-    Log {
-        peer: SocketAddr,
-    },
-    Echo {
-        peer: SocketAddr,
-        stream: &'a TcpStream,
-    },
+/// What a connection does with each batch of messages besides printing it: nothing, send it
+/// back, or relay it to the chat room.
+enum Relay {
+    Log,
+    Echo,
     Chat {
-        peer: SocketAddr,
         id: u64,
-        stream: &'a TcpStream,
         outbox: Arc<Outbox>,
         writer: JoinHandle<()>,
         /// Reused buffer for formatting `PEER MESSAGE` lines.
@@ -244,132 +436,85 @@ enum Relay<'a> {
     },
 }
 
-impl<'a> Relay<'a> {
+impl Relay {
     /// Sends the greeting and sets up what the mode needs.
     fn start(
         shared: &Shared,
         id: u64,
-        stream: &'a Arc<TcpStream>,
-        peer: SocketAddr,
+        stream: &Arc<Stream>,
         greeting: Option<String>,
-    ) -> io::Result<Relay<'a>> {
+    ) -> Result<Relay, End> {
         let options = &shared.options;
-        if options.mode != Mode::Log {
-            // A client that takes nothing of what is sent to it for this long is cut off.
-            stream.set_write_timeout(Some(options.send_timeout))?;
-            // Replies go out at once, not after the previous one is acknowledged (Nagle).
-            stream.set_nodelay(true)?;
-        }
-        if options.mode != Mode::Chat
-            && let Some(greeting) = &greeting
-            && let Err(e) = (&**stream).write_all(greeting.as_bytes())
-        {
-            debug!("{peer}: cannot send the greeting: {e}");
-        }
-        Ok(match options.mode {
-            Mode::Log => Relay::Log { peer },
-            Mode::Echo => Relay::Echo { peer, stream },
-            Mode::Chat => {
-                // The greeting goes through the outbox, so the writer thread can't interleave a
-                // relayed line with it; and the client joins the room before it is greeted.
-                let outbox = Arc::new(Outbox::new());
-                if let Some(greeting) = greeting {
-                    let _ = outbox.push(greeting.into_bytes().into(), Duration::ZERO);
-                }
-                let writer = {
-                    let outbox = Arc::clone(&outbox);
-                    let stream = Arc::clone(stream);
-                    thread::Builder::new()
-                        .stack_size(CONNECTION_STACK)
-                        .spawn(move || room::write_loop(&outbox, &stream, peer))?
-                };
-                shared
-                    .room
-                    .join(id, peer, Arc::clone(stream), Arc::clone(&outbox));
-                Relay::Chat {
-                    peer,
-                    id,
-                    stream,
-                    outbox,
-                    writer,
-                    lines: Vec::new(),
-                }
+        if options.mode != Mode::Chat {
+            if let Some(greeting) = &greeting {
+                stream
+                    .send(greeting.as_bytes(), options.send_timeout, || {
+                        shared.is_stopping()
+                    })
+                    .map_err(|e| match e {
+                        SendError::NotReading => End::NotReading,
+                        SendError::GaveUp => End::Stopped,
+                        SendError::Failed(e) => End::Failed(e),
+                    })?;
             }
-        })
-    }
-
-    /// Sends the batch on as the mode says, hands it to the sink, and empties it.
-    fn handle(
-        &mut self,
-        shared: &Shared,
-        batch: &mut Batch,
-        messages: &mut u64,
-    ) -> Result<(), End> {
-        if batch.is_empty() {
-            return Ok(());
+            return Ok(if options.mode == Mode::Echo {
+                Relay::Echo
+            } else {
+                Relay::Log
+            });
         }
-        *messages += batch.len() as u64;
-        let peer = match self {
-            Relay::Log { peer } => *peer,
-            // Echo first: the sender is waiting for it; printing can follow.
-            Relay::Echo { peer, stream } => {
-                // After a stop the write side is shut: what is left is printed, not echoed.
-                if !shared.is_stopping()
-                    && let Err(e) = (&**stream).write_all(batch.raw())
-                    && !shared.is_stopping()
-                {
-                    batch.clear();
-                    return Err(match e.kind() {
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => End::NotReading,
-                        _ => End::Failed(e),
-                    });
-                }
-                *peer
-            }
-            Relay::Chat {
-                peer, id, lines, ..
-            } => {
-                lines.clear();
-                format_batch(lines, *peer, batch);
-                // After a stop nothing is relayed (and no sender waits on a full outbox).
-                if !shared.is_stopping() {
-                    let payload: Arc<[u8]> = Arc::from(&lines[..]);
-                    shared
-                        .room
-                        .broadcast(*id, &payload, shared.options.send_timeout);
-                }
-                *peer
-            }
+        // The greeting goes through the outbox, so no relayed line can come before it; and the
+        // client joins the room before its writer starts, so once it is greeted it receives
+        // every line relayed after that.
+        let outbox = Arc::new(Outbox::new());
+        if let Some(greeting) = greeting {
+            let _ = outbox.push(greeting.into_bytes().into(), None);
+        }
+        shared
+            .room
+            .join(id, Arc::clone(stream), Arc::clone(&outbox));
+        let writer = {
+            let outbox = Arc::clone(&outbox);
+            let stream = Arc::clone(stream);
+            let send_timeout = options.send_timeout;
+            thread::Builder::new()
+                .stack_size(CONNECTION_STACK)
+                .spawn(move || room::write_loop(&outbox, &stream, send_timeout))
         };
-        let delivered = shared.sink.deliver(peer, batch);
-        batch.clear();
-        delivered.map_err(|e| {
-            shared.output_failed(e);
-            End::OutputFailed
-        })
+        match writer {
+            Ok(writer) => Ok(Relay::Chat {
+                id,
+                outbox,
+                writer,
+                lines: Vec::new(),
+            }),
+            Err(e) => {
+                shared.room.leave(id);
+                warn!(
+                    "{}: cannot start its writer thread: {e}; closing",
+                    stream.peer()
+                );
+                stream.tell_now("server busy");
+                Err(End::Failed(e))
+            }
+        }
     }
 
-    /// Leaves the chat room: what is queued for the client is still sent, unless the server is
-    /// stopping, when it is dropped so that the stop is quick.
-    fn finish(self, shared: &Shared) {
+    /// Leaves the chat room. If `drain`, what is queued for the client is sent first (it closed
+    /// its side cleanly); otherwise it is dropped.
+    fn finish(self, shared: &Shared, stream: &Stream, drain: bool) {
         if let Relay::Chat {
-            peer,
-            id,
-            stream,
-            outbox,
-            writer,
-            ..
+            id, outbox, writer, ..
         } = self
         {
             shared.room.leave(id);
-            if shared.is_stopping() {
-                outbox.abandon();
-                let _ = stream.shutdown(Shutdown::Both);
-            } else {
+            if drain {
                 outbox.close();
+            } else {
+                outbox.abandon();
             }
             if writer.join().is_err() {
-                warn!("{peer}: its writer thread panicked");
+                warn!("{}: its writer thread panicked", stream.peer());
             }
         }
     }

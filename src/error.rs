@@ -40,6 +40,13 @@ pub enum Error {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The server took nothing of what was being sent for the whole send timeout.
+    SendTimeout {
+        /// The server.
+        addr: SocketAddr,
+        /// How long nothing was taken.
+        timeout: Duration,
+    },
     /// An established connection failed while sending or receiving.
     Connection {
         /// The peer.
@@ -64,6 +71,11 @@ impl fmt::Display for Error {
                 "cannot connect to {addr}: no answer within {}",
                 humantime::format_duration(*timeout)
             ),
+            Error::SendTimeout { addr, timeout } => write!(
+                f,
+                "cannot send to {addr}: nothing taken for {}",
+                humantime::format_duration(*timeout)
+            ),
             Error::Connection { addr, .. } => write!(f, "connection to {addr} failed"),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
@@ -80,7 +92,7 @@ impl std::error::Error for Error {
             | Error::Connection { source, .. }
             | Error::Output(source)
             | Error::Thread(source) => Some(source),
-            Error::ConnectTimeout { .. } => None,
+            Error::ConnectTimeout { .. } | Error::SendTimeout { .. } => None,
         }
     }
 }

@@ -169,6 +169,25 @@ impl Batch {
         }
     }
 
+    /// Bytes its buffers hold, for a connection's memory accounting.
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.text.capacity()
+            + self.ends.capacity() * size_of::<usize>()
+            + self.raw.as_ref().map_or(0, Vec::capacity)
+    }
+
+    /// Gives back the memory of an empty batch beyond a small size (a connection gone quiet).
+    pub(crate) fn shrink(&mut self) {
+        const KEEP: usize = 1024;
+        // Past `used` is only read room, which `room` makes again when it is needed.
+        self.text.truncate(self.used);
+        self.text.shrink_to(KEEP);
+        self.ends.shrink_to(KEEP / size_of::<usize>());
+        if let Some(raw) = &mut self.raw {
+            raw.shrink_to(KEEP);
+        }
+    }
+
     /// Also keeps the bytes of each message exactly as they came (see [`raw`](Batch::raw)).
     pub fn keep_raw(mut self) -> Batch {
         self.raw = Some(Vec::new());
@@ -300,6 +319,17 @@ impl Decoder {
     /// Bytes held back waiting for the rest of a message.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Bytes its buffers hold, for a connection's memory accounting.
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.pending.capacity() + self.scratch.capacity()
+    }
+
+    /// Gives back memory it holds beyond what an unfinished line needs (a connection gone quiet).
+    pub(crate) fn shrink(&mut self) {
+        self.scratch = Vec::new();
+        self.pending.shrink_to_fit();
     }
 
     /// Decodes the next bytes of the stream, appending every message they complete to `out`.

@@ -57,6 +57,7 @@ mod room;
 mod scan;
 mod server;
 mod sink;
+mod stream;
 mod turnaway;
 
 pub use addr::resolve;
@@ -70,6 +71,7 @@ pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
 pub use room::OUTBOX_BYTES;
 pub use server::{
-    CONNECTION_STACK, DEFAULT_GREETING, Mode, Server, ServerOptions, Stopper, Summary,
+    CONNECTION_STACK, DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, Server, ServerOptions,
+    Stopper, Summary,
 };
 pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

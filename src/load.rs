@@ -33,8 +33,13 @@ pub struct LoadOptions {
     pub rtt: bool,
     /// Connect timeout per connection (zero: the operating system's).
     pub connect_timeout: Duration,
-    /// After the last message, how long to wait for the server to close.
+    /// After the last message, how long to wait for the server to close (with `rtt`, also how
+    /// long to wait for each echo). A connection the server doesn't close in time is an error:
+    /// only a clean close confirms that everything sent was printed.
     pub linger: Duration,
+    /// A connection whose server takes nothing of what is sent for this long is an error (zero:
+    /// no limit).
+    pub send_timeout: Duration,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +54,7 @@ impl Default for LoadOptions {
             rtt: false,
             connect_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(2),
+            send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -110,6 +116,10 @@ impl LoadReport {
             self.mb_per_sec(),
             self.errors
         );
+        if let Some(error) = &self.first_error {
+            json.push_str(",\"first_error\":");
+            json_string(&mut json, error);
+        }
         if let Some(l) = self.latency {
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             json.push_str(&format!(
@@ -126,6 +136,20 @@ impl LoadReport {
     }
 }
 
+/// Appends `text` as a JSON string.
+fn json_string(json: &mut String, text: &str) {
+    json.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => json.push_str("\\\""),
+            '\\' => json.push_str("\\\\"),
+            c if c < ' ' => json.push_str(&format!("\\u{:04x}", c as u32)),
+            c => json.push(c),
+        }
+    }
+    json.push('"');
+}
+
 impl std::fmt::Display for LoadReport {
     /// The summary line: counts, rates, errors, and round-trip percentiles if measured.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,6 +164,9 @@ impl std::fmt::Display for LoadReport {
             self.mb_per_sec(),
             self.errors
         )?;
+        if let Some(error) = &self.first_error {
+            write!(f, " (first: {error})")?;
+        }
         if let Some(l) = self.latency {
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             write!(
@@ -418,9 +445,56 @@ fn one_connection(addrs: &[SocketAddr], options: &LoadOptions, progress: &Progre
     outcome
 }
 
+/// How the server's side of a connection ended, as the thread reading it saw it.
+struct Drained {
+    /// `Ok` for a clean close; the failure (a reset) otherwise.
+    result: io::Result<()>,
+    /// The server's `error: ` line, if the last line it sent before failing was one.
+    reason: Option<String>,
+}
+
+/// Reads and drops what the server sends until it closes or fails; keeps the last line if the
+/// connection fails, as the server's reason.
+fn drain(stream: &TcpStream) -> Drained {
+    let mut buf = vec![0; 64 * 1024];
+    let mut last = 0;
+    let result = loop {
+        match (&*stream).read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => last = n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    // The reason is one short line, the last thing sent: in the last read, as a rule.
+    let reason = result.is_err().then(|| error_line(&buf[..last])).flatten();
+    Drained { result, reason }
+}
+
+/// The last complete line of `bytes`, if it is a server's `error: ` line.
+fn error_line(bytes: &[u8]) -> Option<String> {
+    let text = bytes.strip_suffix(b"\n")?;
+    let start = memchr::memrchr(b'\n', text).map_or(0, |at| at + 1);
+    let line = String::from_utf8_lossy(&text[start..]);
+    line.starts_with("error: ").then(|| line.into_owned())
+}
+
+/// The failure of a connection whose server ended it: its reason if it gave one.
+fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
+    match drained {
+        Drained { result: Ok(()), .. } => Ok(()),
+        Drained {
+            reason: Some(reason),
+            ..
+        } => Err(format!("{peer} closed the connection: {reason}")),
+        Drained { result: Err(e), .. } => Err(format!("connection to {peer} failed: {e}")),
+    }
+}
+
 /// Sends every message (batched into large writes when there is no interval) while a second
 /// thread drains what the server sends; then half-closes and waits for the server to close, so
-/// the time counts until the server has read everything.
+/// the time counts until the server has read everything, and a clean close confirms that it
+/// printed everything.
 fn stream_messages(
     stream: TcpStream,
     options: &LoadOptions,
@@ -428,25 +502,44 @@ fn stream_messages(
     outcome: &mut Outcome,
 ) -> Result<(), String> {
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
-    let failed = |e: io::Error| format!("connection to {peer} failed: {e}");
+    let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
+    stream
+        .set_write_timeout(send_timeout)
+        .map_err(|e| format!("connection to {peer}: {e}"))?;
+    let failed = |e: io::Error| match send_timeout {
+        Some(timeout)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "cannot send to {peer}: nothing taken for {}",
+                humantime::format_duration(timeout)
+            )
+        }
+        _ => format!("connection to {peer} failed: {e}"),
+    };
     let stream = Arc::new(stream);
     let (closed_tx, closed) = mpsc::channel();
     let drain_stream = Arc::clone(&stream);
     thread::Builder::new()
         .stack_size(128 * 1024)
         .spawn(move || {
-            let mut buf = vec![0; 64 * 1024];
-            let result = loop {
-                match (&*drain_stream).read(&mut buf) {
-                    Ok(0) => break Ok(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
-                }
-            };
-            let _ = closed_tx.send(result);
+            let _ = closed_tx.send(drain(&drain_stream));
         })
         .map_err(|e| e.to_string())?;
+    // Whatever ends the connection first, the server's reason says most.
+    let send_failed = |e: io::Error| -> String {
+        match closed.recv_timeout(options.linger) {
+            Ok(
+                drained @ Drained {
+                    reason: Some(_), ..
+                },
+            ) => ended(peer, drained).err().unwrap_or_else(|| failed(e)),
+            _ => failed(e),
+        }
+    };
 
     let template = Template::new(options);
     let mut messages = Messages::new(&template);
@@ -459,7 +552,7 @@ fn stream_messages(
         buf.extend_from_slice(messages.get(i));
         pending += 1;
         if buf.len() >= 64 * 1024 || !options.interval.is_zero() || i + 1 == options.count {
-            (&*stream).write_all(&buf).map_err(failed)?;
+            (&*stream).write_all(&buf).map_err(send_failed)?;
             outcome.messages += pending;
             outcome.bytes += buf.len() as u64;
             progress.messages.fetch_add(pending, Ordering::Relaxed);
@@ -467,22 +560,22 @@ fn stream_messages(
             pending = 0;
         }
     }
-    stream.shutdown(Shutdown::Write).map_err(failed)?;
+    stream.shutdown(Shutdown::Write).map_err(send_failed)?;
     match closed.recv_timeout(options.linger) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(failed(e)),
+        Ok(drained) => ended(peer, drained),
         Err(RecvTimeoutError::Disconnected) => Err(format!("connection to {peer}: reader ended")),
         Err(RecvTimeoutError::Timeout) => {
             let _ = stream.shutdown(Shutdown::Both);
             Err(format!(
-                "{peer} did not close within {} of the last message",
+                "{peer} did not confirm delivery: no close within {} of the last message",
                 humantime::format_duration(options.linger)
             ))
         }
     }
 }
 
-/// Sends one message, waits for the same line to come back, records the time, repeats.
+/// Sends one message, waits for the same line to come back, records the time, repeats; at the
+/// end half-closes and waits for the server's clean close.
 fn round_trips(
     stream: TcpStream,
     options: &LoadOptions,
@@ -491,14 +584,17 @@ fn round_trips(
 ) -> Result<(), String> {
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
     // An echo that never comes (not an echo server) ends the run instead of hanging it.
-    let wait = (!options.linger.is_zero()).then_some(options.linger);
     stream
-        .set_read_timeout(wait)
+        .set_read_timeout(Some(options.linger))
         .map_err(|e| format!("connection to {peer}: {e}"))?;
     stream
         .set_nodelay(true)
         .map_err(|e| format!("connection to {peer}: {e}"))?;
-    let client = Client::from_stream(stream).framing(Framing::Line);
+    let mut client = Client::from_stream(stream).framing(Framing::Line);
+    let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
+    client
+        .set_send_timeout(send_timeout)
+        .map_err(|e| describe(&e))?;
     let mut replies = client.receiver();
     // Nanoseconds from 1 ns to 100 s, three significant figures.
     let mut histogram =
@@ -506,6 +602,14 @@ fn round_trips(
     let template = Template::new(options);
     let mut messages = Messages::new(&template);
     let mut line = Vec::new();
+    // The last `error: ` line the server sent: its reason, if it then ends the connection.
+    let mut reason: Option<String> = None;
+    let timed_out = |source: &io::Error| {
+        matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    };
     for i in 0..options.count {
         if i > 0 && !options.interval.is_zero() {
             thread::sleep(options.interval); // pacing the load, as asked
@@ -514,24 +618,28 @@ fn round_trips(
         line.extend_from_slice(messages.get(i));
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
         let sent = Instant::now();
-        client.send_raw(&line).map_err(|e| describe(&e))?;
+        if let Err(e) = client.send_raw(&line) {
+            return Err(until_end(&mut replies, reason, peer).unwrap_or_else(|| describe(&e)));
+        }
         // Anything before our echo (a greeting) is skipped.
         loop {
             match replies.next() {
                 Some(Ok(reply)) if reply == expected => break,
-                Some(Ok(_)) => {}
-                Some(Err(Error::Connection { source, .. }))
-                    if matches!(
-                        source.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Some(Ok(reply)) => {
+                    reason = reply.starts_with("error: ").then_some(reply);
+                }
+                Some(Err(Error::Connection { source, .. })) if timed_out(&source) => {
                     return Err(format!(
                         "no echo of message {i} from {peer} within {} (is it an echo server?)",
                         humantime::format_duration(options.linger)
                     ));
                 }
-                Some(Err(e)) => return Err(describe(&e)),
+                Some(Err(e)) => {
+                    return Err(match reason {
+                        Some(reason) => format!("{peer} closed the connection: {reason}"),
+                        None => describe(&e),
+                    });
+                }
                 None => return Err(format!("{peer} closed before echoing message {i}")),
             }
         }
@@ -541,8 +649,43 @@ fn round_trips(
         progress.messages.fetch_add(1, Ordering::Relaxed);
     }
     outcome.latencies = Some(histogram);
-    client.finish().map_err(|e| describe(&e))?;
-    Ok(())
+    if let Err(e) = client.finish() {
+        return Err(until_end(&mut replies, reason, peer).unwrap_or_else(|| describe(&e)));
+    }
+    // The clean close confirms that everything was printed.
+    loop {
+        match replies.next() {
+            None => return Ok(()),
+            Some(Ok(reply)) => reason = reply.starts_with("error: ").then_some(reply),
+            Some(Err(Error::Connection { source, .. })) if timed_out(&source) => {
+                return Err(format!(
+                    "{peer} did not confirm delivery: no close within {} of the last message",
+                    humantime::format_duration(options.linger)
+                ));
+            }
+            Some(Err(e)) => {
+                return Err(match reason {
+                    Some(reason) => format!("{peer} closed the connection: {reason}"),
+                    None => describe(&e),
+                });
+            }
+        }
+    }
+}
+
+/// After a failed send: reads what the server still sent, for its reason.
+fn until_end(
+    replies: &mut crate::client::Receiver,
+    mut reason: Option<String>,
+    peer: SocketAddr,
+) -> Option<String> {
+    for reply in replies.by_ref() {
+        match reply {
+            Ok(reply) => reason = reply.starts_with("error: ").then_some(reply),
+            Err(_) => break,
+        }
+    }
+    reason.map(|reason| format!("{peer} closed the connection: {reason}"))
 }
 
 /// An error with its cause, on one line.

@@ -1,13 +1,13 @@
 //! Chat mode: the room of connected clients, each with a bounded outbound queue drained by its own
-//! writer thread, so that no slow reader can stall the others.
+//! writer thread, so that no slow reader can stall the others for long.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
+
+use crate::stream::{SendError, Stream, deadline_in};
 
 /// Most bytes waiting to be sent to one client; a sender waits for room beyond that.
 pub const OUTBOX_BYTES: usize = 1024 * 1024;
@@ -27,12 +27,14 @@ struct Queue {
     payloads: VecDeque<Arc<[u8]>>,
     bytes: usize,
     closed: bool,
+    /// Closed with what was queued dropped: the writer stops at once.
+    abandoned: bool,
 }
 
 /// Why a payload could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Refused {
-    /// Still full when the timeout ran out: the client is not reading.
+    /// Still full at the deadline: the client is not reading.
     Full,
     /// The client is leaving.
     Closed,
@@ -51,9 +53,13 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `payload`, waiting at most `timeout` for room (backpressure on the sender).
-    pub(crate) fn push(&self, payload: Arc<[u8]>, timeout: Duration) -> Result<(), Refused> {
-        let deadline = Instant::now() + timeout;
+    /// Queues `payload`, waiting until `deadline` at most for room (backpressure on the sender;
+    /// `None`: no waiting).
+    pub(crate) fn push(
+        &self,
+        payload: Arc<[u8]>,
+        deadline: Option<Instant>,
+    ) -> Result<(), Refused> {
         let mut queue = self.lock();
         loop {
             if queue.closed {
@@ -63,7 +69,9 @@ impl Outbox {
             if queue.bytes == 0 || queue.bytes + payload.len() <= OUTBOX_BYTES {
                 break;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::ZERO, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return Err(Refused::Full);
             }
@@ -81,7 +89,7 @@ impl Outbox {
     }
 
     /// Moves everything queued into `out`, waiting until there is something; false once the
-    /// outbox is closed and empty.
+    /// outbox is closed and empty, or abandoned.
     fn take_all(&self, out: &mut Vec<u8>) -> bool {
         let mut queue = self.lock();
         while queue.payloads.is_empty() {
@@ -109,34 +117,48 @@ impl Outbox {
         self.space.notify_all();
     }
 
-    /// No more payloads, and what is queued is dropped.
+    /// No more payloads, and what is queued is dropped: the writer ends at once.
     pub(crate) fn abandon(&self) {
         {
             let mut queue = self.lock();
             queue.closed = true;
+            queue.abandoned = true;
             queue.payloads.clear();
             queue.bytes = 0;
         }
         self.ready.notify_all();
         self.space.notify_all();
     }
+
+    fn is_abandoned(&self) -> bool {
+        self.lock().abandoned
+    }
 }
 
-/// A writer thread's work: send what the outbox holds until it closes or the client fails.
-pub(crate) fn write_loop(outbox: &Outbox, stream: &TcpStream, peer: SocketAddr) {
+/// A writer thread's work: send what the outbox holds until it closes or the client fails. A
+/// client that takes nothing for `send_timeout` is not reading: it is cut off, and its reader
+/// woken to end the connection.
+pub(crate) fn write_loop(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
     let mut buf = Vec::new();
     while outbox.take_all(&mut buf) {
-        if let Err(e) = (&*stream).write_all(&buf) {
-            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+        match stream.send(&buf, send_timeout, || outbox.is_abandoned()) {
+            Ok(()) => {}
+            Err(SendError::GaveUp) => return,
+            Err(SendError::NotReading) => {
                 warn!(
-                    "{peer} disconnected: not reading (nothing could be sent within the send timeout)"
+                    "{} disconnected: not reading (nothing could be sent within the send timeout)",
+                    stream.peer()
                 );
-            } else {
-                debug!("{peer}: cannot send: {e}");
+                outbox.abandon();
+                stream.cut();
+                return;
             }
-            outbox.abandon();
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
+            Err(SendError::Failed(e)) => {
+                debug!("{}: cannot send: {e}", stream.peer());
+                outbox.abandon();
+                stream.cut();
+                return;
+            }
         }
         buf.clear();
         if buf.capacity() > OUTBOX_BYTES {
@@ -146,60 +168,85 @@ pub(crate) fn write_loop(outbox: &Outbox, stream: &TcpStream, peer: SocketAddr) 
 }
 
 struct Member {
-    peer: SocketAddr,
-    stream: Arc<TcpStream>,
+    stream: Arc<Stream>,
     outbox: Arc<Outbox>,
 }
 
 /// Everyone connected to a chat server.
 #[derive(Default)]
 pub(crate) struct Room {
-    members: Mutex<HashMap<u64, Member>>,
+    members: Mutex<Members>,
+}
+
+#[derive(Default)]
+struct Members {
+    all: HashMap<u64, Member>,
+    /// After a stop: nothing more is relayed.
+    closed: bool,
 }
 
 impl Room {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Member>> {
+    fn lock(&self) -> MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn join(
-        &self,
-        id: u64,
-        peer: SocketAddr,
-        stream: Arc<TcpStream>,
-        outbox: Arc<Outbox>,
-    ) {
-        self.lock().insert(
-            id,
-            Member {
-                peer,
-                stream,
-                outbox,
-            },
-        );
+    /// Adds a client; after [`close`](Room::close) it is not added, and its outbox is abandoned.
+    pub(crate) fn join(&self, id: u64, stream: Arc<Stream>, outbox: Arc<Outbox>) {
+        let mut members = self.lock();
+        if members.closed {
+            outbox.abandon();
+            return;
+        }
+        members.all.insert(id, Member { stream, outbox });
     }
 
     pub(crate) fn leave(&self, id: u64) {
-        self.lock().remove(&id);
+        self.lock().all.remove(&id);
     }
 
-    /// Queues `payload` for every member but `from`. A member whose outbox stays full for
-    /// `timeout` is not reading: it is disconnected, and the room carries on.
+    /// The server is stopping: nothing more is relayed, what is queued is dropped, and no sender
+    /// waits for a full outbox any more.
+    pub(crate) fn close(&self) {
+        let outboxes: Vec<Arc<Outbox>> = {
+            let mut members = self.lock();
+            members.closed = true;
+            members
+                .all
+                .values()
+                .map(|m| Arc::clone(&m.outbox))
+                .collect()
+        };
+        for outbox in outboxes {
+            outbox.abandon();
+        }
+    }
+
+    /// Queues `payload` for every member but `from`, waiting for full outboxes at most `timeout`
+    /// in all, however many there are. A member whose outbox is still full then is not reading:
+    /// it is disconnected, and the room carries on.
     pub(crate) fn broadcast(&self, from: u64, payload: &Arc<[u8]>, timeout: Duration) {
-        let others: Vec<(SocketAddr, Arc<TcpStream>, Arc<Outbox>)> = self
-            .lock()
-            .iter()
-            .filter(|(id, _)| **id != from)
-            .map(|(_, m)| (m.peer, Arc::clone(&m.stream), Arc::clone(&m.outbox)))
-            .collect();
-        for (peer, stream, outbox) in others {
-            if outbox.push(Arc::clone(payload), timeout) == Err(Refused::Full) {
+        let others: Vec<(Arc<Stream>, Arc<Outbox>)> = {
+            let members = self.lock();
+            if members.closed {
+                return;
+            }
+            members
+                .all
+                .iter()
+                .filter(|(id, _)| **id != from)
+                .map(|(_, m)| (Arc::clone(&m.stream), Arc::clone(&m.outbox)))
+                .collect()
+        };
+        let deadline = deadline_in(timeout);
+        for (stream, outbox) in others {
+            if outbox.push(Arc::clone(payload), Some(deadline)) == Err(Refused::Full) {
                 warn!(
-                    "{peer} disconnected: not reading (outbound queue full for {})",
+                    "{} disconnected: not reading (outbound queue full for {})",
+                    stream.peer(),
                     humantime::format_duration(timeout)
                 );
                 outbox.abandon();
-                let _ = stream.shutdown(Shutdown::Both);
+                stream.cut();
             }
         }
     }
@@ -216,18 +263,16 @@ mod tests {
     #[test]
     fn a_full_outbox_refuses_after_the_timeout_and_a_closed_one_at_once() {
         let outbox = Outbox::new();
-        outbox
-            .push(payload(OUTBOX_BYTES), Duration::ZERO)
-            .expect("fits");
+        outbox.push(payload(OUTBOX_BYTES), None).expect("fits");
         let started = Instant::now();
         assert_eq!(
-            outbox.push(payload(1), Duration::from_millis(50)),
+            outbox.push(payload(1), Some(started + Duration::from_millis(50))),
             Err(Refused::Full)
         );
         assert!(started.elapsed() >= Duration::from_millis(50));
         outbox.close();
         assert_eq!(
-            outbox.push(payload(1), Duration::from_secs(10)),
+            outbox.push(payload(1), Some(Instant::now() + Duration::from_secs(10))),
             Err(Refused::Closed)
         );
     }
@@ -235,9 +280,7 @@ mod tests {
     #[test]
     fn the_writer_side_frees_room_and_drains_after_close() {
         let outbox = Arc::new(Outbox::new());
-        outbox
-            .push(payload(OUTBOX_BYTES), Duration::ZERO)
-            .expect("fits");
+        outbox.push(payload(OUTBOX_BYTES), None).expect("fits");
         let taker = Arc::clone(&outbox);
         let writer = std::thread::spawn(move || {
             let mut total = 0;
@@ -250,7 +293,7 @@ mod tests {
         });
         // Waits (bounded) until the writer has taken the first payload.
         outbox
-            .push(payload(10), Duration::from_secs(10))
+            .push(payload(10), Some(Instant::now() + Duration::from_secs(10)))
             .expect("room freed");
         outbox.close();
         assert_eq!(writer.join().expect("writer"), OUTBOX_BYTES + 10);

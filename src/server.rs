@@ -3,8 +3,8 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use crate::framing::{DEFAULT_MAX_LINE, Framing};
 use crate::limits::Access;
 use crate::room::Room;
 use crate::sink::Sink;
+use crate::stream::{self, Stream};
 use crate::turnaway::Turnaway;
 use crate::{Error, addr};
 
@@ -27,13 +28,24 @@ pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
 /// and only the pages it touches count against memory: about 8 KiB in practice.
 pub const CONNECTION_STACK: usize = 64 * 1024;
 
-/// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
-/// closing is noticed after about two minutes even with no idle timeout.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-
-/// How long after a stop a connection may keep reading what its peer had already sent.
+/// How long after a stop a busy connection may go on reading, so that a client in the middle of
+/// sending can finish and have everything printed.
 pub(crate) const DRAIN_TIME: Duration = Duration::from_millis(500);
+
+/// A connection that read nothing for this long before a stop is cut at once: its client is not
+/// in the middle of sending.
+const QUIET_AT_STOP: Duration = Duration::from_millis(100);
+
+/// How long after the drain the output may take to write what was read, before the stop gives up
+/// on it (a pipe nobody reads): what it did not write is counted, and those clients are told.
+const OUTPUT_GRACE: Duration = Duration::from_millis(1500);
+
+/// The bound on a stop: by then every connection has ended, or is given up on (left to the
+/// process's exit, which resets its client).
+const STOP_BOUND: Duration = Duration::from_secs(3);
+
+/// The default for [`ServerOptions::buffer_budget`].
+pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 
 /// What the server does with each message, besides handing it to the [`Sink`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -81,6 +93,10 @@ pub struct ServerOptions {
     /// How long a send to a client may make no progress (echo, chat) and how long a chat sender
     /// waits for a recipient's full queue, before that client is disconnected.
     pub send_timeout: Duration,
+    /// Bytes all connections' buffers may hold together beyond each one's small allowance (a
+    /// 1 KiB read and lines of a few KiB): larger reads and long unfinished lines come out of
+    /// it. A client whose unfinished line finds it spent is cut off with `error: server busy`.
+    pub buffer_budget: usize,
 }
 
 impl Default for ServerOptions {
@@ -95,6 +111,7 @@ impl Default for ServerOptions {
             access: Access::new(),
             mode: Mode::Log,
             send_timeout: Duration::from_secs(5),
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
         }
     }
 }
@@ -153,6 +170,12 @@ impl ServerOptions {
         self.access = access;
         self
     }
+
+    /// Sets the buffer budget, in bytes (see [`buffer_budget`](ServerOptions::buffer_budget)).
+    pub fn buffer_budget(mut self, bytes: usize) -> ServerOptions {
+        self.buffer_budget = bytes;
+        self
+    }
 }
 
 /// Totals over a server's life.
@@ -161,8 +184,11 @@ impl ServerOptions {
 pub struct Summary {
     /// Connections accepted.
     pub connections: u64,
-    /// Messages delivered to the sink.
+    /// Messages received (complete messages read from clients).
     pub messages: u64,
+    /// Of those, messages not printed: read but refused by the sink (it had failed), or taken by
+    /// it and not written out (it failed later, or was still blocked when the stop gave up).
+    pub unprinted: u64,
     /// Bytes read from clients.
     pub bytes: u64,
 }
@@ -237,9 +263,11 @@ impl Server {
     ) -> Result<Server, Error> {
         let (turnaway, turnaway_thread) = Turnaway::start().map_err(Error::Thread)?;
         let shared = Arc::new(Shared {
+            budget: Budget::new(options.buffer_budget),
             options,
             sink,
             local_addr,
+            epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             exit_follows: AtomicBool::new(false),
             stopped_at: OnceLock::new(),
@@ -247,6 +275,7 @@ impl Server {
             idle: Condvar::new(),
             connections: AtomicU64::new(0),
             messages: AtomicU64::new(0),
+            refused_messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             output_error: Mutex::new(None),
             room: Room::default(),
@@ -261,7 +290,11 @@ impl Server {
         let accept_shared = Arc::clone(&shared);
         let accept = thread::Builder::new()
             .name("plugboard-accept".into())
-            .spawn(move || accept_loop(&listener, &accept_shared, &accepted));
+            .spawn(move || {
+                accept_loop(&listener, &accept_shared, &accepted);
+                drop(listener);
+                accept_shared.drain();
+            });
         let accept = match accept {
             Ok(accept) => accept,
             Err(e) => {
@@ -290,14 +323,19 @@ impl Server {
         Stopper(Arc::clone(&self.shared))
     }
 
-    /// Stops the server without waiting: no new clients are accepted, each connection reads what
-    /// its client had already sent (for at most half a second) and is closed. Idempotent.
+    /// Stops the server without waiting: no new clients are accepted; a client that sent nothing
+    /// for a moment is cut off at once, and one in the middle of sending may go on for at most
+    /// half a second: if it finishes, it gets its clean close; if not, it is cut off too. A client
+    /// cut off is told (`error: server stopping`, then a reset). Idempotent.
     pub fn stop(&self) {
         self.shared.stop();
     }
 
     /// Waits until the server is stopped (by [`stop`](Server::stop), a [`Stopper`], or a failed
     /// sink) and every thread it started has ended.
+    ///
+    /// Bounded once stopped: a connection still running three seconds after the stop (its thread
+    /// stuck in a sink that never returns) is given up on and its thread left running.
     ///
     /// Returns the totals, or [`Error::Output`] if the sink failed.
     pub fn join(mut self) -> Result<Summary, Error> {
@@ -338,8 +376,8 @@ impl Server {
         self.shared.summary()
     }
 
-    /// Joins the server's own threads and waits for every connection to end; joins the
-    /// connection threads too if `connections`.
+    /// Joins the server's own threads and waits for every connection to end (at most until the
+    /// stop's bound); joins the connection threads too if `connections`.
     fn join_threads(&mut self, connections: bool) {
         for thread in [
             self.accept.take(),
@@ -351,14 +389,32 @@ impl Server {
         {
             let _ = thread.join();
         }
+        let bound = self.shared.stopped_at.get().map(|at| *at + STOP_BOUND);
         let finished = {
             let mut registry = self.shared.registry();
             while !registry.live.is_empty() {
+                let left = bound.map_or(Duration::MAX, |bound| {
+                    bound.saturating_duration_since(Instant::now())
+                });
+                if left.is_zero() {
+                    // Stuck in the sink, most likely: their sockets reset when they are closed,
+                    // at the latest when the process exits.
+                    warn!(
+                        "{} connections still busy {} after the stop; giving up on them",
+                        registry.live.len(),
+                        humantime::format_duration(STOP_BOUND)
+                    );
+                    for live in registry.live.values_mut() {
+                        drop(live.thread.take()); // detached
+                    }
+                    break;
+                }
                 registry = self
                     .shared
                     .idle
-                    .wait(registry)
-                    .unwrap_or_else(PoisonError::into_inner);
+                    .wait_timeout(registry, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
             std::mem::take(&mut registry.finished)
         };
@@ -410,6 +466,10 @@ fn accept_loop(
     loop {
         let accepted = listener.accept();
         if shared.is_stopping() {
+            if let Ok((stream, _)) = accepted {
+                // A client (or the stop's own wake-up) that came just as it stopped.
+                stream::turn_away_now(&stream, "server stopping");
+            }
             break;
         }
         match accepted {
@@ -440,8 +500,10 @@ fn accept_loop(
 /// Starts a thread for each accepted connection, until the accept loop ends.
 fn start_loop(accepted: &mpsc::Receiver<(TcpStream, SocketAddr)>, shared: &Arc<Shared>) {
     for (stream, peer) in accepted {
-        // After a stop, connections still queued here are simply closed.
-        if !shared.is_stopping() {
+        if shared.is_stopping() {
+            // Accepted but never served: told so, and reset.
+            stream::turn_away_now(&stream, "server stopping");
+        } else {
             shared.start_connection(stream, peer);
         }
         shared.reap();
@@ -458,11 +520,49 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
+/// Bytes all connections' buffers hold beyond their allowance (see
+/// [`ServerOptions::buffer_budget`]).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes `bytes` from the budget if that many are left.
+    pub(crate) fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Bytes left, at this moment.
+    pub(crate) fn left(&self) -> usize {
+        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
+    }
+
+    /// Gives back `bytes` taken before.
+    pub(crate) fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// State shared by the accept and starter threads, every connection thread and the handles.
 pub(crate) struct Shared {
     pub(crate) options: ServerOptions,
     pub(crate) sink: Arc<dyn Sink>,
     local_addr: SocketAddr,
+    /// The start of the server's clock for [`Stream::touch`].
+    epoch: Instant,
     stopping: AtomicBool,
     /// Set by [`Server::wait`]: after a stop, connection threads park instead of exiting.
     exit_follows: AtomicBool,
@@ -472,8 +572,12 @@ pub(crate) struct Shared {
     idle: Condvar,
     connections: AtomicU64,
     messages: AtomicU64,
+    /// Messages read that the sink refused (it had failed, or the stop gave up waiting for it).
+    refused_messages: AtomicU64,
     bytes: AtomicU64,
     output_error: Mutex<Option<io::Error>>,
+    /// Memory the connections' buffers may take beyond their allowance.
+    pub(crate) budget: Budget,
     /// The chat room (empty unless the mode is chat).
     pub(crate) room: Room,
     /// Clients refused at accept linger here for a moment.
@@ -489,7 +593,7 @@ struct Registry {
 }
 
 struct Live {
-    stream: Arc<TcpStream>,
+    stream: Arc<Stream>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -527,6 +631,11 @@ impl Shared {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Milliseconds since the server started: the clock of [`Stream::touch`].
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -540,8 +649,10 @@ impl Shared {
                 .is_some_and(|at| at.elapsed() >= DRAIN_TIME)
     }
 
-    pub(crate) fn add_totals(&self, messages: u64, bytes: u64) {
+    /// Adds a finished connection's counts: messages read, of those refused by the sink, bytes.
+    pub(crate) fn add_totals(&self, messages: u64, refused: u64, bytes: u64) {
         self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.refused_messages.fetch_add(refused, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -549,13 +660,17 @@ impl Shared {
         Summary {
             connections: self.connections.load(Ordering::Relaxed),
             messages: self.messages.load(Ordering::Relaxed),
+            unprinted: self.refused_messages.load(Ordering::Relaxed) + self.sink.unwritten(),
             bytes: self.bytes.load(Ordering::Relaxed),
         }
     }
 
     /// Records that the sink failed and stops the server: with nowhere to put messages, reading
     /// more would only lose them.
-    pub(crate) fn output_failed(&self, error: io::Error) {
+    pub(crate) fn output_failed(&self, error: &io::Error) {
+        if error.kind() == io::ErrorKind::TimedOut && self.is_stopping() {
+            return; // the stop gave up waiting for it: counted, not an output failure
+        }
         {
             let mut slot = self
                 .output_error
@@ -567,7 +682,7 @@ impl Shared {
                 } else {
                     error!("cannot write output: {error}; stopping");
                 }
-                *slot = Some(error);
+                *slot = Some(io::Error::new(error.kind(), error.to_string()));
             }
         }
         self.stop();
@@ -577,41 +692,75 @@ impl Shared {
         if self.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _ = self.stopped_at.set(Instant::now());
+        let now = Instant::now();
+        let _ = self.stopped_at.set(now);
         self.turnaway.stop();
+        self.sink.stop(now + DRAIN_TIME + OUTPUT_GRACE);
+        // No more relaying: what is queued for chat clients is dropped, and no sender waits.
+        self.room.close();
         // Wake the accept loop, which is blocked in accept().
         let wake = wake_addr(self.local_addr);
-        if let Err(e) = TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
-            warn!("cannot wake the accept loop through {wake}: {e}");
+        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
+            // Reset: the loop woke, accepted it and turned it away before the connect returned.
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => warn!("cannot wake the accept loop through {wake}: {e}"),
         }
-        // Wake every reader. On Unix, shutting the read side still lets it read what had already
-        // arrived, then it sees end of stream; Windows needs both sides shut to wake a recv. In
-        // echo and chat mode the write side is shut too, so that no thread stays blocked sending
-        // to a client that doesn't read (replies are not owed after a stop; what was received is
-        // still read and printed).
-        let how = if cfg!(windows) || self.options.mode != Mode::Log {
-            Shutdown::Both
-        } else {
-            Shutdown::Read
-        };
-        // Shut them outside the lock, so the readers that wake can deregister meanwhile. None
-        // is missed: a connection registered after this copy saw `stopping` and was refused.
-        let streams: Vec<Arc<TcpStream>> = self
+        // Cut the connections whose clients are not sending; the others get the drain time to
+        // finish (see `drain`). Outside the lock, so the readers that wake can deregister
+        // meanwhile. None is missed: a connection registered after this copy saw `stopping` and
+        // was refused.
+        let quiet_before = self
+            .now_ms()
+            .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
+        let quiet: Vec<Arc<Stream>> = self
             .registry()
+            .live
+            .values()
+            .filter(|live| live.stream.last_read() <= quiet_before)
+            .map(|live| Arc::clone(&live.stream))
+            .collect();
+        for stream in quiet {
+            stream.cut();
+        }
+    }
+
+    /// After a stop: waits (at most the drain time) for the connections still reading to finish,
+    /// then cuts the rest.
+    fn drain(&self) {
+        let Some(&stopped_at) = self.stopped_at.get() else {
+            return;
+        };
+        let deadline = stopped_at + DRAIN_TIME;
+        let mut registry = self.registry();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if registry.live.is_empty() || left.is_zero() {
+                break;
+            }
+            registry = self
+                .idle
+                .wait_timeout(registry, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let rest: Vec<Arc<Stream>> = registry
             .live
             .values()
             .map(|live| Arc::clone(&live.stream))
             .collect();
-        for stream in streams {
-            let _ = stream.shutdown(how);
+        drop(registry);
+        for stream in rest {
+            stream.cut();
         }
     }
 
-    fn start_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    fn start_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let mut registry = self.registry();
-        // Checked under the lock that stop() takes, so no connection escapes its shutdown.
+        // Checked under the lock that stop() takes, so no connection escapes its cut.
         if self.is_stopping() {
-            return;
+            drop(registry);
+            return stream::turn_away_now(&tcp, "server stopping");
         }
         let live = registry.live.len();
         if live >= self.options.max_clients {
@@ -620,9 +769,9 @@ impl Shared {
             info!("{peer} refused: server full ({max} clients)");
             return self
                 .turnaway
-                .refuse(stream, &format!("server full ({max} clients)"));
+                .refuse(tcp, &format!("server full ({max} clients)"));
         }
-        let stream = Arc::new(stream);
+        let stream = Arc::new(Stream::new(tcp, peer, self.now_ms()));
         let id = registry.next_id;
         registry.next_id += 1;
         let shared = Arc::clone(self);
@@ -642,7 +791,7 @@ impl Shared {
                         id,
                         park: &park,
                     };
-                    connection::serve(&shared, id, &thread_stream, peer);
+                    connection::serve(&shared, id, &thread_stream);
                 }
                 drop(thread_stream);
                 if park.get() {
@@ -668,10 +817,7 @@ impl Shared {
             Err(e) => {
                 drop(registry);
                 error!("{peer} refused: cannot start a connection thread: {e}");
-                match Arc::try_unwrap(stream) {
-                    Ok(stream) => self.turnaway.refuse(stream, "server busy"),
-                    Err(stream) => drop(stream),
-                }
+                stream.tell_now("server busy");
             }
         }
     }
@@ -683,13 +829,6 @@ impl Shared {
             let _ = thread.join();
         }
     }
-}
-
-pub(crate) fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
 /// Where to connect to reach our own listener: loopback when bound to "any address".

@@ -1,16 +1,19 @@
 //! Clients turned away at accept (not allowed, server full): told why in one line, then given a
-//! moment to read it before the close.
+//! moment to read it before the reset.
 //!
-//! Closing a socket with unread data sends a reset, which can destroy the reason in the client's
-//! receive queue before it reads it; and a client that sends at once (as the demo client does)
-//! always has unread data. So each refused connection is kept for up to half a second while what
-//! it sends is read and dropped, by one thread for all of them, never blocking the accept loop.
+//! A refusal ends in a reset, never a clean close, which would mean success (see `stream`). A
+//! reset can destroy the reason in the client's receive queue before it reads it (Windows drops
+//! what was not read), so each refused connection is kept for up to half a second, or until the
+//! client closes its side, while what it sends is read and dropped, by one thread for all of
+//! them, never blocking the accept loop.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, ErrorKind, Read};
+use std::net::TcpStream;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crate::stream::turn_away_now;
 
 /// How long a refused client has to read the reason.
 const LINGER: Duration = Duration::from_millis(500);
@@ -36,14 +39,10 @@ impl Turnaway {
         Ok((Turnaway { queue }, thread))
     }
 
-    /// Tells the client why in one line `error: REASON`, half-closes, and lets it read that.
+    /// Tells the client why in one line `error: REASON` and lets it read that; the reset follows.
     pub(crate) fn refuse(&self, stream: TcpStream, reason: &str) {
-        // Never block the caller: a fresh connection's send buffer is empty, so the line fits.
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let _ = (&stream).write_all(format!("error: {reason}\n").as_bytes());
-        let _ = stream.shutdown(Shutdown::Write);
+        // Never blocks the caller: a fresh connection's send buffer is empty, so the line fits.
+        turn_away_now(&stream, reason);
         let _ = self.queue.send(Some(stream));
     }
 

@@ -95,6 +95,18 @@ fn expect_exactly_then_eof(stream: &TcpStream, expected: &str, what: &str) {
     );
 }
 
+/// Assert that the server sends exactly `expected` and then resets the connection: how it ends
+/// a connection it refuses or cuts off, so that the client can't mistake it for the clean close
+/// that confirms delivery.
+fn expect_exactly_then_reset(stream: &TcpStream, expected: &str, what: &str) {
+    let (got, error) = read_to_eof(stream);
+    assert_eq!(got, expected, "{what}: what the server sent");
+    assert!(
+        matches!(&error, Some(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "{what}: expected a reset after {expected:?}, got {error:?}"
+    );
+}
+
 /// Paces a client that deliberately sends slowly. This does not synchronise anything: the test
 /// waits for what it checks by reading sockets or polling with a deadline.
 fn pace(d: Duration) {
@@ -244,7 +256,7 @@ fn max_clients() {
     // The 3 greetings were sent by their connection threads, so all 3 slots are taken now.
     let fourth = connect(addr);
     let fourth_local = fourth.local_addr().expect("local_addr");
-    expect_exactly_then_eof(&fourth, "error: server full (3 clients)\n", "4th client");
+    expect_exactly_then_reset(&fourth, "error: server full (3 clients)\n", "4th client");
     wait_for_log(
         &server,
         &[&format!("{fourth_local} refused: server full (3 clients)")],
@@ -325,8 +337,8 @@ fn flood_over_the_cap() {
             greeted.push(stream);
         } else if line == full {
             refused += 1;
-            // Refused: nothing but that line, then EOF.
-            expect_exactly_then_eof(&stream, "", &format!("refused client {local}"));
+            // Refused: nothing but that line, then a reset.
+            expect_exactly_then_reset(&stream, "", &format!("refused client {local}"));
         } else {
             panic!("client {local}: unexpected first line {line:?}");
         }
@@ -364,8 +376,8 @@ fn flood_over_the_cap() {
 // ------------------------------------------------------------------------------------------------
 
 /// With `--max-line 100`, lines of exactly 100 bytes (LF and CRLF) are printed; a 101-byte line
-/// gets `error: line too long (max 100 bytes)` and EOF, and neither it nor anything after it is
-/// printed.
+/// gets `error: line too long (max 100 bytes)` and a reset, and neither it nor anything after it
+/// is printed.
 #[cfg(unix)]
 #[test]
 fn max_line() {
@@ -378,7 +390,7 @@ fn max_line() {
     let too_long = "c".repeat(101);
     let sent = format!("{lf}\n{crlf}\r\n{too_long}\nafter\n");
     (&stream).write_all(sent.as_bytes()).expect("write");
-    expect_exactly_then_eof(
+    expect_exactly_then_reset(
         &stream,
         &format!("{}error: line too long (max 100 bytes)\n", greeting(local)),
         "client with a 101-byte line",
@@ -434,10 +446,7 @@ fn max_line_bounds_memory() {
     assert_eq!(first, greeting(local));
     let error = read_line(&stream).expect("error line");
     assert_eq!(error, "error: line too long (max 1000 bytes)\n");
-    // After the error, EOF or (once the server closes with our flood unread) a reset; either way
-    // nothing more.
-    let (rest, _) = read_to_eof(&stream);
-    assert_eq!(rest, "", "nothing after the error line");
+    expect_exactly_then_reset(&stream, "", "the flooding client after the error line");
     let written = writer.join().expect("writer thread");
     drop(stream);
 
@@ -490,7 +499,7 @@ fn idle_timeout() {
         let line = read_line(&stream).expect("silent client: waiting to be cut off");
         let after = connected.elapsed();
         assert_eq!(line, cut_off, "silent client");
-        expect_exactly_then_eof(&stream, "", "silent client after the error");
+        expect_exactly_then_reset(&stream, "", "silent client after the error");
         (local, after)
     });
 
@@ -609,10 +618,10 @@ fn idle_timeout() {
 // 5. --allow / --deny
 // ------------------------------------------------------------------------------------------------
 
-/// Expect `stream` to be refused as `not allowed`: that line, no greeting, EOF. Then try to send a
-/// line anyway (ignoring errors); the caller checks it is never printed.
+/// Expect `stream` to be refused as `not allowed`: that line, no greeting, a reset. Then try to
+/// send a line anyway (ignoring errors); the caller checks it is never printed.
 fn expect_not_allowed(stream: &TcpStream, what: &str) {
-    expect_exactly_then_eof(stream, "error: not allowed\n", what);
+    expect_exactly_then_reset(stream, "error: not allowed\n", what);
     let _ = (&*stream).write_all(b"let me in\n");
 }
 

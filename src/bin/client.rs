@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::{self, BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,18 +11,18 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use clap::Parser;
+use anyhow::{Context, anyhow, bail};
+use clap::{CommandFactory, Parser};
 use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load};
 use tracing::{debug, info, warn};
 
 use common::{FramingArg, LogArgs};
-use humantime::parse_duration;
 
 /// A TCP message client: prints every line the server sends and sends `--count` messages.
 ///
 /// What the server sends goes to stdout; the log goes to stderr. After the last message the client
-/// half-closes and waits (at most --linger) for the server to close.
+/// half-closes and waits (at most --linger) for the server to close: a plugboard server closes
+/// cleanly only once it has printed everything, so exit status 0 means every message was printed.
 #[derive(Parser, Debug)]
 #[command(name = "client", version)]
 struct Cli {
@@ -36,18 +37,21 @@ struct Cli {
     count: u64,
     /// Pause between messages (`2s`, `500ms`, `0`) [default: 2s; in load mode 0, as fast as
     /// possible].
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = common::duration, value_name = "DURATION")]
     interval: Option<Duration>,
     /// Message text; `{i}` becomes the message's number, counting from 0.
     #[arg(long, default_value = "hello world {i}", value_name = "TEMPLATE")]
     message: String,
     /// How long to wait for the connection (`0`: the operating system's limit).
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
     connect_timeout: Duration,
-    /// After the last message, how long to wait for the server to close before closing anyway
-    /// (with --rtt: how long to wait for each echo).
-    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    /// After the last message, how long to wait for the server to confirm delivery by closing
+    /// (with --rtt: also how long to wait for each echo); no close in time means exit status 1.
+    #[arg(long, default_value = "2s", value_parser = common::positive_duration, value_name = "DURATION")]
     linger: Duration,
+    /// Give up (exit status 1) when the server takes nothing of what is being sent for this long.
+    #[arg(long, default_value = "10s", value_parser = common::positive_duration, value_name = "DURATION")]
+    send_timeout: Duration,
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
     framing: FramingArg,
@@ -75,10 +79,13 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    common::init_logging(&cli.log);
+    let log = common::init_logging(&cli.log);
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => common::fail(&error),
+        Ok(()) => {
+            log.finish(common::LOG_FLUSH);
+            ExitCode::SUCCESS
+        }
+        Err(error) => common::fail(&log, &error),
     }
 }
 
@@ -87,10 +94,37 @@ const DEMO_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What the main thread waits for.
 enum Event {
-    /// The reader saw the server close (or the connection fail).
-    ServerClosed,
-    /// Standard input ended (`Ok`) or a line from it could not be sent.
+    /// The reader is done: the server closed its side, or the connection failed.
+    ServerEnded(Ending),
+    /// Standard input ended (`Ok`) or a line from it could not be read or sent.
     StdinEnded(anyhow::Result<()>),
+}
+
+/// How the server's side of the connection ended, as the reader saw it.
+struct Ending {
+    /// The connection failed (a reset: the server refused or cut us off), or our stdout did.
+    failure: Option<anyhow::Error>,
+    /// The last line received, if it is a server's `error: ` line: the reason for a failure.
+    reason: Option<String>,
+}
+
+impl Ending {
+    /// The failure, described by the server's reason when it gave one.
+    fn into_error(self, server: SocketAddr) -> anyhow::Error {
+        match (self.reason, self.failure) {
+            (Some(reason), _) => anyhow!("{server} closed the connection: {reason}"),
+            (None, Some(failure)) => failure,
+            (None, None) => anyhow!("{server} closed the connection"),
+        }
+    }
+}
+
+/// Why sending stopped early.
+enum Stopped {
+    /// The server's side failed (the reader saw a reset).
+    ServerEnded(Ending),
+    /// A send failed.
+    Send(anyhow::Error),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -98,118 +132,153 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return load(&cli);
     }
     let framing: Framing = cli.framing.into();
-    let client = Client::connect(&cli.host, cli.port, cli.connect_timeout)?.framing(framing);
+    let mut client = Client::connect(&cli.host, cli.port, cli.connect_timeout)?.framing(framing);
+    client.set_send_timeout(Some(cli.send_timeout))?;
     let server = client.peer_addr();
     info!("connected to {server}");
 
     let (events_tx, events) = mpsc::channel();
     let receiver = client.receiver();
-    let reader = {
+    {
         let events_tx = events_tx.clone();
+        // Never joined: it may be stuck writing to a stdout nobody reads, and then it ends with
+        // the process; what it found out comes over the channel.
         thread::Builder::new()
             .name("reader".into())
             .spawn(move || {
-                let result = print_received(receiver, framing);
-                let _ = events_tx.send(Event::ServerClosed);
-                result
+                let ending = print_received(receiver, framing);
+                let _ = events_tx.send(Event::ServerEnded(ending));
             })
-            .context("cannot start the reader thread")?
-    };
+            .context("cannot start the reader thread")?;
+    }
 
-    let server_closed_first = if cli.stdin {
-        send_stdin(&client, &events, events_tx)?
+    // A server that closes its side early has only stopped sending (as `ncat -l < /dev/null`
+    // does): that ends what we read, not what we send. A plugboard server never does: it closes
+    // cleanly only after reading our end of stream, and otherwise resets the connection.
+    let mut closed_early = false;
+    let sent = if cli.stdin {
+        send_stdin(&client, &events, events_tx, &mut closed_early)
     } else {
-        send_numbered(&client, &cli, &events)?
+        send_numbered(&client, &cli, &events, &mut closed_early)
     };
-
-    if !server_closed_first {
-        // A failure here means the server has closed already; the reader says how.
-        if let Err(e) = client.finish() {
-            debug!("half-close: {e:#}");
-        }
-        match events.recv_timeout(cli.linger) {
-            Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => {}
-            Ok(Event::StdinEnded(_)) | Err(RecvTimeoutError::Timeout) => {
-                warn!(
-                    "{server} did not close within {}; closing",
-                    humantime::format_duration(cli.linger)
-                );
-                client.close();
+    let ending = match sent {
+        Ok(()) => {
+            if let Err(e) = client.finish() {
+                // The connection has failed; the reader will say how.
+                debug!("half-close: {e:#}");
+            }
+            if closed_early {
+                warn!("{server} had closed its side early: it did not confirm what it received");
+                return Ok(());
+            }
+            // The server's clean close says it read everything and printed it.
+            match wait_for_end(&events, cli.linger) {
+                Some(ending) => ending,
+                None => {
+                    client.close();
+                    bail!(
+                        "{server} did not confirm delivery: no close within {} of the last message",
+                        humantime::format_duration(cli.linger)
+                    );
+                }
             }
         }
-    }
-    let Ok((last, failure)) = reader.join() else {
-        bail!("the reader thread panicked");
-    };
-    // The server's own reason comes first: a refused client may also see a reset or a failed
-    // send, which says less.
-    if let Some(error) = last.filter(|line| line.starts_with("error:")) {
-        bail!("{server} closed the connection: {error}");
-    }
-    if let Some(failure) = failure {
-        return Err(failure);
-    }
-    if server_closed_first {
-        if !cli.stdin {
-            bail!(
-                "{server} closed the connection before all {} messages were sent",
-                cli.count
-            );
+        Err(Stopped::ServerEnded(ending)) => ending,
+        Err(Stopped::Send(error)) if closed_early => return Err(error),
+        Err(Stopped::Send(error)) => {
+            // The server most likely refused or cut us off: its reason, if it sent one, is on
+            // its way to the reader, which sees the reset right after.
+            match wait_for_end(&events, cli.linger) {
+                Some(ending) if ending.reason.is_some() => ending,
+                _ => return Err(error),
+            }
         }
-        warn!("{server} closed the connection");
+    };
+    match ending.failure {
+        None => Ok(()),
+        Some(_) => Err(ending.into_error(server)),
     }
+}
+
+/// Waits at most `timeout` for the reader to end.
+fn wait_for_end(events: &mpsc::Receiver<Event>, timeout: Duration) -> Option<Ending> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(Event::ServerEnded(ending)) => return Some(ending),
+            Ok(Event::StdinEnded(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Takes the news that the server's side ended while sending: a clean close (it stopped
+/// sending) is noted and sending goes on; a failure stops it.
+fn server_ended(ending: Ending, closed_early: &mut bool) -> Result<(), Stopped> {
+    if ending.failure.is_some() {
+        return Err(Stopped::ServerEnded(ending));
+    }
+    *closed_early = true;
     Ok(())
 }
 
-/// Sends `--count` numbered messages `--interval` apart; true if the server closed first.
+/// Sends `--count` numbered messages `--interval` apart.
 fn send_numbered(
     client: &Client,
     cli: &Cli,
     events: &mpsc::Receiver<Event>,
-) -> anyhow::Result<bool> {
+    closed_early: &mut bool,
+) -> Result<(), Stopped> {
+    let interval = cli.interval.unwrap_or(DEMO_INTERVAL);
     for i in 0..cli.count {
         if i > 0 {
-            match events.recv_timeout(cli.interval.unwrap_or(DEMO_INTERVAL)) {
-                Err(RecvTimeoutError::Timeout) | Ok(Event::StdinEnded(_)) => {}
-                Ok(Event::ServerClosed) | Err(RecvTimeoutError::Disconnected) => return Ok(true),
+            let next = Instant::now() + interval;
+            loop {
+                let left = next.saturating_duration_since(Instant::now());
+                match events.recv_timeout(left) {
+                    Ok(Event::ServerEnded(ending)) => server_ended(ending, closed_early)?,
+                    Ok(Event::StdinEnded(_)) | Err(RecvTimeoutError::Disconnected) => {}
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+                if left.is_zero() {
+                    break;
+                }
             }
         }
         let message = cli.message.replace("{i}", &i.to_string());
-        if let Err(e) = client.send(&message) {
-            // The server has gone; the reader knows why.
-            debug!("send: {e:#}");
-            return Ok(true);
-        }
+        client.send(&message).map_err(|e| Stopped::Send(e.into()))?;
         info!("sent {message:?}");
     }
-    Ok(false)
+    Ok(())
 }
 
-/// Sends each line of standard input as it is read, until it ends or the server closes; true if
-/// the server closed first.
+/// Sends each line of standard input as it is read, until it ends or sending fails.
 fn send_stdin(
     client: &Client,
     events: &mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
-) -> anyhow::Result<bool> {
+    closed_early: &mut bool,
+) -> Result<(), Stopped> {
     let sender = client.clone();
-    // Not joined: if the server closes first, this thread may be blocked reading a terminal,
+    // Not joined: if the server fails first, this thread may be blocked reading a terminal,
     // and it ends with the process.
-    thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let result = forward_stdin(&sender);
-            let _ = events_tx.send(Event::StdinEnded(result));
-        })
-        .context("cannot start the stdin thread")?;
-    match events.recv() {
-        Ok(Event::StdinEnded(Ok(()))) => Ok(false),
-        Ok(Event::StdinEnded(Err(e))) => {
-            // Most likely the server went away mid-send; the reader says how.
-            debug!("sending stopped: {e:#}");
-            Ok(true)
+    let started = thread::Builder::new().name("stdin".into()).spawn(move || {
+        let result = forward_stdin(&sender);
+        let _ = events_tx.send(Event::StdinEnded(result));
+    });
+    if let Err(e) = started {
+        return Err(Stopped::Send(
+            anyhow::Error::new(e).context("cannot start the stdin thread"),
+        ));
+    }
+    loop {
+        match events.recv() {
+            Ok(Event::StdinEnded(Ok(()))) => return Ok(()),
+            Ok(Event::StdinEnded(Err(e))) => return Err(Stopped::Send(e)),
+            Ok(Event::ServerEnded(ending)) => server_ended(ending, closed_early)?,
+            Err(_) => return Err(Stopped::Send(anyhow!("the stdin thread ended"))),
         }
-        Ok(Event::ServerClosed) | Err(_) => Ok(true),
     }
 }
 
@@ -235,15 +304,19 @@ fn forward_stdin(client: &Client) -> anyhow::Result<()> {
     }
 }
 
-/// Prints every message as it arrives: a line per message, or raw chunks as they are. Returns
-/// the last message, and how the connection failed if it did.
-fn print_received(receiver: Receiver, framing: Framing) -> (Option<String>, Option<anyhow::Error>) {
+/// Prints every message as it arrives: a line per message, or raw chunks as they are. Says how
+/// the server's side ended, with its reason if the last line was an `error: ` line.
+fn print_received(receiver: Receiver, framing: Framing) -> Ending {
     let stdout = io::stdout();
-    let mut last = None;
+    let mut last: Option<String> = None;
+    let mut failure = None;
     for message in receiver {
         let message = match message {
             Ok(message) => message,
-            Err(e) => return (last, Some(e.into())),
+            Err(e) => {
+                failure = Some(e.into());
+                break;
+            }
         };
         let mut out = stdout.lock();
         let written = match framing {
@@ -255,13 +328,19 @@ fn print_received(receiver: Receiver, framing: Framing) -> (Option<String>, Opti
             // Nobody reads our output any more; keep draining the connection quietly.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Err(e) => {
-                let failure = anyhow::Error::new(e).context("cannot write to stdout");
-                return (last, Some(failure));
+                failure = Some(anyhow::Error::new(e).context("cannot write to stdout"));
+                break;
             }
         }
         last = Some(message);
     }
-    (last, None)
+    // Only a connection that failed has a reason: after a clean close an `error: ` line is just
+    // text (an echo server sending back what we sent, say).
+    let reason = failure
+        .as_ref()
+        .and(last)
+        .filter(|line| line.starts_with("error: "));
+    Ending { failure, reason }
 }
 
 /// Load mode: many connections, a summary at the end.
@@ -276,11 +355,16 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         rtt: cli.rtt,
         connect_timeout: cli.connect_timeout,
         linger: cli.linger,
+        send_timeout: cli.send_timeout,
     };
     if options.rtt && options.framing != Framing::Line {
-        // Usage error, like clap's own: exit 2.
-        eprintln!("error: --rtt needs line framing");
-        std::process::exit(2);
+        // A usage error, reported (exit status 2) as clap reports its own.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--rtt needs line framing",
+            )
+            .exit();
     }
     plugboard::raise_fd_limit().ok();
     let progress = Arc::new(Progress::default());
@@ -297,7 +381,8 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     let report = report?;
     info!("{report}");
     if cli.json {
-        println!("{}", report.to_json());
+        // A closed stdout is no reason to panic: the summary is in the log too.
+        let _ = writeln!(io::stdout(), "{}", report.to_json());
     }
     if let Some(error) = report.first_error {
         bail!(
@@ -316,7 +401,7 @@ fn show_progress(progress: &Progress, done: &AtomicBool) {
         thread::sleep(Duration::from_millis(500)); // a display refresh, not synchronisation
         let sent = progress.messages();
         let rate = sent as f64 / started.elapsed().as_secs_f64();
-        eprint!("\r{sent} messages sent, {rate:.0}/s   ");
+        let _ = write!(io::stderr(), "\r{sent} messages sent, {rate:.0}/s   ");
     }
-    eprint!("\r\x1b[K");
+    let _ = write!(io::stderr(), "\r\x1b[K");
 }

@@ -5,15 +5,14 @@ mod common;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions};
-use tracing::info;
+use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
 
@@ -39,20 +38,27 @@ struct Cli {
     /// What to do with each message besides printing it.
     #[arg(long, value_enum, default_value_t = ModeArg::Log)]
     mode: ModeArg,
-    /// Echo and chat: a client that takes nothing sent to it for this long, or whose chat queue
-    /// stays full this long, is disconnected.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    /// A client that takes nothing sent to it for this long (the greeting, echoes, chat lines),
+    /// or whose chat queue stays full this long, is disconnected.
+    #[arg(long, default_value = "5s", value_parser = common::positive_duration, value_name = "DURATION")]
     send_timeout: Duration,
     /// Most clients at once; one more is told `error: server full (N clients)` and closed.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    #[arg(long, default_value_t = 10_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     max_clients: usize,
     /// Longest line in bytes; a client sending a longer one is told `error: line too long` and closed.
     #[arg(long, default_value_t = plugboard::DEFAULT_MAX_LINE, value_name = "BYTES",
           value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     max_line: usize,
     /// Close a client that completes no message for this long (`30s`, `5m`); 0 = never.
-    #[arg(long, default_value = "0", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "0", value_parser = common::duration, value_name = "DURATION")]
     idle_timeout: Duration,
+    /// Bytes all clients' buffers may hold together beyond each one's small allowance (larger
+    /// reads, long unfinished lines); a client whose unfinished line does not fit is told
+    /// `error: server busy (buffers full)` and closed.
+    #[arg(long, default_value_t = plugboard::DEFAULT_BUFFER_BUDGET, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    buffer_budget: usize,
     /// Admit only clients in this range (CIDR or address; repeatable). Default: everyone.
     #[arg(long, value_name = "CIDR")]
     allow: Vec<Range>,
@@ -91,14 +97,17 @@ impl From<ModeArg> for Mode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    common::init_logging(&cli.log);
+    let log = common::init_logging(&cli.log);
     match run(cli) {
-        Ok(code) => code,
-        Err(error) => common::fail(&error),
+        Ok(()) => {
+            log.finish(common::LOG_FLUSH);
+            ExitCode::SUCCESS
+        }
+        Err(error) => common::fail(&log, &error),
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli) -> anyhow::Result<()> {
     raise_fd_limit(cli.max_clients);
     let access = cli.allow.into_iter().fold(Access::new(), Access::allow);
     let access = cli.deny.into_iter().fold(access, Access::deny);
@@ -111,7 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .access(access)
         .backlog(cli.backlog)
         .mode(cli.mode.into())
-        .send_timeout(cli.send_timeout);
+        .send_timeout(cli.send_timeout)
+        .buffer_budget(cli.buffer_budget);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
     install_signal_handler(&server, addr)?;
@@ -120,42 +130,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         info!("mode: {}", Mode::from(cli.mode));
     }
 
-    // The process exits next: its connection threads needn't exit one by one.
-    let result = server.wait();
-    let flushed = io::stdout().flush();
-    match result {
+    // The process exits next: its connection threads needn't exit one by one. Stdout is not
+    // touched here: the sink flushed what it wrote, and a writer stuck on it must not hold the
+    // exit up.
+    match server.wait() {
         Ok(summary) => {
             info!(
                 "stopped: {} connections, {} messages, {} bytes",
                 summary.connections, summary.messages, summary.bytes
             );
-            match flushed {
-                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-                    Err(Error::Output(e)).context("stdout")
-                }
-                _ => Ok(ExitCode::SUCCESS),
+            if summary.unprinted > 0 {
+                anyhow::bail!(
+                    "cannot write output: {} messages received on {addr} were not printed (stdout blocked)",
+                    summary.unprinted
+                );
             }
+            Ok(())
         }
         // Whoever read our output has gone (`server | head`): nothing left to do, not a failure.
         Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
             info!("stopped: stdout was closed");
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
         Err(error) => Err(error.into()),
     }
 }
 
-/// First SIGINT/SIGTERM (Ctrl-C or console close on Windows): stop cleanly. Second: exit now.
+/// A second signal this soon after the first is taken as the same request: `timeout(1)`, for
+/// one, sends SIGTERM to the process and to its group.
+const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(250);
+
+/// First SIGINT/SIGTERM (Ctrl-C or console close on Windows): stop cleanly. Another, later than
+/// [`SECOND_SIGNAL_GRACE`]: exit now.
 fn install_signal_handler(server: &Server, addr: SocketAddr) -> anyhow::Result<()> {
     let stopper = server.stopper();
-    let signalled = AtomicBool::new(false);
-    ctrlc::set_handler(move || {
-        if signalled.swap(true, Ordering::SeqCst) {
-            eprintln!("error: second signal: server on {addr} exiting at once");
+    let first = OnceLock::new();
+    ctrlc::set_handler(move || match first.get() {
+        None => {
+            let _ = first.set(Instant::now());
+            info!("signal received: stopping (again to exit at once)");
+            stopper.stop();
+        }
+        Some(at) if at.elapsed() < SECOND_SIGNAL_GRACE => {
+            debug!("a second signal right after the first: taken as the same");
+        }
+        Some(_) => {
+            let _ = writeln!(
+                io::stderr(),
+                "error: second signal: server on {addr} exiting at once"
+            );
             std::process::exit(1);
         }
-        info!("signal received: stopping (again to exit at once)");
-        stopper.stop();
     })
     .context("cannot install the signal handler")
 }
@@ -165,7 +190,7 @@ fn install_signal_handler(server: &Server, addr: SocketAddr) -> anyhow::Result<(
 fn raise_fd_limit(max_clients: usize) {
     match plugboard::raise_fd_limit() {
         // A few descriptors go to stdio, the listener and the wake-up connection.
-        Ok(limit) if limit < max_clients as u64 + 16 => tracing::warn!(
+        Ok(limit) if limit < (max_clients as u64).saturating_add(16) => tracing::warn!(
             "open file limit is {limit}: fewer than {max_clients} clients fit (raise it with ulimit -Hn)"
         ),
         Ok(limit) => tracing::debug!("open file limit: {limit}"),

@@ -1,7 +1,10 @@
 //! What both binaries share: logging flags and setup, framing and duration flags, exit codes.
 
-use std::io::IsTerminal;
+pub mod log;
+
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -45,8 +48,33 @@ impl From<FramingArg> for plugboard::Framing {
     }
 }
 
+/// The longest duration any flag takes: longer ones are surely a mistake, and would overflow the
+/// clock when added to it.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses a duration flag (`2s`, `500ms`, `1m30s`, `0`) of at most a year.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{text} is too long (at most {})",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(duration)
+}
+
+/// [`duration`], but more than zero.
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        Duration::ZERO => Err("must be more than 0".to_string()),
+        duration => Ok(duration),
+    }
+}
+
 /// Sends the log to stderr, at the level `-v`/`-q` ask for unless `RUST_LOG` says otherwise.
-pub fn init_logging(args: &LogArgs) {
+/// Keep the guard, and [`finish`](log::LogGuard::finish) it before exiting.
+pub fn init_logging(args: &LogArgs) -> log::LogGuard {
     let level = match (args.verbose, args.quiet) {
         (0, 0) => "info",
         (1, _) => "debug",
@@ -55,18 +83,26 @@ pub fn init_logging(args: &LogArgs) {
         _ => "error",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let (writer, guard) = log::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .log_internal_errors(false)
         .with_target(false);
     match args.log_format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
-/// Prints a runtime failure as one line (`error: ` and the cause chain) and gives exit code 1.
-pub fn fail(error: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {error:#}");
+/// How long the log may take to reach stderr at exit, so that a stuck stderr can't hold it up.
+pub const LOG_FLUSH: Duration = Duration::from_millis(500);
+
+/// Lets the log reach stderr, then prints a runtime failure as one line (`error: ` and the cause
+/// chain) and gives exit code 1. Never panics, whatever stderr is.
+pub fn fail(log: &log::LogGuard, error: &anyhow::Error) -> ExitCode {
+    log.finish(LOG_FLUSH);
+    let _ = writeln!(std::io::stderr(), "error: {error:#}");
     ExitCode::from(1)
 }

@@ -1,0 +1,227 @@
+//! A client's socket as the server holds it, and the two ways a connection can end on the wire.
+//!
+//! A clean close (FIN) means success: the server read the client's end of stream and everything
+//! before it was printed. Every other end is a reset (RST), with an `error: REASON` line before it
+//! where the client can still read one. To make that hold even when the process dies, every
+//! connection is set to reset when its socket is closed (`SO_LINGER` 0) from the start, and only
+//! [`Stream::close_cleanly`] turns that off.
+//!
+//! No failure path ever shuts the write side: a client that received FIN and then RST reads a
+//! clean end of stream on Linux, which would look like success.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+
+/// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
+/// closing is noticed after about two minutes even with no idle timeout.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A blocked send wakes this often to see whether it should give up (a stop, an eviction).
+const SEND_SLICE: Duration = Duration::from_millis(100);
+
+/// One client's socket, shared by its connection thread, its chat writer, the registry and the
+/// chat room.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    /// When a read last returned data, in milliseconds on the server's clock: a stop cuts quiet
+    /// connections at once and gives busy ones the drain time.
+    last_read: AtomicU64,
+    /// Set just before the server shuts the read side to wake the reader (stop, eviction): an end
+    /// of stream after that is the server's doing, not the client's.
+    cut: AtomicBool,
+}
+
+/// Why a send did not finish.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The client took nothing for the whole send timeout.
+    NotReading,
+    /// The caller's `give_up` said to stop (the server is stopping, the client was evicted).
+    GaveUp,
+    /// The connection failed (reset, ...).
+    Failed(io::Error),
+}
+
+impl Stream {
+    pub(crate) fn new(tcp: TcpStream, peer: SocketAddr, now_ms: u64) -> Stream {
+        Stream {
+            tcp,
+            peer,
+            last_read: AtomicU64::new(now_ms),
+            cut: AtomicBool::new(false),
+        }
+    }
+
+    /// The client's address.
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Sets the socket up for serving: reset unless closed cleanly, keepalive, sends that wake
+    /// to check for a stop, and `nodelay` (echo and chat replies go out at once).
+    pub(crate) fn prepare(&self, send_timeout: Duration, nodelay: bool) -> io::Result<()> {
+        let socket = SockRef::from(&self.tcp);
+        socket.set_linger(Some(Duration::ZERO))?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        // Best effort: a missing keepalive only delays noticing a vanished client.
+        let _ = socket.set_tcp_keepalive(&keepalive);
+        self.tcp.set_write_timeout(Some(
+            send_timeout.clamp(Duration::from_millis(1), SEND_SLICE),
+        ))?;
+        if nodelay {
+            self.tcp.set_nodelay(true)?;
+        }
+        Ok(())
+    }
+
+    /// Sets how long a read may wait (`None`: for ever).
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(timeout)
+    }
+
+    /// Reads what the client sent.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.tcp).read(buf)
+    }
+
+    /// Records that a read returned data at `now_ms`.
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_read.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When a read last returned data (or the connection started).
+    pub(crate) fn last_read(&self) -> u64 {
+        self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the reader, which then sees [`was_cut`](Stream::was_cut) and ends the connection
+    /// with a reset. Shutting the read side sends nothing to the client (Windows needs both sides
+    /// shut to wake a blocked receive).
+    pub(crate) fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        let how = if cfg!(windows) {
+            Shutdown::Both
+        } else {
+            Shutdown::Read
+        };
+        let _ = self.tcp.shutdown(how);
+    }
+
+    /// Whether the server cut this connection: an end of stream read now may be its own doing.
+    pub(crate) fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Sends all of `buf`. Gives up when the client takes nothing for `timeout`, or when
+    /// `give_up` says so (asked whenever the send has waited a moment).
+    pub(crate) fn send(
+        &self,
+        buf: &[u8],
+        timeout: Duration,
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), SendError> {
+        let mut rest = buf;
+        // Only read the clock once a send has had to wait: the usual send doesn't.
+        let mut waiting_since: Option<Instant> = None;
+        while !rest.is_empty() {
+            match (&self.tcp).write(rest) {
+                Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    rest = &rest[n..];
+                    waiting_since = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if give_up() {
+                        return Err(SendError::GaveUp);
+                    }
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= timeout {
+                        return Err(SendError::NotReading);
+                    }
+                }
+                Err(e) => return Err(SendError::Failed(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `error: REASON` if the socket takes it at once, never waiting: for ends where the
+    /// client must not hold anything up (a stop, an eviction). The reset follows when the socket
+    /// is closed.
+    pub(crate) fn tell_now(&self, reason: &str) {
+        let _ = SockRef::from(&self.tcp).set_linger(Some(Duration::ZERO));
+        if self.tcp.set_nonblocking(true).is_ok() {
+            // Out at once: the reset that follows would discard it still queued.
+            let _ = self.tcp.set_nodelay(true);
+            let _ = (&self.tcp).write(format!("error: {reason}\n").as_bytes());
+        }
+    }
+
+    /// Tells the client in one line why it is cut off, then lets it read that line: reads and
+    /// drops what it still sends until it closes its side or `linger` passes. The reset follows
+    /// when the socket is closed.
+    ///
+    /// Not inlined, so that its buffer is on the stack only while it runs: every page a
+    /// connection thread's stack touches is memory held per client.
+    #[inline(never)]
+    #[cold]
+    pub(crate) fn refuse(&self, reason: &str, linger: Duration) {
+        let mut scratch = [0; 512];
+        let line = format!("error: {reason}\n");
+        if self.send(line.as_bytes(), linger, || false).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + linger;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.tcp.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match (&self.tcp).read(&mut scratch) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Ends the connection with a clean close (FIN): only after the client's end of stream was
+    /// read and everything before it printed.
+    pub(crate) fn close_cleanly(&self) {
+        let _ = SockRef::from(&self.tcp).set_linger(None);
+        let _ = self.tcp.shutdown(Shutdown::Write);
+    }
+}
+
+/// The instant `timeout` from now; a timeout too long for the clock (centuries) is a century.
+pub(crate) fn deadline_in(timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + CENTURY)
+}
+
+/// A socket call that gave up waiting: `WouldBlock` on Unix, `TimedOut` on Windows.
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Refuses a connection that never became a client (queued when the server stopped, a thread
+/// that could not start): `error: REASON` if the socket takes it at once, then a reset.
+pub(crate) fn turn_away_now(tcp: &TcpStream, reason: &str) {
+    let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    if tcp.set_nonblocking(true).is_ok() {
+        let _ = (&*tcp).write(format!("error: {reason}\n").as_bytes());
+    }
+}
