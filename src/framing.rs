@@ -544,26 +544,41 @@ fn is_printable_ascii(bytes: &[u8]) -> bool {
 }
 
 /// Whether valid UTF-8 `bytes` may hold a character to escape: a C0 control (tab too, to keep
-/// this simple), DEL, or a C1 control, whose encoding starts with 0xC2. Written without early
-/// exit so that it compiles to vector instructions: it runs on every byte received.
+/// this simple), DEL, a C1 control, whose encoding starts with 0xC2, or an invisible or bidi
+/// control character. Written without early exit so that it compiles to vector instructions: it
+/// runs on every byte received.
 fn may_need_escape(bytes: &[u8]) -> bool {
     bytes.iter().fold(0u8, |seen, &b| {
         seen | u8::from(b < 0x20) | u8::from(b == 0x7f) | u8::from(b == 0xc2)
     }) != 0
+        || scan::has_invisible(bytes)
 }
 
-/// Whether `c` is written as an escape: C0 controls but tab, DEL, and C1 controls.
+/// Whether `c` is written as an escape: C0 controls but tab, DEL, C1 controls, and the
+/// characters that change how the text around them looks without being seen themselves, so that
+/// a peer can't make its line look like something else:
+///
+/// - the bidirectional controls U+061C, U+200E, U+200F, U+202A to U+202E and U+2066 to U+2069,
+///   which can reorder what follows them (U+202E shows the rest of a line right to left);
+/// - the zero-width and invisible characters U+200B to U+200D, U+2060 to U+2064 and U+FEFF;
+/// - the line and paragraph separators U+2028 and U+2029, which some terminals break lines at.
 pub fn needs_escape(c: char, keep_newlines: bool) -> bool {
     match c {
         '\t' => false,
         '\n' => !keep_newlines,
+        '\u{061c}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{feff}' => true,
         c => c.is_control(), // exactly C0, DEL and C1
     }
 }
 
-/// Appends `text` to `out` with control characters escaped: `\x1b` for C0 and DEL, `\u{9b}` for
-/// C1. Tab is kept; `\n` is kept only if `keep_newlines`. Backslashes are not escaped, so
-/// escaping twice changes nothing.
+/// Appends `text` to `out` with the characters of [`needs_escape`] escaped: `\x1b` for C0 and
+/// DEL, `\u{9b}` or `\u{202e}` for the others (lowercase hex). Tab is kept; `\n` is kept only if
+/// `keep_newlines`. Backslashes are not escaped, so escaping twice changes nothing.
 pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
     let mut bytes = Vec::with_capacity(text.len());
     escape(&mut bytes, text, keep_newlines);
@@ -578,15 +593,19 @@ fn escape(out: &mut Vec<u8>, text: &str, keep_newlines: bool) {
     while let Some(at) = rest.find(|c| needs_escape(c, keep_newlines)) {
         out.extend_from_slice(&rest.as_bytes()[..at]);
         let c = rest[at..].chars().next().unwrap_or_default();
-        // Controls are C0 and DEL (below 0x80) or C1 (0x80 to 0x9f): two hex digits each.
         let code = c as u32;
-        let digits = [HEX[(code >> 4 & 0xf) as usize], HEX[(code & 0xf) as usize]];
         if code < 0x80 {
+            // C0 and DEL: two hex digits.
             out.extend_from_slice(b"\\x");
-            out.extend_from_slice(&digits);
+            out.push(HEX[(code >> 4 & 0xf) as usize]);
+            out.push(HEX[(code & 0xf) as usize]);
         } else {
+            // Up to four hex digits (every escaped character is below U+10000), no leading zeros.
             out.extend_from_slice(b"\\u{");
-            out.extend_from_slice(&digits);
+            let digits = (32 - code.leading_zeros()).div_ceil(4).max(1);
+            for shift in (0..digits).rev() {
+                out.push(HEX[(code >> (shift * 4) & 0xf) as usize]);
+            }
             out.push(b'}');
         }
         rest = &rest[at + c.len_utf8()..];
@@ -681,6 +700,17 @@ mod tests {
         assert_eq!(
             decode(Framing::Line, &["c1 \u{9b}31m \u{85}\n".as_bytes()]),
             ["c1 \\u{9b}31m \\u{85}"]
+        );
+        // Characters that rearrange or hide text: a peer can't make its line look like another.
+        assert_eq!(
+            decode(
+                Framing::Line,
+                &[
+                    "evil\u{202e}txt.exe \u{200b}zw\u{feff} \u{2066}iso\u{2069} \u{61c}\n"
+                        .as_bytes()
+                ]
+            ),
+            ["evil\\u{202e}txt.exe \\u{200b}zw\\u{feff} \\u{2066}iso\\u{2069} \\u{61c}"]
         );
         // In raw framing a newline inside a chunk must not fake a second printed line...
         assert_eq!(decode(Framing::Raw, &[b"one\ntwo\r"]), ["one\\x0atwo\\x0d"]);
@@ -833,7 +863,10 @@ mod tests {
                 c if (c as u32) < 0x20 || c as u32 == 0x7f => {
                     out.push_str(&format!("\\x{:02x}", c as u32))
                 }
-                c if (0x80..0xa0).contains(&(c as u32)) => {
+                c if (0x80..0xa0).contains(&(c as u32))
+                    || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}') =>
+                {
                     out.push_str(&format!("\\u{{{:x}}}", c as u32))
                 }
                 c => out.push(c),
@@ -937,7 +970,7 @@ mod tests {
         }
 
         #[test]
-        fn escaping_is_applied_exactly_once(text in "(\\PC|\r|\n|\t|\u{1b}|\u{9b}|\u{7f}|\\\\){0,100}") {
+        fn escaping_is_applied_exactly_once(text in "(\\PC|\r|\n|\t|\u{1b}|\u{9b}|\u{7f}|\\\\|\u{202e}|\u{2066}|\u{200b}|\u{feff}|\u{61c}|\u{2028}){0,100}") {
             let mut once = String::new();
             escape_into(&mut once, &text, false);
             prop_assert_eq!(&once, &reference_escape(&text));

@@ -108,14 +108,44 @@ fn newline_ends(
 }
 
 /// Whether `bytes` may hold a character to escape or a `\r`: a C0 control but tab and `\n`, DEL,
-/// or the byte 0xC2, which starts the encoding of every C1 control (and of some printable
-/// characters, which are then left to the slow path). Without early exit, so that it compiles to
-/// vector instructions.
+/// the byte 0xC2, which starts the encoding of every C1 control (and of some printable
+/// characters, which are then left to the slow path), or an invisible or bidi control character
+/// ([`has_invisible`]). Without early exit, so that it compiles to vector instructions.
 fn needs_escape(bytes: &[u8]) -> bool {
     bytes.iter().fold(0u8, |seen, &b| {
         let control = u8::from(b < 0x20) & u8::from(b != b'\n') & u8::from(b != b'\t');
         seen | control | u8::from(b == 0x7f) | u8::from(b == 0xc2)
     }) != 0
+        || has_invisible(bytes)
+}
+
+/// Whether UTF-8 `bytes` may hold one of the characters that change how text around them looks
+/// without being seen ([`crate::framing::needs_escape`]): U+061C (`D8 9C`), U+200B to U+200F and
+/// U+2028 to U+202E (`E2 80 8B..8F`, `E2 80 A8..AE`), U+2060 to U+2064 and U+2066 to U+2069
+/// (`E2 81 A0..A4`, `E2 81 A6..A9`), U+FEFF (`EF BB BF`). Exact for valid UTF-8, and without
+/// early exit, so that it compiles to vector instructions.
+pub(crate) fn has_invisible(bytes: &[u8]) -> bool {
+    let next = bytes.get(1..).unwrap_or_default();
+    let third = bytes.get(2..).unwrap_or_default();
+    let three = bytes
+        .iter()
+        .zip(next)
+        .zip(third)
+        .fold(0u8, |seen, ((&a, &b), &c)| {
+            let general = u8::from(a == 0xe2)
+                & ((u8::from(b == 0x80)
+                    & (u8::from(c.wrapping_sub(0x8b) <= 4) | u8::from(c.wrapping_sub(0xa8) <= 6)))
+                    | (u8::from(b == 0x81)
+                        & (u8::from(c.wrapping_sub(0xa0) <= 4)
+                            | u8::from(c.wrapping_sub(0xa6) <= 3))));
+            let bom = u8::from(a == 0xef) & u8::from(b == 0xbb) & u8::from(c == 0xbf);
+            seen | general | bom
+        });
+    // U+061C is two bytes: pairs, up to the very end.
+    let two = bytes.iter().zip(next).fold(0u8, |seen, (&a, &b)| {
+        seen | (u8::from(a == 0xd8) & u8::from(b == 0x9c))
+    });
+    three | two != 0
 }
 
 /// Whether `bytes` holds only printable ASCII and `\n`. Without early exit, so that it compiles
@@ -242,10 +272,11 @@ mod tests {
     }
 
     /// Text in and out of ASCII, with tabs, `\r`, C1 controls and 0xC2-encoded characters,
-    /// cut anywhere (perhaps inside a character).
+    /// invisible and bidi controls and their neighbours, cut anywhere (perhaps inside a
+    /// character).
     fn text() -> impl Strategy<Value = Vec<u8>> {
         (
-            "([ -~]|\n|\t|\r|我|是|€|😀|é|°|\u{9b}|\u{1b}){0,120}",
+            "([ -~]|\n|\t|\r|我|是|€|😀|é|°|\u{9b}|\u{1b}|\u{202e}|\u{200b}|\u{feff}|\u{61c}|\u{2069}|\u{2028}|\u{201c}|\u{202f}|\u{2065}|\u{600}|\u{fefe}){0,120}",
             any::<prop::sample::Index>(),
         )
             .prop_map(|(text, cut)| {
@@ -290,12 +321,42 @@ mod tests {
         max_line: usize,
     ) -> Option<(Vec<usize>, usize, bool)> {
         let escaped = |b: u8| (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f || b == 0xc2;
-        if bytes.iter().any(|&b| escaped(b)) {
+        if bytes.iter().any(|&b| escaped(b)) || has_invisible_reference(bytes) {
             return None;
         }
         let found = lines(bytes, base, max_line)?;
         std::str::from_utf8(&bytes[..found.1]).ok()?;
         Some(found)
+    }
+
+    /// Whether the encoding of an invisible or bidi control character appears in `bytes`.
+    fn has_invisible_reference(bytes: &[u8]) -> bool {
+        (0x80..=0xffffu32)
+            .filter_map(char::from_u32)
+            .filter(|&c| crate::framing::needs_escape(c, false) && !c.is_control())
+            .any(|c| {
+                let mut buf = [0; 4];
+                let encoded = c.encode_utf8(&mut buf).as_bytes();
+                bytes.windows(encoded.len()).any(|w| w == encoded)
+            })
+    }
+
+    #[test]
+    fn has_invisible_finds_exactly_the_invisible_characters() {
+        // Every character of the basic plane, alone and between others.
+        for c in (0x80..=0xffffu32).filter_map(char::from_u32) {
+            let invisible = crate::framing::needs_escape(c, false) && !c.is_control();
+            let alone = c.to_string();
+            let among = format!("ab{c}é");
+            for text in [&alone, &among] {
+                assert_eq!(
+                    has_invisible(text.as_bytes()),
+                    invisible,
+                    "U+{:04X} in {text:?}",
+                    c as u32
+                );
+            }
+        }
     }
 
     /// The newlines of the complete lines, up to a line over `max_line`.

@@ -730,9 +730,10 @@ fn allow_deny() {
 // 6. Escaping
 // ------------------------------------------------------------------------------------------------
 
-/// Control characters are printed escaped (C0 and DEL as `\xNN`, C1 as `\u{NN}`), invalid UTF-8
-/// as U+FFFD, and in raw framing a newline inside a chunk as `\x0a`, so a client can neither
-/// inject terminal escapes nor forge a stdout line.
+/// Control characters are printed escaped (C0 and DEL as `\xNN`, C1 as `\u{NN}`), so are bidi
+/// controls and invisible characters (`\u{202e}`), invalid UTF-8 as U+FFFD, and in raw framing a
+/// newline inside a chunk as `\x0a`, so a client can neither inject terminal escapes, nor forge
+/// a stdout line, nor make its line look like something else.
 #[cfg(unix)]
 #[test]
 fn escaping() {
@@ -743,6 +744,10 @@ fn escaping() {
     (&stream)
         .write_all(b"a\x1b[31mb\x07c\x7fd\xc2\x9be\nx\xffy\n")
         .expect("write");
+    // A whole read of otherwise plain text, and one line among plain ones: both decoding paths.
+    (&stream)
+        .write_all("report\u{202e}fdp.exe\nplain\n我\u{200b}\u{2066}x\u{2069}\u{feff}\n".as_bytes())
+        .expect("write");
     stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
     expect_exactly_then_eof(&stream, &greeting(local), "escaping client");
     let out = stop_cleanly(&mut server);
@@ -751,6 +756,9 @@ fn escaping() {
         [
             format!(r"{local} a\x1b[31mb\x07c\x7fd\u{{9b}}e"),
             format!("{local} x\u{FFFD}y"),
+            format!(r"{local} report\u{{202e}}fdp.exe"),
+            format!("{local} plain"),
+            format!(r"{local} 我\u{{200b}}\u{{2066}}x\u{{2069}}\u{{feff}}"),
         ],
         "escaped lines\n{out}"
     );
@@ -759,8 +767,10 @@ fn escaping() {
     let raw = server.stdout_bytes();
     let text = String::from_utf8(raw).expect("the server's stdout must be valid UTF-8");
     assert!(
-        !text.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control characters in the server's stdout: {text:?}"
+        !text
+            .chars()
+            .any(|c| c != '\n' && plugboard::needs_escape(c, false)),
+        "raw control or invisible characters in the server's stdout: {text:?}"
     );
 
     // Raw framing: a newline inside a chunk must not start a new stdout line.
