@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 
 use crate::client::Client;
 use crate::framing::Framing;
+use crate::stream;
 use crate::{Error, addr};
 
 /// What a load run does.
@@ -529,8 +530,12 @@ fn stream_messages(
             let _ = closed_tx.send(drain(&drain_stream));
         })
         .map_err(|e| e.to_string())?;
-    // Whatever ends the connection first, the server's reason says most.
+    // Whatever ends the connection first, the server's reason says most: a send that failed
+    // because the server reset the connection waits for the reason it may have sent first.
     let send_failed = |e: io::Error| -> String {
+        if stream::is_timeout(&e) {
+            return failed(e);
+        }
         match closed.recv_timeout(options.linger) {
             Ok(
                 drained @ Drained {

@@ -184,7 +184,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Err(Stopped::ServerEnded(ending)) => ending,
-        Err(Stopped::Send(error)) if closed_early => return Err(error),
+        // Nothing more to hear: the reader has ended, or the server takes nothing at all.
+        Err(Stopped::Send(error))
+            if closed_early
+                || matches!(
+                    error.downcast_ref(),
+                    Some(plugboard::Error::SendTimeout { .. })
+                ) =>
+        {
+            return Err(error);
+        }
         Err(Stopped::Send(error)) => {
             // The server most likely refused or cut us off: its reason, if it sent one, is on
             // its way to the reader, which sees the reset right after.
