@@ -174,8 +174,12 @@ struct Captured {
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     threads: Vec<JoinHandle<()>>,
-    /// One message per output pipe when it closes, which is when the process exits.
+    /// One message per output pipe read when it closes, which is when the process exits.
     closed: Receiver<()>,
+    /// How many pipes are read (stdout is left unread for some tests).
+    pipes: usize,
+    /// Stdout when left unread: held open, so that writes to it block once it is full.
+    unread_stdout: Option<std::process::ChildStdout>,
 }
 
 impl Captured {
@@ -185,9 +189,25 @@ impl Captured {
         Self::spawn_program(bin_path(bin).as_os_str(), args, command)
     }
 
+    /// Like [`spawn`](Captured::spawn), but nobody reads stdout: once its pipe is full, writes
+    /// to it block until the process exits.
+    fn spawn_unread_stdout(bin: &str, args: &[&str]) -> (Self, Receiver<String>) {
+        let command = render_command(bin, args);
+        Self::spawn_with(bin_path(bin).as_os_str(), args, command, false)
+    }
+
     /// Spawn `program args...` (any executable, e.g. a shell wrapping a binary); `command` is how
     /// failure messages show it.
     fn spawn_program(program: &OsStr, args: &[&str], command: String) -> (Self, Receiver<String>) {
+        Self::spawn_with(program, args, command, true)
+    }
+
+    fn spawn_with(
+        program: &OsStr,
+        args: &[&str],
+        command: String,
+        read_stdout: bool,
+    ) -> (Self, Receiver<String>) {
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -205,20 +225,26 @@ impl Captured {
         let out_buf = Arc::clone(&stdout);
         let (closed_tx, closed) = mpsc::channel();
         let out_closed = closed_tx.clone();
-        let out_thread = thread::spawn(move || {
-            let mut pipe = stdout_pipe;
-            let mut buf = [0u8; 64 * 1024];
-            loop {
-                match pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => out_buf
-                        .lock()
-                        .expect("stdout lock")
-                        .extend_from_slice(&buf[..n]),
+        let mut threads = Vec::new();
+        let mut unread_stdout = None;
+        if read_stdout {
+            threads.push(thread::spawn(move || {
+                let mut pipe = stdout_pipe;
+                let mut buf = [0u8; 64 * 1024];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => out_buf
+                            .lock()
+                            .expect("stdout lock")
+                            .extend_from_slice(&buf[..n]),
+                    }
                 }
-            }
-            let _ = out_closed.send(());
-        });
+                let _ = out_closed.send(());
+            }));
+        } else {
+            unread_stdout = Some(stdout_pipe);
+        }
 
         let err_buf = Arc::clone(&stderr);
         let err_thread = thread::spawn(move || {
@@ -242,14 +268,17 @@ impl Captured {
             let _ = closed_tx.send(());
         });
 
+        threads.push(err_thread);
         (
             Captured {
                 command,
                 child: Some(child),
                 stdout,
                 stderr,
-                threads: vec![out_thread, err_thread],
+                threads,
                 closed,
+                pipes: if read_stdout { 2 } else { 1 },
+                unread_stdout,
             },
             rx,
         )
@@ -284,7 +313,7 @@ impl Captured {
     /// timeout kills it and panics with its output.
     fn wait_exit(&mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;
-        for _pipe in 0..2 {
+        for _pipe in 0..self.pipes {
             let left = deadline.saturating_duration_since(Instant::now());
             if self.closed.recv_timeout(left).is_err() {
                 let child = self.child.as_mut().expect("child already reaped");
@@ -401,6 +430,15 @@ impl ServerProcess {
         Self::spawn(&args)
     }
 
+    /// Like [`start`](ServerProcess::start), with a stdout nobody reads: once its pipe is full,
+    /// the server's writes to it block for good.
+    pub fn start_unread_stdout(extra: &[&str]) -> Self {
+        let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
+        args.extend_from_slice(extra);
+        let (inner, lines) = Captured::spawn_unread_stdout("server", &args);
+        Self::await_listening(inner, lines, render_command("server", &args))
+    }
+
     pub fn pid(&self) -> u32 {
         self.inner.pid()
     }
@@ -464,6 +502,71 @@ impl ServerProcess {
     }
 }
 
+/// A binary running in the background, its output captured; killed on drop if still running.
+pub struct Background(Captured);
+
+impl Background {
+    /// Spawn `bin args...`.
+    pub fn spawn(bin: &str, args: &[&str]) -> Self {
+        let (captured, lines) = Captured::spawn(bin, args);
+        drop(lines);
+        Background(captured)
+    }
+
+    /// Spawn `client --host 127.0.0.1 --port PORT extra...`.
+    pub fn client_to(addr: SocketAddr, extra: &[&str]) -> Self {
+        let host = addr.ip().to_string();
+        let port = addr.port().to_string();
+        let mut args = vec!["--host", host.as_str(), "--port", port.as_str()];
+        args.extend_from_slice(extra);
+        Self::spawn("client", &args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
+    /// What it has logged so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.0.stderr_so_far()
+    }
+
+    /// Wait (bounded) for it to exit; returns status and everything it printed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Output {
+        self.0.wait_exit(timeout)
+    }
+}
+
+/// The port a process listens on, from /proc (for a server whose log can't be read).
+#[cfg(target_os = "linux")]
+pub fn listening_port(pid: u32) -> Option<u16> {
+    let mut sockets = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let link = std::fs::read_link(fd.ok()?.path()).ok()?;
+        if let Some(inode) = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'))
+        {
+            sockets.push(inode.to_string());
+        }
+    }
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, rem_address, st (0A: LISTEN), ..., inode (the tenth field).
+            if fields.len() > 9 && fields[3] == "0A" && sockets.iter().any(|s| s == fields[9]) {
+                let port = fields[1].rsplit(':').next()?;
+                return u16::from_str_radix(port, 16).ok();
+            }
+        }
+    }
+    None
+}
+
 /// Run a binary to completion (bounded by `timeout`; killed and reported if it overruns).
 pub fn run_bin(bin: &str, args: &[&str], timeout: Duration) -> Output {
     let (mut captured, lines) = Captured::spawn(bin, args);
@@ -511,6 +614,12 @@ impl XorShift {
     pub fn range(&mut self, lo: usize, hi: usize) -> usize {
         lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
     }
+}
+
+/// Paces a client that deliberately sends or reads slowly. This does not synchronise anything:
+/// tests wait for what they check by reading sockets or polling with a deadline.
+pub fn pace(d: Duration) {
+    thread::sleep(d);
 }
 
 /// Poll `check` until it returns `Some`, or `None` once `timeout` has passed.

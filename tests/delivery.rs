@@ -1,0 +1,761 @@
+//! The delivery contract, on the real binaries over loopback: a client exits 0 only if every
+//! message it sent was printed; anything else reaches it as an `error: ` line and/or a reset and
+//! exits 1; the server stops within a bound whatever its stdout, stderr and peers do.
+//!
+//! Each test here reproduces a way the contract once broke.
+
+#![cfg(unix)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::{
+    EXIT_TIMEOUT, ServerProcess, bin_path, messages_from, parse_listening_line, poll_until,
+    run_client_to,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(10);
+
+/// A number field of the client's `--json` summary.
+fn json_field(json: &str, name: &str) -> f64 {
+    let at = json
+        .find(&format!("\"{name}\":"))
+        .unwrap_or_else(|| panic!("no {name} in {json}"));
+    json[at + name.len() + 3..]
+        .split([',', '}'])
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad {name} in {json}"))
+}
+
+/// Connects, sets bounded timeouts and reads the greeting line.
+fn join(server: SocketAddr) -> (TcpStream, BufReader<TcpStream>, SocketAddr) {
+    let stream = TcpStream::connect_timeout(&server, TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("timeout");
+    let me = stream.local_addr().expect("local addr");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
+    (stream, reader, me)
+}
+
+/// Kills a child process when dropped, unless it was waited for.
+struct Reaper(Option<Child>);
+
+impl Reaper {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child")
+    }
+
+    /// Waits (bounded) for the exit; kills it and panics past `timeout`.
+    fn wait(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
+        let child = self.child();
+        let exited = poll_until(timeout, POLL, || child.try_wait().expect("try_wait"));
+        match exited {
+            Some(status) => {
+                self.0 = None;
+                status
+            }
+            None => panic!("{what} did not exit within {timeout:?}"),
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. A server's FIN ends what it sends, not what it reads
+// ------------------------------------------------------------------------------------------------
+
+/// A server that closes its sending side at once (`ncat -l < /dev/null` does) still reads: the
+/// client keeps sending, every message arrives, and it exits 0.
+#[test]
+fn a_server_that_half_closes_early_still_gets_every_message() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut received = String::new();
+        (&stream)
+            .read_to_string(&mut received)
+            .expect("read to the client's end");
+        received
+    });
+    let client = run_client_to(addr, &["--count", "10", "--interval", "10ms"], TIMEOUT);
+    let received = server.join().expect("server thread");
+    client.assert_code(0).assert_no_panic();
+    let expected: String = (0..10).map(|i| format!("hello world {i}\n")).collect();
+    assert_eq!(received, expected, "{client}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Load mode: a refusal is an error
+// ------------------------------------------------------------------------------------------------
+
+fn load_is_refused(server_args: &[&str], occupy: bool, reason: &str) {
+    let mut server = ServerProcess::start(server_args);
+    let _occupant = occupy.then(|| join(server.addr));
+    for mode in [&[][..], &["--rtt"][..]] {
+        let mut args = vec!["--connections", "3", "--count", "10", "--json"];
+        args.extend_from_slice(mode);
+        let client = run_client_to(server.addr, &args, TIMEOUT);
+        client.assert_code(1).assert_no_panic();
+        assert_eq!(json_field(&client.stdout, "errors"), 3.0, "{client}");
+        assert!(client.stdout.contains(reason), "{client}");
+        let errors = client.error_lines();
+        assert_eq!(errors.len(), 1, "{client}");
+        assert!(errors[0].contains(reason), "{client}");
+    }
+    let out = server.stop();
+    out.assert_code(0);
+    assert_eq!(out.stdout, "", "nothing of theirs printed\n{out}");
+}
+
+#[test]
+fn load_mode_counts_connections_refused_as_full() {
+    load_is_refused(
+        &["--max-clients", "1"],
+        true,
+        "error: server full (1 clients)",
+    );
+}
+
+#[test]
+fn load_mode_counts_connections_refused_as_not_allowed() {
+    load_is_refused(&["--deny", "127.0.0.1"], false, "error: not allowed");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. A stop during a burst
+// ------------------------------------------------------------------------------------------------
+
+/// SIGTERM while 50 connections pour 10,000 lines each: every connection the client counts as
+/// delivered had all its lines printed, and the client exits 0 only if all did.
+#[test]
+fn a_stop_during_a_burst_confirms_only_what_was_printed() {
+    const CONNECTIONS: usize = 50;
+    const LINES: usize = 10_000;
+    let mut server = ServerProcess::start(&[]);
+    let mut client = support::Background::client_to(
+        server.addr,
+        &[
+            "--connections",
+            "50",
+            "--count",
+            "10000",
+            "--size",
+            "100",
+            "--json",
+            "-q",
+        ],
+    );
+    let started = poll_until(TIMEOUT, Duration::from_millis(1), || {
+        (server.stdout_line_count() >= 20_000).then_some(())
+    });
+    assert!(started.is_some(), "the burst never started");
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+    let client = client.wait_exit(TIMEOUT);
+    client.assert_no_panic();
+    let errors = json_field(&client.stdout, "errors") as usize;
+    assert_eq!(
+        client.code(),
+        Some(if errors == 0 { 0 } else { 1 }),
+        "{client}"
+    );
+
+    let mut printed: HashMap<&str, usize> = HashMap::new();
+    for line in out.stdout.lines() {
+        let (peer, message) = line.split_once(' ').expect("PEER MESSAGE");
+        assert!(
+            message.starts_with("hello world ") && message.len() == 99,
+            "torn: {line:?}"
+        );
+        *printed.entry(peer).or_default() += 1;
+    }
+    let complete = printed.values().filter(|&&n| n == LINES).count();
+    assert!(
+        complete >= CONNECTIONS - errors,
+        "the client counted {} connections delivered, but only {complete} had all {LINES} lines printed\n{client}",
+        CONNECTIONS - errors
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. A log reader that goes away
+// ------------------------------------------------------------------------------------------------
+
+/// A server whose stderr reader has gone (`server 2>&1 | head -3`) goes on serving: a client is
+/// greeted, heard and confirmed, and SIGTERM still stops it with status 0.
+#[test]
+fn a_server_whose_log_reader_left_goes_on_serving() {
+    let mut child = Reaper(Some(
+        Command::new(bin_path("server"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server"),
+    ));
+    let stdout = child.child().stdout.take().expect("stdout");
+    let printed = thread::spawn(move || {
+        let mut all = String::new();
+        let _ = BufReader::new(stdout).read_to_string(&mut all);
+        all
+    });
+    let mut log = BufReader::new(child.child().stderr.take().expect("stderr"));
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            log.read_line(&mut line).expect("log") > 0,
+            "no listening line"
+        );
+        if let Some(addr) = parse_listening_line(&line) {
+            break addr;
+        }
+    };
+    drop(log); // the log's reader is gone
+
+    for i in 0..3 {
+        let client = run_client_to(
+            addr,
+            &[
+                "--count",
+                "2",
+                "--interval",
+                "0",
+                "--message",
+                &format!("c{i} {{i}}"),
+            ],
+            TIMEOUT,
+        );
+        client.assert_code(0).assert_no_panic();
+    }
+    sigterm(child.child().id());
+    let status = child.wait(TIMEOUT, "the server");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let printed = printed.join().expect("stdout reader");
+    assert_eq!(printed.lines().count(), 6, "{printed}");
+}
+
+/// The same with a log that can't be written at all (`2>/dev/full`).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_server_whose_log_cannot_be_written_serves() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = Reaper(Some(
+        Command::new(bin_path("server"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(full)
+            .spawn()
+            .expect("spawn server"),
+    ));
+    let pid = child.child().id();
+    let port = poll_until(TIMEOUT, POLL, || {
+        if let Some(status) = child.child().try_wait().expect("try_wait") {
+            panic!("the server exited at start: {status}");
+        }
+        support::listening_port(pid)
+    })
+    .expect("the server never listened");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let client = run_client_to(addr, &["--count", "2", "--interval", "0"], TIMEOUT);
+    client.assert_code(0).assert_no_panic();
+    sigterm(pid);
+    let status = child.wait(TIMEOUT, "the server");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. A stdout nobody reads
+// ------------------------------------------------------------------------------------------------
+
+/// Its stdout full and never read, the server still stops within a few seconds of SIGTERM; it
+/// says how many messages it could not print and exits 1, and the clients whose messages were
+/// not printed are told so (a reset), never confirmed.
+#[test]
+fn a_stuck_stdout_does_not_hold_up_the_stop() {
+    let mut server = ServerProcess::start_unread_stdout(&[]);
+    let addr = server.addr;
+    // Writers that pour lines until the server stops taking them (the pipe, then its queue,
+    // then the sockets fill up).
+    let stuck = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let stuck = Arc::clone(&stuck);
+            thread::spawn(move || {
+                let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+                stream
+                    .set_write_timeout(Some(Duration::from_millis(300)))
+                    .expect("timeout");
+                let chunk = format!("writer {w} {}\n", "x".repeat(90)).repeat(1000);
+                let deadline = Instant::now() + TIMEOUT;
+                while Instant::now() < deadline {
+                    if let Err(e) = (&stream).write_all(chunk.as_bytes()) {
+                        assert!(
+                            matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ),
+                            "writer {w}: {e}"
+                        );
+                        stuck.fetch_add(1, Ordering::Relaxed);
+                        return stream;
+                    }
+                }
+                panic!("writer {w}: the server never stopped taking lines");
+            })
+        })
+        .collect();
+    let streams: Vec<TcpStream> = writers
+        .into_iter()
+        .map(|w| w.join().expect("writer"))
+        .collect();
+    assert_eq!(stuck.load(Ordering::Relaxed), 4);
+
+    let signalled = server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    let took = out.exited_at.duration_since(signalled);
+    out.assert_no_panic().assert_code(1);
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop took {took:?}\n{out}"
+    );
+    let errors = out.error_lines();
+    assert_eq!(errors.len(), 1, "{out}");
+    assert!(errors[0].contains("were not printed"), "{out}");
+    for stream in streams {
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut rest = Vec::new();
+        let ended = (&stream).read_to_end(&mut rest);
+        assert!(
+            ended.is_err(),
+            "a clean close would confirm delivery: {ended:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. Chat: slow readers cost one broadcast one send timeout in all
+// ------------------------------------------------------------------------------------------------
+
+/// Ten clients that read, but far too slowly, one that reads, one that floods: the reader gets
+/// every line in order, and the slow ones cost the room one send timeout in all (each is
+/// disconnected once its queue stays full that long), not one send timeout each.
+#[cfg(target_os = "linux")]
+#[test]
+fn slow_chat_readers_cost_one_send_timeout_in_all() {
+    const LINES: usize = 100_000;
+    const SLOW: usize = 10;
+    let mut server = ServerProcess::start(&["--mode", "chat", "--send-timeout", "1s"]);
+    let done = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = (0..SLOW)
+        .map(|_| {
+            let (stream, mut reader, me) = join(server.addr);
+            let done = Arc::clone(&done);
+            let thread = thread::spawn(move || {
+                // 8 KiB every 20 ms: 400 KiB/s, against megabytes a second for the others. Fast
+                // enough that a send to it always makes progress, too slow to keep its queue
+                // from staying full.
+                let mut buf = [0; 8192];
+                while !done.load(Ordering::Relaxed)
+                    && matches!(reader.read(&mut buf), Ok(n) if n > 0)
+                {
+                    support::pace(Duration::from_millis(20));
+                }
+            });
+            (stream, me, thread)
+        })
+        .collect();
+    let (_reader, mut reader_in, _) = join(server.addr);
+    let (mut flooder, _flooder_in, flooder_addr) = join(server.addr);
+
+    let padding = "x".repeat(180);
+    let started = Instant::now();
+    let receiving = thread::spawn(move || {
+        let mut line = String::new();
+        for i in 0..LINES {
+            line.clear();
+            reader_in.read_line(&mut line).expect("receive");
+            let expected = format!("{flooder_addr} {i:08} ");
+            assert!(line.starts_with(&expected), "line {i}: {line:?}");
+        }
+        started.elapsed()
+    });
+    let mut batch = Vec::new();
+    for i in 0..LINES {
+        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
+        if batch.len() > 64 * 1024 {
+            flooder.write_all(&batch).expect("flood");
+            batch.clear();
+        }
+    }
+    flooder.write_all(&batch).expect("flood");
+    let took = receiving
+        .join()
+        .expect("the reader got every line, in order");
+    done.store(true, Ordering::Relaxed);
+    let log = server.stderr_so_far();
+    for (_, addr, thread) in slow {
+        thread.join().expect("slow reader");
+        assert!(
+            log.contains(&format!("{addr} disconnected: not reading")),
+            "{addr} was not disconnected\n{log}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(SLOW as u64 / 2),
+        "{SLOW} slow readers held the room up for {took:?} (send timeout 1s)"
+    );
+    server.stop().assert_code(0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. The client's send timeout
+// ------------------------------------------------------------------------------------------------
+
+/// Against a server that accepts and never reads, the client gives up after --send-timeout, in
+/// the numbered mode and in load mode, and says so.
+#[test]
+fn the_client_gives_up_on_a_server_that_never_reads() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let held = thread::spawn(move || {
+        // Holds both connections open without reading, until the test ends.
+        let a = listener.accept().expect("accept");
+        let b = listener.accept().expect("accept");
+        (a, b)
+    });
+    // 100 KB: an argument can't be much longer.
+    let big = "x".repeat(100_000);
+    let numbered = run_client_to(
+        addr,
+        &[
+            "--count",
+            "300",
+            "--interval",
+            "0",
+            "--message",
+            &big,
+            "--send-timeout",
+            "500ms",
+        ],
+        TIMEOUT,
+    );
+    numbered.assert_code(1).assert_no_panic();
+    assert!(
+        numbered.error_lines()[0].contains("nothing taken for 500ms"),
+        "{numbered}"
+    );
+    let load = run_client_to(
+        addr,
+        &[
+            "--connections",
+            "1",
+            "--count",
+            "1000",
+            "--size",
+            "100000",
+            "--send-timeout",
+            "500ms",
+        ],
+        TIMEOUT,
+    );
+    load.assert_code(1).assert_no_panic();
+    assert!(
+        load.error_lines()[0].contains("nothing taken for 500ms"),
+        "{load}"
+    );
+    drop(held.join());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8. Echo: what is counted is printed
+// ------------------------------------------------------------------------------------------------
+
+/// A client that floods an echo server and never reads is cut off; the count the server logs
+/// for it is the number of its lines printed.
+#[test]
+fn echo_prints_every_message_it_counts() {
+    let mut server = ServerProcess::start(&["--mode", "echo", "--send-timeout", "300ms"]);
+    let stream = TcpStream::connect_timeout(&server.addr, TIMEOUT).expect("connect");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("timeout");
+    let me = stream.local_addr().expect("addr");
+    let chunk = "never read back\n".repeat(4096);
+    while (&stream).write_all(chunk.as_bytes()).is_ok() {}
+    let logged = poll_until(TIMEOUT, POLL, || {
+        server
+            .stderr_so_far()
+            .lines()
+            .find(|l| l.contains(&format!("{me} disconnected: not reading")))
+            .map(str::to_string)
+    })
+    .expect("the client was never cut off");
+    let counted: usize = logged
+        .split("after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {logged:?}"));
+    let out = server.stop();
+    out.assert_code(0);
+    assert_eq!(messages_from(&out.stdout, me).len(), counted, "{logged}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. Chat: once greeted, every later line
+// ------------------------------------------------------------------------------------------------
+
+/// Clients connect in a burst; each, once greeted, sends a numbered line. Every client receives
+/// every line sent after it was greeted (a number drawn after its greeting arrived).
+#[test]
+fn chat_clients_receive_every_line_sent_after_their_greeting() {
+    const CLIENTS: usize = 60;
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let addr = server.addr;
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let all_sent = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (next, start, all_sent) =
+                (Arc::clone(&next), Arc::clone(&start), Arc::clone(&all_sent));
+            thread::spawn(move || {
+                start.wait();
+                let (stream, mut reader, _) = join(addr);
+                // Every line numbered from here on was sent after this client was greeted.
+                let greeted_at = next.load(Ordering::SeqCst);
+                let mine = next.fetch_add(1, Ordering::SeqCst);
+                (&stream)
+                    .write_all(format!("line {mine}\n").as_bytes())
+                    .expect("send");
+                all_sent.wait();
+                let total = next.load(Ordering::SeqCst);
+                let mut expected: Vec<u64> = (greeted_at..total).filter(|&n| n != mine).collect();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut line = String::new();
+                while !expected.is_empty() {
+                    line.clear();
+                    if reader.read_line(&mut line).is_err() || line.is_empty() {
+                        return Err(format!("never received lines {expected:?}"));
+                    }
+                    let n: u64 = line
+                        .trim_end()
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(u64::MAX);
+                    expected.retain(|&e| e != n);
+                }
+                stream.shutdown(Shutdown::Write).expect("half-close");
+                Ok(())
+            })
+        })
+        .collect();
+    let missed: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.join().expect("client thread").err())
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} clients missed lines: {missed:?}",
+        missed.len()
+    );
+    server.stop().assert_code(0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 11. A user's `error:` text is not a refusal
+// ------------------------------------------------------------------------------------------------
+
+/// Runs `client ARGS` with `input` on its standard input; returns status, stdout and stderr.
+fn client_with_input(args: &[&str], input: &[u8]) -> (Option<i32>, String, String) {
+    let mut client = Reaper(Some(
+        Command::new(bin_path("client"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn client"),
+    ));
+    let mut stdin = client.child().stdin.take().expect("stdin");
+    stdin.write_all(input).expect("write stdin");
+    drop(stdin);
+    let mut stdout = client.child().stdout.take().expect("stdout");
+    let mut stderr = client.child().stderr.take().expect("stderr");
+    let status = client.wait(TIMEOUT, "the client");
+    let (mut out, mut err) = (String::new(), String::new());
+    stdout.read_to_string(&mut out).expect("stdout");
+    stderr.read_to_string(&mut err).expect("stderr");
+    (status.code(), out, err)
+}
+
+/// Echoed back, a user's line that starts `error:` is text like any other: exit status 0.
+#[test]
+fn an_echoed_error_line_is_not_a_refusal() {
+    let mut server = ServerProcess::start(&["--mode", "echo"]);
+    let port = server.port_arg();
+    let (code, stdout, stderr) =
+        client_with_input(&["--port", &port, "--stdin"], b"error: disk full\n");
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.ends_with("\nerror: disk full\n"), "{stdout}");
+    server.stop().assert_code(0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 13. Hostile flag values, and signals
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn absurd_flag_values_are_usage_errors() {
+    for args in [
+        &["--send-timeout", "300000000000years"][..],
+        &["--idle-timeout", "300000000000years"],
+        &["--max-clients", "0"],
+        &["--send-timeout", "0"],
+    ] {
+        let out = support::run_server(args, TIMEOUT);
+        out.assert_code(2).assert_no_panic();
+    }
+    for args in [
+        &["--rtt", "--linger", "0"][..],
+        &["--linger", "0"],
+        &["--interval", "300000000000years"],
+        &["--send-timeout", "0"],
+    ] {
+        let out = support::run_client(args, TIMEOUT);
+        out.assert_code(2).assert_no_panic();
+    }
+}
+
+/// `--max-clients` at its largest is a number to saturate, not to wrap.
+#[test]
+fn the_largest_max_clients_serves() {
+    let mut server = ServerProcess::start(&["--max-clients", "18446744073709551615"]);
+    let client = run_client_to(server.addr, &["--count", "1", "--interval", "0"], TIMEOUT);
+    client.assert_code(0);
+    let out = server.stop();
+    out.assert_code(0).assert_no_panic();
+}
+
+/// `timeout(1)` sends SIGTERM to the process and to its group: a second signal right after the
+/// first is the same request, not an order to exit at once with status 1.
+#[test]
+fn a_second_signal_right_after_the_first_is_one_clean_stop() {
+    let mut server = ServerProcess::start(&[]);
+    // Many clients make the stop take a moment: the second signal lands while it runs.
+    let clients: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect_timeout(&server.addr, TIMEOUT).expect("connect"))
+        .collect();
+    let connected = poll_until(TIMEOUT, POLL, || {
+        (server.stderr_so_far().matches(" connected").count() >= clients.len()).then_some(())
+    });
+    assert!(connected.is_some(), "not every client got in");
+    server.terminate();
+    let handled = poll_until(TIMEOUT, Duration::from_millis(1), || {
+        server
+            .stderr_so_far()
+            .contains("signal received")
+            .then_some(())
+    });
+    assert!(handled.is_some(), "the first signal was never handled");
+    server.terminate();
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    out.assert_code(0).assert_no_panic();
+    drop(clients);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The contract's other ends
+// ------------------------------------------------------------------------------------------------
+
+/// A client in the middle of its messages when the server stops is told, and exits 1.
+#[test]
+fn a_client_cut_off_by_a_stop_exits_1() {
+    let mut server = ServerProcess::start(&[]);
+    let mut client =
+        support::Background::client_to(server.addr, &["--count", "10", "--interval", "1s"]);
+    let me = poll_until(TIMEOUT, POLL, || {
+        server
+            .stdout_so_far()
+            .lines()
+            .find_map(support::parse_message_line)
+            .map(|(peer, _)| peer)
+    })
+    .expect("the client's first message");
+    let out = server.stop();
+    out.assert_code(0);
+    let client = client.wait_exit(TIMEOUT);
+    client.assert_code(1).assert_no_panic();
+    let errors = client.error_lines();
+    assert_eq!(errors.len(), 1, "{client}");
+    assert!(
+        errors[0].ends_with("closed the connection: error: server stopping"),
+        "{client}"
+    );
+    assert_eq!(messages_from(&out.stdout, me), ["hello world 0"]);
+}
+
+/// A server that dies (SIGKILL) never seems to confirm: its clients see a reset, not the clean
+/// close the kernel would otherwise send for it.
+#[test]
+fn a_killed_server_resets_its_clients() {
+    let mut server = ServerProcess::start(&[]);
+    let (stream, mut reader, me) = join(server.addr);
+    (&stream).write_all(b"printed\n").expect("send");
+    // Once it has printed, it has read everything we sent: closing the socket then would send a
+    // plain FIN.
+    let printed = poll_until(TIMEOUT, POLL, || {
+        (!messages_from(&server.stdout_so_far(), me).is_empty()).then_some(())
+    });
+    assert!(printed.is_some());
+    let killed = Command::new("kill")
+        .args(["-KILL", &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let _ = server.wait_exit(EXIT_TIMEOUT);
+    let mut rest = Vec::new();
+    let ended = reader
+        .read_to_end(&mut rest)
+        .expect_err("a reset, not a clean close");
+    assert_eq!(ended.kind(), io::ErrorKind::ConnectionReset, "{ended}");
+    drop(stream);
+}
