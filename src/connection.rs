@@ -16,10 +16,11 @@ use crate::server::{CONNECTION_STACK, Mode, Shared};
 use crate::sink::format_batch;
 use crate::stream::{SendError, Stream, is_timeout};
 
-/// The first read size; it doubles up to [`MAX_READ`] while reads fill it, so an idle client
-/// costs little and a streaming one gets large reads.
+/// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
+/// allows) until the client goes quiet, so an idle client costs little and a streaming one gets
+/// large reads.
 const FIRST_READ: usize = 1024;
-const MAX_READ: usize = 64 * 1024;
+const MAX_READ: usize = crate::framing::LARGE_BUFFER;
 
 /// After telling a client why it is cut off, how long to read and drop what it still sends, so
 /// that it can read the reason before the reset.
@@ -177,6 +178,9 @@ struct Reading<'a> {
     read_size: usize,
     /// Bytes taken from the buffer budget.
     reserved: usize,
+    /// Whether the buffers were given back since the last read that brought data: a connection
+    /// holding a long unfinished line is not woken again and again to give them back.
+    shrunk: bool,
 }
 
 impl<'a> Reading<'a> {
@@ -200,6 +204,7 @@ impl<'a> Reading<'a> {
             },
             read_size: FIRST_READ,
             reserved: 0,
+            shrunk: false,
         }
     }
 
@@ -211,7 +216,8 @@ impl<'a> Reading<'a> {
                 return End::Stopped;
             }
             let mid_message = self.decoder.pending_len() > 0;
-            let quiet = (self.held() > FIRST_READ * 2).then_some(QUIET);
+            let large = self.read_size > FIRST_READ || self.held() > ALLOWANCE;
+            let quiet = (large && !self.shrunk).then_some(QUIET);
             // Straight into the batch: plain lines are decoded where they are read.
             let room = self.decoder.read_room(&mut self.batch, self.read_size);
             let n = match self.reader.read(room, mid_message, quiet) {
@@ -242,6 +248,7 @@ impl<'a> Reading<'a> {
                 Err(e) => return End::Failed(e),
             };
             self.stream.touch(shared.now_ms());
+            self.shrunk = false;
             counts.bytes += n as u64;
             let decoded = self.decoder.decode_read(n, &mut self.batch);
             if !self.batch.is_empty() {
@@ -253,11 +260,12 @@ impl<'a> Reading<'a> {
             if let Err(too_long) = decoded {
                 return End::TooLong(too_long);
             }
+            // Large reads if the budget can take what they may hold.
             if n == self.read_size
                 && self.read_size < MAX_READ
-                && shared.budget.left() >= self.read_size * 8
+                && shared.budget.left() >= MAX_READ * 8
             {
-                self.read_size *= 2;
+                self.read_size = MAX_READ;
             }
             if let Err(end) = self.settle() {
                 return end;
@@ -333,6 +341,7 @@ impl<'a> Reading<'a> {
         self.batch.shrink();
         self.decoder.shrink();
         self.read_size = FIRST_READ;
+        self.shrunk = true;
         let _ = self.settle();
     }
 

@@ -132,6 +132,7 @@ impl Batch {
     }
 
     fn end_message(&mut self) {
+        reserve(&mut self.ends, 1);
         self.ends.push(self.text.len());
         self.text.push(b'\n');
         self.used = self.text.len();
@@ -139,7 +140,7 @@ impl Batch {
 
     /// Appends one message.
     pub fn push(&mut self, message: &str) {
-        self.text_to_append().extend_from_slice(message.as_bytes());
+        extend(self.text_to_append(), message.as_bytes());
         self.end_message();
     }
 
@@ -147,6 +148,7 @@ impl Batch {
     /// characters are escaped (newlines too, unless `keep_newlines`).
     pub fn push_bytes(&mut self, bytes: &[u8], keep_newlines: bool) {
         let text = self.text_to_append();
+        reserve(text, bytes.len() + 1);
         if is_printable_ascii(bytes) {
             // By far the most common case, checked 8 bytes at a time: copied as it is.
             text.extend_from_slice(bytes);
@@ -178,13 +180,12 @@ impl Batch {
 
     /// Gives back the memory of an empty batch beyond a small size (a connection gone quiet).
     pub(crate) fn shrink(&mut self) {
-        const KEEP: usize = 1024;
         // Past `used` is only read room, which `room` makes again when it is needed.
         self.text.truncate(self.used);
-        self.text.shrink_to(KEEP);
-        self.ends.shrink_to(KEEP / size_of::<usize>());
+        shrink(&mut self.text);
+        shrink(&mut self.ends);
         if let Some(raw) = &mut self.raw {
-            raw.shrink_to(KEEP);
+            shrink(raw);
         }
     }
 
@@ -204,8 +205,10 @@ impl Batch {
     /// UTF-8 with nothing to escape (see [`scan::plain_lines`]). Returns how many bytes that took
     /// and whether it stopped at a line longer than `max_line`, or `None` if `bytes` isn't plain.
     fn push_plain_lines(&mut self, bytes: &[u8], max_line: usize) -> Option<(usize, bool)> {
+        // Lines of 64 bytes or more need no more room for their ends; shorter ones grow it.
+        reserve(&mut self.ends, bytes.len() / 64);
         let (complete, too_long) = scan::plain_lines(bytes, self.used, max_line, &mut self.ends)?;
-        self.text_to_append().extend_from_slice(&bytes[..complete]);
+        extend(self.text_to_append(), &bytes[..complete]);
         self.used = self.text.len();
         self.record_raw(&bytes[..complete], b"");
         Some((complete, too_long))
@@ -216,6 +219,8 @@ impl Batch {
     fn room(&mut self, keep: usize, size: usize) -> &mut [u8] {
         let start = self.used + keep;
         if self.text.len() < start + size {
+            let more = start + size - self.text.len();
+            reserve(&mut self.text, more);
             self.text.resize(start + size, 0);
         }
         &mut self.text[start..start + size]
@@ -226,10 +231,11 @@ impl Batch {
     /// or `None` if the bytes aren't plain.
     fn take_plain_lines(&mut self, len: usize, max_line: usize) -> Option<(usize, bool)> {
         let start = self.used;
+        reserve(&mut self.ends, len / 64);
         let bytes = &self.text[start..start + len];
         let (complete, too_long) = scan::plain_lines(bytes, start, max_line, &mut self.ends)?;
         if let Some(raw) = &mut self.raw {
-            raw.extend_from_slice(&bytes[..complete]);
+            extend(raw, &bytes[..complete]);
         }
         self.used += complete;
         Some((complete, too_long))
@@ -237,8 +243,8 @@ impl Batch {
 
     fn record_raw(&mut self, bytes: &[u8], terminator: &[u8]) {
         if let Some(raw) = &mut self.raw {
-            raw.extend_from_slice(bytes);
-            raw.extend_from_slice(terminator);
+            extend(raw, bytes);
+            extend(raw, terminator);
         }
     }
 }
@@ -246,6 +252,46 @@ impl Batch {
 /// The longest unfinished line moved in front of the next read to decode it in place (see
 /// [`Decoder::read_room`]).
 const IN_PLACE_KEEP: usize = 4 * 1024;
+
+/// A buffer up to this size grows as it needs; past it, it grows straight to [`LARGE_BUFFER`].
+/// So a buffer is small or large, never one of the sizes in between: those, given back when a
+/// connection goes quiet, would be left as holes in the allocator's heap, and the memory with
+/// them (the `server` binary has the allocator map large blocks on their own, which go back to
+/// the system whole).
+const SMALL_BUFFER: usize = 4 * 1024;
+/// The size a buffer grows to from [`SMALL_BUFFER`]; beyond it, it doubles.
+pub(crate) const LARGE_BUFFER: usize = 64 * 1024;
+
+/// Makes room in `v` for `additional` more items, the way [`SMALL_BUFFER`] says.
+pub(crate) fn reserve<T>(v: &mut Vec<T>, additional: usize) {
+    let needed = v.len() + additional;
+    if needed > v.capacity() {
+        let item = size_of::<T>().max(1);
+        let wanted = if needed * item <= SMALL_BUFFER {
+            needed
+        } else {
+            needed.max(LARGE_BUFFER / item)
+        };
+        v.reserve(wanted - v.len());
+    }
+}
+
+/// Gives back `v`'s memory if it is large, keeping what it holds: a new vector, rather than
+/// shrinking in place, which would leave a large block's mapping behind, one per connection.
+fn shrink<T: Copy>(v: &mut Vec<T>) {
+    if v.capacity() * size_of::<T>() > SMALL_BUFFER {
+        let mut small = Vec::new();
+        reserve(&mut small, v.len());
+        small.extend_from_slice(v);
+        *v = small;
+    }
+}
+
+/// Appends `bytes` to `v`, growing it the way [`SMALL_BUFFER`] says.
+fn extend(v: &mut Vec<u8>, bytes: &[u8]) {
+    reserve(v, bytes.len());
+    v.extend_from_slice(bytes);
+}
 
 /// The longest line, in bytes, a server accepts by default.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
@@ -329,7 +375,7 @@ impl Decoder {
     /// Gives back memory it holds beyond what an unfinished line needs (a connection gone quiet).
     pub(crate) fn shrink(&mut self) {
         self.scratch = Vec::new();
-        self.pending.shrink_to_fit();
+        shrink(&mut self.pending);
     }
 
     /// Decodes the next bytes of the stream, appending every message they complete to `out`.
@@ -385,8 +431,7 @@ impl Decoder {
         match batch.take_plain_lines(read.len(), self.max_line) {
             Some((_, true)) => Err(self.too_long()),
             Some((complete, false)) => {
-                self.pending
-                    .extend_from_slice(&batch.text[start + complete..read.end]);
+                extend(&mut self.pending, &batch.text[start + complete..read.end]);
                 self.check_pending()
             }
             // Known not to be plain, so not checked again.
@@ -404,7 +449,7 @@ impl Decoder {
     ) -> Result<(), LineTooLong> {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
-        bytes.extend_from_slice(&batch.text[room]);
+        extend(&mut bytes, &batch.text[room]);
         let decoded = decode(self, &bytes, batch);
         if bytes.capacity() <= DEFAULT_MAX_LINE {
             self.scratch = bytes;
@@ -450,11 +495,11 @@ impl Decoder {
     fn feed_lines(&mut self, mut bytes: &[u8], out: &mut Batch) -> Result<(), LineTooLong> {
         if !self.pending.is_empty() {
             let Some(newline) = memchr::memchr(b'\n', bytes) else {
-                self.pending.extend_from_slice(bytes);
+                extend(&mut self.pending, bytes);
                 return self.check_pending();
             };
             let mut line = std::mem::take(&mut self.pending);
-            line.extend_from_slice(&bytes[..newline]);
+            extend(&mut line, &bytes[..newline]);
             self.push_line(&line, out)?;
             line.clear();
             self.pending = line; // keep the allocation
@@ -466,7 +511,7 @@ impl Decoder {
             // batch with one copy.
             Some((_, true)) => Err(self.too_long()),
             Some((complete, false)) => {
-                self.pending.extend_from_slice(&bytes[complete..]);
+                extend(&mut self.pending, &bytes[complete..]);
                 self.check_pending()
             }
             None => self.lines_one_by_one(bytes, out),
@@ -481,7 +526,7 @@ impl Decoder {
             self.push_line(&bytes[start..newline], out)?;
             start = newline + 1;
         }
-        self.pending.extend_from_slice(&bytes[start..]);
+        extend(&mut self.pending, &bytes[start..]);
         self.check_pending()
     }
 
@@ -508,9 +553,9 @@ impl Decoder {
                 out.push_bytes(ready, self.keep_newlines);
                 out.record_raw(ready, b"");
             }
-            self.pending.extend_from_slice(rest);
+            extend(&mut self.pending, rest);
         } else {
-            self.pending.extend_from_slice(bytes);
+            extend(&mut self.pending, bytes);
             let keep = incomplete_utf8_tail(&self.pending);
             let ready = self.pending.len() - keep;
             if ready > 0 {

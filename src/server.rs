@@ -698,14 +698,6 @@ impl Shared {
         self.sink.stop(now + DRAIN_TIME + OUTPUT_GRACE);
         // No more relaying: what is queued for chat clients is dropped, and no sender waits.
         self.room.close();
-        // Wake the accept loop, which is blocked in accept().
-        let wake = wake_addr(self.local_addr);
-        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
-            // Reset: the loop woke, accepted it and turned it away before the connect returned.
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            Err(e) => warn!("cannot wake the accept loop through {wake}: {e}"),
-        }
         // Cut the connections whose clients are not sending; the others get the drain time to
         // finish (see `drain`). Outside the lock, so the readers that wake can deregister
         // meanwhile. None is missed: a connection registered after this copy saw `stopping` and
@@ -722,6 +714,19 @@ impl Shared {
             .collect();
         for stream in quiet {
             stream.cut();
+        }
+        // Wake the accept loop, if it is waiting in accept(). If the connect doesn't get through
+        // at once, the backlog is full: the loop is busy accepting and sees the stop by itself.
+        let wake = wake_addr(self.local_addr);
+        match TcpStream::connect_timeout(&wake, Duration::from_millis(100)) {
+            // Reset: the loop woke, accepted it and turned it away before the connect returned.
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => warn!("cannot wake the accept loop through {wake}: {e}"),
         }
     }
 

@@ -225,7 +225,7 @@ pub fn format_batch(buf: &mut Vec<u8>, peer: SocketAddr, batch: &Batch) {
     let len = text.len().min(BLOCK);
     prefix[..len].copy_from_slice(&text.as_bytes()[..len]);
     let (text, ends) = batch.text_and_ends();
-    buf.reserve(text.len() + ends.len() * BLOCK + BLOCK);
+    crate::framing::reserve(buf, text.len() + ends.len() * BLOCK + BLOCK);
     let mut start = 0;
     for &end in ends {
         let at = buf.len();

@@ -478,6 +478,108 @@ fn max_line_bounds_memory() {
     );
 }
 
+/// Connects `clients` clients that each send `line`, and waits until the server has printed
+/// every one. Returns them, and the server's RSS before, in KiB.
+#[cfg(target_os = "linux")]
+fn clients_sending(server: &ServerProcess, line: &str, clients: usize) -> (Vec<TcpStream>, u64) {
+    let before = procfs::rss_kib(server.pid());
+    let printed_before = server.stdout_line_count();
+    let streams: Vec<TcpStream> = (0..clients)
+        .map(|_| {
+            let stream = connect(server.addr);
+            (&stream).write_all(line.as_bytes()).expect("write");
+            stream
+        })
+        .collect();
+    let printed = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        (server.stdout_line_count() >= printed_before + clients).then_some(())
+    });
+    assert!(printed.is_some(), "not every line was printed");
+    (streams, before)
+}
+
+/// Clients that sent a 65,000-byte line and went quiet hold about what clients that sent a
+/// short line hold: their read and line buffers go back to their small size (after a second of
+/// quiet).
+#[cfg(target_os = "linux")]
+#[test]
+fn buffers_shrink_when_a_connection_goes_quiet() {
+    // Enough clients that the output's few spare buffers (shared, a few MiB at most) count for
+    // little per client.
+    const CLIENTS: u64 = 500;
+    let server = ServerProcess::start(&[]);
+    let pid = server.pid();
+    let (_short, before) = clients_sending(&server, "a short line\n", CLIENTS as usize);
+    let short = procfs::rss_kib(pid).saturating_sub(before) / CLIENTS;
+    let long_line = format!("{}\n", "y".repeat(65_000));
+    let (_long, before) = clients_sending(&server, &long_line, CLIENTS as usize);
+    let busy = procfs::rss_kib(pid).saturating_sub(before) / CLIENTS;
+    let mut long = busy;
+    let shrunk = poll_until(POLL_DEADLINE, Duration::from_millis(100), || {
+        long = procfs::rss_kib(pid).saturating_sub(before) / CLIENTS;
+        (long <= short + 8).then_some(())
+    });
+    assert!(
+        shrunk.is_some(),
+        "clients that sent a long line hold {long} KiB each once quiet ({busy} KiB at first), against {short} KiB for a short one"
+    );
+    finish(server);
+}
+
+/// With `--buffer-budget 4MiB`, of 200 clients each holding 60,000 bytes of an unfinished line,
+/// those the budget can't hold are told `error: server busy (buffers full)`; server memory stays
+/// near the budget, and the lines of those held arrive whole once finished.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_buffer_budget_bounds_unfinished_lines() {
+    const CLIENTS: usize = 200;
+    const BUDGET_KIB: u64 = 4 * 1024;
+    let mut server = ServerProcess::start(&["--buffer-budget", &(BUDGET_KIB * 1024).to_string()]);
+    let pid = server.pid();
+    let before = procfs::rss_kib(pid);
+    let unfinished = "z".repeat(60_000);
+    let clients: Vec<(SocketAddr, TcpStream)> = (0..CLIENTS)
+        .map(|_| {
+            let stream = connect(server.addr);
+            let local = stream.local_addr().expect("local_addr");
+            assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+            (&stream).write_all(unfinished.as_bytes()).expect("write");
+            (local, stream)
+        })
+        .collect();
+    // Each client is now either held or refused; a refused one reads the reason.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for (local, stream) in clients {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        match read_line(&stream) {
+            Ok(line) if line == "error: server busy (buffers full)\n" => refused += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => held.push((local, stream)),
+            other => panic!("{local}: {other:?}"),
+        }
+    }
+    let grown = procfs::rss_kib(pid).saturating_sub(before);
+    assert!(
+        refused >= CLIENTS / 2 && held.len() >= 20,
+        "{refused} refused, {} held",
+        held.len()
+    );
+    assert!(
+        grown < 3 * BUDGET_KIB,
+        "the server grew by {grown} KiB holding unfinished lines (budget {BUDGET_KIB} KiB)"
+    );
+    for (_, stream) in &held {
+        (&*stream).write_all(b"\n").expect("finish the line");
+    }
+    for (local, _) in &held {
+        assert_eq!(wait_for_messages(&server, *local, 1), std::slice::from_ref(&unfinished));
+    }
+    drop(held);
+    stop_cleanly(&mut server);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 4. --idle-timeout
 // ------------------------------------------------------------------------------------------------
@@ -1037,7 +1139,7 @@ fn sigterm_while_clients_come_and_go() {
     let took = out.exited_at.duration_since(signalled);
     assert!(
         took < Duration::from_secs(2),
-        "server took {took:?} to exit after SIGTERM among connects"
+        "server took {took:?} to exit after SIGTERM among connects\n{out}"
     );
 }
 
