@@ -730,33 +730,46 @@ impl Shared {
         }
     }
 
-    /// After a stop: waits (at most the drain time) for the connections still reading to finish,
-    /// then cuts the rest.
+    /// After a stop: lets the connections still reading finish, for at most the drain time;
+    /// cuts each as soon as it has read nothing for [`QUIET_AT_STOP`], and the rest at the end.
     fn drain(&self) {
         let Some(&stopped_at) = self.stopped_at.get() else {
             return;
         };
         let deadline = stopped_at + DRAIN_TIME;
-        let mut registry = self.registry();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if registry.live.is_empty() || left.is_zero() {
-                break;
+            let now = Instant::now();
+            let over = now >= deadline;
+            let quiet_before = self
+                .now_ms()
+                .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
+            let registry = self.registry();
+            if registry.live.is_empty() {
+                return;
             }
-            registry = self
-                .idle
-                .wait_timeout(registry, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        let rest: Vec<Arc<Stream>> = registry
-            .live
-            .values()
-            .map(|live| Arc::clone(&live.stream))
-            .collect();
-        drop(registry);
-        for stream in rest {
-            stream.cut();
+            let cut: Vec<Arc<Stream>> = registry
+                .live
+                .values()
+                .filter(|live| {
+                    !live.stream.was_cut() && (over || live.stream.last_read() <= quiet_before)
+                })
+                .map(|live| Arc::clone(&live.stream))
+                .collect();
+            drop(registry);
+            for stream in cut {
+                stream.cut();
+            }
+            if over {
+                return;
+            }
+            // Woken early when the last connection ends.
+            let registry = self.registry();
+            let wait = (deadline - now).min(QUIET_AT_STOP / 4);
+            drop(
+                self.idle
+                    .wait_timeout(registry, wait)
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
         }
     }
 

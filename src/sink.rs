@@ -60,10 +60,10 @@ pub struct LineWriterSink<W> {
 }
 
 /// Most bytes of formatted batches queued behind the thread that is writing.
-const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+const QUEUE_BYTES: usize = 1024 * 1024;
 /// Spare buffers kept, and the largest kept.
-const SPARE_BUFFERS: usize = 16;
-const SPARE_KEEP: usize = 256 * 1024;
+const SPARE_BUFFERS: usize = 32;
+const SPARE_KEEP: usize = 512 * 1024;
 
 #[derive(Debug, Default)]
 struct Output {

@@ -574,7 +574,10 @@ fn the_buffer_budget_bounds_unfinished_lines() {
         (&*stream).write_all(b"\n").expect("finish the line");
     }
     for (local, _) in &held {
-        assert_eq!(wait_for_messages(&server, *local, 1), std::slice::from_ref(&unfinished));
+        assert_eq!(
+            wait_for_messages(&server, *local, 1),
+            std::slice::from_ref(&unfinished)
+        );
     }
     drop(held);
     stop_cleanly(&mut server);
