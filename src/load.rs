@@ -480,6 +480,11 @@ fn error_line(bytes: &[u8]) -> Option<String> {
     line.starts_with("error: ").then(|| line.into_owned())
 }
 
+/// A connection the server ended with `reason` (its `error:` line).
+fn closed(peer: SocketAddr, reason: &str) -> String {
+    format!("{peer} closed the connection: {reason}")
+}
+
 /// The failure of a connection whose server ended it: its reason if it gave one.
 fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
     match drained {
@@ -487,8 +492,17 @@ fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
         Drained {
             reason: Some(reason),
             ..
-        } => Err(format!("{peer} closed the connection: {reason}")),
+        } => Err(closed(peer, &reason)),
         Drained { result: Err(e), .. } => Err(format!("connection to {peer} failed: {e}")),
+    }
+}
+
+/// The failure of a connection that broke (`error`), said with the server's reason if the last
+/// line it sent was one.
+fn broke(peer: SocketAddr, reason: Option<&str>, error: &Error) -> String {
+    match reason {
+        Some(reason) => closed(peer, reason),
+        None => describe(error),
     }
 }
 
@@ -639,12 +653,7 @@ fn round_trips(
                         humantime::format_duration(options.linger)
                     ));
                 }
-                Some(Err(e)) => {
-                    return Err(match reason {
-                        Some(reason) => format!("{peer} closed the connection: {reason}"),
-                        None => describe(&e),
-                    });
-                }
+                Some(Err(e)) => return Err(broke(peer, reason.as_deref(), &e)),
                 None => return Err(format!("{peer} closed before echoing message {i}")),
             }
         }
@@ -668,12 +677,7 @@ fn round_trips(
                     humantime::format_duration(options.linger)
                 ));
             }
-            Some(Err(e)) => {
-                return Err(match reason {
-                    Some(reason) => format!("{peer} closed the connection: {reason}"),
-                    None => describe(&e),
-                });
-            }
+            Some(Err(e)) => return Err(broke(peer, reason.as_deref(), &e)),
         }
     }
 }
@@ -690,7 +694,7 @@ fn until_end(
             Err(_) => break,
         }
     }
-    reason.map(|reason| format!("{peer} closed the connection: {reason}"))
+    reason.map(|reason| closed(peer, &reason))
 }
 
 /// An error with its cause, on one line.

@@ -37,18 +37,7 @@ fn json_field(json: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("bad {name} in {json}"))
 }
 
-/// Connects, sets bounded timeouts and reads the greeting line.
-fn join(server: SocketAddr) -> (TcpStream, BufReader<TcpStream>, SocketAddr) {
-    let stream = TcpStream::connect_timeout(&server, TIMEOUT).expect("connect");
-    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    stream.set_write_timeout(Some(TIMEOUT)).expect("timeout");
-    let me = stream.local_addr().expect("local addr");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).expect("greeting");
-    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
-    (stream, reader, me)
-}
+use support::greeted as join;
 
 /// Kills a child process when dropped, unless it was waited for.
 struct Reaper(Option<Child>);
@@ -404,27 +393,12 @@ fn slow_chat_readers_cost_one_send_timeout_in_all() {
     let (_reader, mut reader_in, _) = join(server.addr);
     let (mut flooder, _flooder_in, flooder_addr) = join(server.addr);
 
-    let padding = "x".repeat(180);
     let started = Instant::now();
     let receiving = thread::spawn(move || {
-        let mut line = String::new();
-        for i in 0..LINES {
-            line.clear();
-            reader_in.read_line(&mut line).expect("receive");
-            let expected = format!("{flooder_addr} {i:08} ");
-            assert!(line.starts_with(&expected), "line {i}: {line:?}");
-        }
+        support::receive_numbered(&mut reader_in, flooder_addr, LINES);
         started.elapsed()
     });
-    let mut batch = Vec::new();
-    for i in 0..LINES {
-        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
-        if batch.len() > 64 * 1024 {
-            flooder.write_all(&batch).expect("flood");
-            batch.clear();
-        }
-    }
-    flooder.write_all(&batch).expect("flood");
+    support::flood_numbered(&mut flooder, LINES);
     let took = receiving
         .join()
         .expect("the reader got every line, in order");

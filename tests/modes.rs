@@ -15,20 +15,7 @@ use support::{ServerProcess, bin_path, poll_until};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Connects and reads the greeting line; returns the stream (read timeout set) and our address.
-fn join(server: SocketAddr) -> (TcpStream, BufReader<TcpStream>, SocketAddr) {
-    let stream = TcpStream::connect_timeout(&server, TIMEOUT).expect("connect");
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .expect("read timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let me = stream.local_addr().expect("local addr");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone for reading"));
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).expect("greeting");
-    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
-    (stream, reader, me)
-}
+use support::greeted as join;
 
 fn read_line(reader: &mut BufReader<TcpStream>) -> String {
     let mut line = String::new();
@@ -142,25 +129,9 @@ fn a_stuck_reader_never_stalls_the_room() {
     let (mut flooder, _flooder_in, flooder_addr) = join(server.addr);
 
     // Lines of ~200 bytes: 20 MB in all, far more than the stuck client's socket buffers.
-    let padding = "x".repeat(180);
-    let receiving = thread::spawn(move || {
-        let mut line = String::new();
-        for i in 0..LINES {
-            line.clear();
-            reader_in.read_line(&mut line).expect("receive");
-            let expected = format!("{flooder_addr} {i:08} ");
-            assert!(line.starts_with(&expected), "line {i}: {line:?}");
-        }
-    });
-    let mut batch = Vec::new();
-    for i in 0..LINES {
-        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
-        if batch.len() > 64 * 1024 {
-            flooder.write_all(&batch).expect("flood");
-            batch.clear();
-        }
-    }
-    flooder.write_all(&batch).expect("flood");
+    let receiving =
+        thread::spawn(move || support::receive_numbered(&mut reader_in, flooder_addr, LINES));
+    support::flood_numbered(&mut flooder, LINES);
 
     let started = Instant::now();
     let received = poll_until(TIMEOUT, Duration::from_millis(20), || {

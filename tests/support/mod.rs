@@ -616,6 +616,55 @@ impl XorShift {
     }
 }
 
+/// Connects to a server with the default greeting and reads it; the stream has bounded read and
+/// write timeouts (20 s) and `TCP_NODELAY`. Returns it, a reader on a clone, and our address.
+pub fn greeted(
+    server: SocketAddr,
+) -> (
+    std::net::TcpStream,
+    BufReader<std::net::TcpStream>,
+    SocketAddr,
+) {
+    let timeout = Duration::from_secs(20);
+    let stream = std::net::TcpStream::connect_timeout(&server, timeout).expect("connect");
+    stream.set_read_timeout(Some(timeout)).expect("timeout");
+    stream.set_write_timeout(Some(timeout)).expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let me = stream.local_addr().expect("local addr");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone for reading"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
+    (stream, reader, me)
+}
+
+/// Sends `lines` lines of about 200 bytes, `{i:08} xxx…` numbered from 0, in 64 KiB writes: a
+/// chat flood.
+pub fn flood_numbered(stream: &mut std::net::TcpStream, lines: usize) {
+    use std::io::Write;
+    let padding = "x".repeat(180);
+    let mut batch = Vec::new();
+    for i in 0..lines {
+        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
+        if batch.len() > 64 * 1024 || i + 1 == lines {
+            stream.write_all(&batch).expect("flood");
+            batch.clear();
+        }
+    }
+}
+
+/// Reads the `lines` lines of [`flood_numbered`] as a chat server relays them from `from`,
+/// checking that none is missing or out of order.
+pub fn receive_numbered(reader: &mut impl BufRead, from: SocketAddr, lines: usize) {
+    let mut line = String::new();
+    for i in 0..lines {
+        line.clear();
+        reader.read_line(&mut line).expect("receive");
+        let expected = format!("{from} {i:08} ");
+        assert!(line.starts_with(&expected), "line {i}: {line:?}");
+    }
+}
+
 /// Paces a client that deliberately sends or reads slowly. This does not synchronise anything:
 /// tests wait for what they check by reading sockets or polling with a deadline.
 pub fn pace(d: Duration) {
