@@ -699,22 +699,9 @@ impl Shared {
         // No more relaying: what is queued for chat clients is dropped, and no sender waits.
         self.room.close();
         // Cut the connections whose clients are not sending; the others get the drain time to
-        // finish (see `drain`). Outside the lock, so the readers that wake can deregister
-        // meanwhile. None is missed: a connection registered after this copy saw `stopping` and
-        // was refused.
-        let quiet_before = self
-            .now_ms()
-            .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
-        let quiet: Vec<Arc<Stream>> = self
-            .registry()
-            .live
-            .values()
-            .filter(|live| live.stream.last_read() <= quiet_before)
-            .map(|live| Arc::clone(&live.stream))
-            .collect();
-        for stream in quiet {
-            stream.cut();
-        }
+        // finish (see `drain`). None is missed: a connection registered after this saw
+        // `stopping` and was refused.
+        self.cut_quiet(false);
         // Wake the accept loop, if it is waiting in accept(). If the connect doesn't get through
         // at once, the backlog is full: the loop is busy accepting and sees the stop by itself.
         let wake = wake_addr(self.local_addr);
@@ -740,26 +727,7 @@ impl Shared {
         loop {
             let now = Instant::now();
             let over = now >= deadline;
-            let quiet_before = self
-                .now_ms()
-                .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
-            let registry = self.registry();
-            if registry.live.is_empty() {
-                return;
-            }
-            let cut: Vec<Arc<Stream>> = registry
-                .live
-                .values()
-                .filter(|live| {
-                    !live.stream.was_cut() && (over || live.stream.last_read() <= quiet_before)
-                })
-                .map(|live| Arc::clone(&live.stream))
-                .collect();
-            drop(registry);
-            for stream in cut {
-                stream.cut();
-            }
-            if over {
+            if !self.cut_quiet(over) || over {
                 return;
             }
             // Woken early when the last connection ends.
@@ -771,6 +739,31 @@ impl Shared {
                     .unwrap_or_else(PoisonError::into_inner),
             );
         }
+    }
+
+    /// Cuts the connections not cut yet that have read nothing for [`QUIET_AT_STOP`], or all of
+    /// them if `all`; says whether any connection is left. The cuts are made outside the lock,
+    /// so that the readers they wake can deregister meanwhile.
+    fn cut_quiet(&self, all: bool) -> bool {
+        let quiet_before = self
+            .now_ms()
+            .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
+        let (left, cut): (bool, Vec<Arc<Stream>>) = {
+            let registry = self.registry();
+            let cut = registry
+                .live
+                .values()
+                .filter(|live| {
+                    !live.stream.was_cut() && (all || live.stream.last_read() <= quiet_before)
+                })
+                .map(|live| Arc::clone(&live.stream))
+                .collect();
+            (!registry.live.is_empty(), cut)
+        };
+        for stream in cut {
+            stream.cut();
+        }
+        left
     }
 
     fn start_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
