@@ -262,7 +262,15 @@ impl Server {
         sink: Arc<dyn Sink>,
     ) -> Result<Server, Error> {
         let (turnaway, turnaway_thread) = Turnaway::start().map_err(Error::Thread)?;
+        // On Linux a stop wakes the accept loop by shutting the listener (see `Shared::stop`).
+        #[cfg(target_os = "linux")]
+        let listener_to_shut = listener.try_clone().map_err(|source| Error::Bind {
+            addr: local_addr,
+            source,
+        })?;
         let shared = Arc::new(Shared {
+            #[cfg(target_os = "linux")]
+            listener_to_shut,
             budget: Budget::new(options.buffer_budget),
             options,
             sink,
@@ -561,6 +569,10 @@ pub(crate) struct Shared {
     pub(crate) options: ServerOptions,
     pub(crate) sink: Arc<dyn Sink>,
     local_addr: SocketAddr,
+    /// The listening socket, for a stop to shut: that wakes `accept` at once and resets the
+    /// connections still queued, where a wake-up connect can be late on a loaded machine.
+    #[cfg(target_os = "linux")]
+    listener_to_shut: TcpListener,
     /// The start of the server's clock for [`Stream::touch`].
     epoch: Instant,
     stopping: AtomicBool,
@@ -702,10 +714,23 @@ impl Shared {
         // finish (see `drain`). None is missed: a connection registered after this saw
         // `stopping` and was refused.
         self.cut_quiet(false);
-        // Wake the accept loop, if it is waiting in accept(). If the connect doesn't get through
-        // at once, the backlog is full: the loop is busy accepting and sees the stop by itself.
+        self.wake_accept_loop();
+    }
+
+    /// Wakes the accept loop, if it is waiting in `accept`, to see the stop.
+    fn wake_accept_loop(&self) {
+        // On Linux, shutting a listening socket stops it listening and wakes `accept`.
+        #[cfg(target_os = "linux")]
+        if socket2::SockRef::from(&self.listener_to_shut)
+            .shutdown(std::net::Shutdown::Read)
+            .is_ok()
+        {
+            return;
+        }
+        // Elsewhere, a connection to it. If that doesn't get through, the backlog is full: the
+        // loop is busy accepting and sees the stop by itself.
         let wake = wake_addr(self.local_addr);
-        match TcpStream::connect_timeout(&wake, Duration::from_millis(100)) {
+        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
             // Reset: the loop woke, accepted it and turned it away before the connect returned.
             Ok(_) => {}
             Err(e)

@@ -455,9 +455,13 @@ impl ServerProcess {
         &self.inner.command
     }
 
-    /// What the server has printed to stdout so far (it may buffer; only complete after exit).
+    /// The complete lines the server has printed to stdout so far: a line still being captured
+    /// is left out, so that part of a long line is never taken for a message.
     pub fn stdout_so_far(&self) -> String {
-        self.inner.stdout_so_far()
+        let mut stdout = self.inner.stdout_so_far();
+        let complete = stdout.rfind('\n').map_or(0, |at| at + 1);
+        stdout.truncate(complete);
+        stdout
     }
 
     /// What the server has logged so far.
