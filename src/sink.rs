@@ -45,7 +45,7 @@ pub trait Sink: Send + Sync {
 /// Each batch is formatted into its own buffer, then written with one `write_all`, so lines from
 /// concurrent peers never interleave mid-line. No thread waits for another's write: the thread
 /// that finds the writer idle writes its batch and then whatever others queued meanwhile, while
-/// they go back to reading. The queue is bounded ([`QUEUE_BYTES`]); when it is full, `deliver`
+/// they go back to reading. The queue is bounded (1 MiB); when it is full, `deliver`
 /// waits for room, and after a stop only until the stop's deadline, so a writer that blocks for
 /// good (a pipe nobody reads) holds up nobody but itself.
 #[derive(Debug)]
