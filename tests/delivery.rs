@@ -289,6 +289,69 @@ fn a_server_whose_log_cannot_be_written_serves() {
     assert_eq!(status.code(), Some(0), "{status}");
 }
 
+/// A stderr pipe nobody reads, full after a few hundred log lines, holds up neither the server's
+/// stop nor its last `error:` line: with stdout on `/dev/full` it stops itself and exits 1.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stderr_pipe_does_not_hold_up_the_exit() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = Reaper(Some(
+        Command::new(bin_path("server"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(full)
+            .stderr(Stdio::piped()) // never read
+            .spawn()
+            .expect("spawn server"),
+    ));
+    let pid = child.child().id();
+    let port = poll_until(TIMEOUT, POLL, || support::listening_port(pid))
+        .expect("the server never listened");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Two log lines each: far more than a pipe holds.
+    for _ in 0..1000 {
+        drop(TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect"));
+    }
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    (&stream).write_all(b"to /dev/full\n").expect("send");
+    let status = child.wait(TIMEOUT, "the server, its output failed");
+    assert_eq!(status.code(), Some(1), "{status}");
+}
+
+/// The client too: its stderr full of `sent` lines, a reset still ends it with status 1.
+#[test]
+fn a_client_with_a_full_stderr_pipe_still_exits() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut all = Vec::new();
+        (&stream).read_to_end(&mut all).expect("read to the end");
+        // Everything read, and then a reset rather than the confirming close.
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        all.len()
+    });
+    let mut client = Reaper(Some(
+        Command::new(bin_path("client"))
+            .args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--count", "3000", "--interval", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()) // never read
+            .spawn()
+            .expect("spawn client"),
+    ));
+    let status = client.wait(TIMEOUT, "the client");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(server.join().expect("server") > 0);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 5. A stdout nobody reads
 // ------------------------------------------------------------------------------------------------

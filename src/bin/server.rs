@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     map_large_blocks_apart();
     let cli = Cli::parse();
     let log = common::init_logging(&cli.log);
-    match run(cli) {
+    match run(cli, &log) {
         Ok(()) => {
             log.finish(common::LOG_FLUSH);
             ExitCode::SUCCESS
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, log: &common::log::Log) -> anyhow::Result<()> {
     raise_fd_limit(cli.max_clients);
     let access = cli.allow.into_iter().fold(Access::new(), Access::allow);
     let access = cli.deny.into_iter().fold(access, Access::deny);
@@ -125,7 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .buffer_budget(cli.buffer_budget);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
-    install_signal_handler(&server, addr)?;
+    install_signal_handler(&server, addr, log.clone())?;
     info!("listening on {addr}");
     if cli.mode != ModeArg::Log {
         info!("mode: {}", Mode::from(cli.mode));
@@ -163,7 +163,11 @@ const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(250);
 
 /// First SIGINT/SIGTERM (Ctrl-C or console close on Windows): stop cleanly. Another, later than
 /// [`SECOND_SIGNAL_GRACE`]: exit now.
-fn install_signal_handler(server: &Server, addr: SocketAddr) -> anyhow::Result<()> {
+fn install_signal_handler(
+    server: &Server,
+    addr: SocketAddr,
+    log: common::log::Log,
+) -> anyhow::Result<()> {
     let stopper = server.stopper();
     let first = OnceLock::new();
     ctrlc::set_handler(move || match first.get() {
@@ -176,9 +180,9 @@ fn install_signal_handler(server: &Server, addr: SocketAddr) -> anyhow::Result<(
             debug!("a second signal right after the first: taken as the same");
         }
         Some(_) => {
-            let _ = writeln!(
-                io::stderr(),
-                "error: second signal: server on {addr} exiting at once"
+            log.last_line(
+                &format!("error: second signal: server on {addr} exiting at once"),
+                Duration::from_millis(100),
             );
             std::process::exit(1);
         }

@@ -2,7 +2,7 @@
 
 pub mod log;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -73,8 +73,8 @@ pub fn positive_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Sends the log to stderr, at the level `-v`/`-q` ask for unless `RUST_LOG` says otherwise.
-/// Keep the guard, and [`finish`](log::LogGuard::finish) it before exiting.
-pub fn init_logging(args: &LogArgs) -> log::LogGuard {
+/// Returns the way to stderr: [`finish`](log::Log::finish) it before exiting.
+pub fn init_logging(args: &LogArgs) -> log::Log {
     let level = match (args.verbose, args.quiet) {
         (0, 0) => "info",
         (1, _) => "debug",
@@ -83,26 +83,25 @@ pub fn init_logging(args: &LogArgs) -> log::LogGuard {
         _ => "error",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let (writer, guard) = log::start();
+    let log = log::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(log.clone())
         .log_internal_errors(false)
         .with_target(false);
     match args.log_format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
     }
-    guard
+    log
 }
 
 /// How long the log may take to reach stderr at exit, so that a stuck stderr can't hold it up.
 pub const LOG_FLUSH: Duration = Duration::from_millis(500);
 
-/// Lets the log reach stderr, then prints a runtime failure as one line (`error: ` and the cause
-/// chain) and gives exit code 1. Never panics, whatever stderr is.
-pub fn fail(log: &log::LogGuard, error: &anyhow::Error) -> ExitCode {
-    log.finish(LOG_FLUSH);
-    let _ = writeln!(std::io::stderr(), "error: {error:#}");
+/// Prints a runtime failure as one line after the log (`error: ` and the cause chain) and gives
+/// exit code 1. Never panics or blocks for long, whatever stderr is.
+pub fn fail(log: &log::Log, error: &anyhow::Error) -> ExitCode {
+    log.last_line(&format!("error: {error:#}"), LOG_FLUSH);
     ExitCode::from(1)
 }
