@@ -135,6 +135,18 @@ impl Client {
         self.framing
     }
 
+    /// Whether the server has closed its side already, to be asked before
+    /// [`finish`](Client::finish): a plugboard server closes only after it has read the client's
+    /// own end, so a close before it means the server stopped sending early, and confirms
+    /// nothing.
+    ///
+    /// Looks at the socket without reading; while what the server sent before its close is still
+    /// unread (a [`Receiver`] on another thread is printing it), waits for that at most 100 ms.
+    /// Off Unix it can't look, and says `false`.
+    pub fn closed_early(&self) -> bool {
+        closed_early(&self.stream)
+    }
+
     /// Half-closes the connection: tells the server nothing more will be sent. Receiving goes on
     /// until the server closes its side.
     pub fn finish(&self) -> Result<(), Error> {
@@ -188,6 +200,41 @@ impl Client {
             },
         }
     }
+}
+
+/// See [`Client::closed_early`].
+pub(crate) fn closed_early(stream: &TcpStream) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_millis(100);
+    loop {
+        match server_closed(stream) {
+            Some(closed) => return closed,
+            // Unread data in front of any close: the reader is on it.
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None => return false,
+        }
+    }
+}
+
+/// Whether the peer's FIN has arrived, without reading: `None` while data is unread in front of
+/// where it would be.
+#[cfg(unix)]
+fn server_closed(stream: &TcpStream) -> Option<bool> {
+    use rustix::net::{RecvFlags, recv};
+    let mut byte = [0u8; 1];
+    match recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => Some(true),
+        Ok(_) | Err(rustix::io::Errno::INTR) => None,
+        Err(rustix::io::Errno::AGAIN) => Some(false),
+        // Reset or worse: closed too, and whoever reads says how.
+        Err(_) => Some(true),
+    }
+}
+
+#[cfg(not(unix))]
+fn server_closed(_: &TcpStream) -> Option<bool> {
+    Some(false)
 }
 
 /// The messages a server sends, in order: lines (without `\n`) or raw chunks.

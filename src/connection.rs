@@ -30,9 +30,14 @@ const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// long.
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Bytes of buffers a connection holds without drawing on the server's buffer budget: enough for
-/// the first read and lines of a few KiB.
-const ALLOWANCE: usize = 8 * 1024;
+/// Bytes of buffers a connection holds without drawing on the server's buffer budget: its five
+/// buffers (read, line ends, unfinished line, copy, echo) at their small size (4 KiB each, see
+/// `framing`), so 1 KiB reads and lines of up to 4 KiB never need the budget. Anything larger
+/// is 64 KiB or more, and does.
+const ALLOWANCE: usize = 20 * 1024;
+
+/// A connection holding more than this gives its buffers back after [`QUIET`].
+const QUIET_SIZE: usize = 4 * 1024;
 
 /// How a connection ended.
 enum End {
@@ -56,7 +61,8 @@ enum End {
     Busy,
 }
 
-/// What one connection counted.
+/// What one connection counted, for its last log line (the server's totals are counted as they
+/// come, so that a connection given up on at a stop is in them too).
 #[derive(Default)]
 struct Counts {
     /// Complete messages read.
@@ -110,7 +116,6 @@ pub(crate) fn serve(shared: &Shared, id: u64, stream: &Arc<Stream>) {
         // Nothing to say that the client would read: the reset says it.
         End::Evicted | End::NotReading | End::Failed(_) => {}
     }
-    shared.add_totals(counts.messages, counts.refused, counts.bytes);
 }
 
 /// The client closed its side: sends what the room queued for it, waits until everything it
@@ -217,7 +222,7 @@ impl<'a> Reading<'a> {
                 return End::Stopped;
             }
             let mid_message = self.decoder.pending_len() > 0;
-            let large = self.read_size > FIRST_READ || self.held() > ALLOWANCE;
+            let large = self.read_size > FIRST_READ || self.held() > QUIET_SIZE;
             let quiet = (large && !self.shrunk).then_some(QUIET);
             // Straight into the batch: plain lines are decoded where they are read.
             let room = self.decoder.read_room(&mut self.batch, self.read_size);
@@ -251,6 +256,7 @@ impl<'a> Reading<'a> {
             self.stream.touch(shared.now_ms());
             self.shrunk = false;
             counts.bytes += n as u64;
+            shared.add_totals(0, 0, n as u64);
             let decoded = self.decoder.decode_read(n, &mut self.batch);
             if !self.batch.is_empty() {
                 self.reader.last_message = Instant::now();
@@ -292,6 +298,7 @@ impl<'a> Reading<'a> {
             return Ok(());
         }
         counts.messages += batch.len() as u64;
+        shared.add_totals(batch.len() as u64, 0, 0);
         let peer = self.stream.peer();
         let relayed = match relay {
             Relay::Log => Ok(()),
@@ -327,6 +334,7 @@ impl<'a> Reading<'a> {
         batch.clear();
         if let Err(e) = delivered {
             counts.refused += len;
+            shared.add_totals(0, len, 0);
             return Err(output_end(shared, &e));
         }
         relayed

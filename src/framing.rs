@@ -262,28 +262,33 @@ const SMALL_BUFFER: usize = 4 * 1024;
 /// The size a buffer grows to from [`SMALL_BUFFER`]; beyond it, it doubles.
 pub(crate) const LARGE_BUFFER: usize = 64 * 1024;
 
+/// How many items a vector that must hold `needed` of them is sized for, the way
+/// [`SMALL_BUFFER`] says.
+fn sized_for<T>(needed: usize) -> usize {
+    let item = size_of::<T>().max(1);
+    if needed * item <= SMALL_BUFFER {
+        needed
+    } else {
+        needed.max(LARGE_BUFFER / item)
+    }
+}
+
 /// Makes room in `v` for `additional` more items, the way [`SMALL_BUFFER`] says.
 pub(crate) fn reserve<T>(v: &mut Vec<T>, additional: usize) {
     let needed = v.len() + additional;
     if needed > v.capacity() {
-        let item = size_of::<T>().max(1);
-        let wanted = if needed * item <= SMALL_BUFFER {
-            needed
-        } else {
-            needed.max(LARGE_BUFFER / item)
-        };
-        v.reserve(wanted - v.len());
+        v.reserve(sized_for::<T>(needed) - v.len());
     }
 }
 
-/// Gives back `v`'s memory if it is large, keeping what it holds: a new vector, rather than
-/// shrinking in place, which would leave a large block's mapping behind, one per connection.
+/// Gives back the memory `v` holds beyond what its items need, keeping them: a new vector, rather
+/// than shrinking in place, which would leave a large block's mapping behind, one per connection.
 fn shrink<T: Copy>(v: &mut Vec<T>) {
-    if v.capacity() * size_of::<T>() > SMALL_BUFFER {
-        let mut small = Vec::new();
-        reserve(&mut small, v.len());
-        small.extend_from_slice(v);
-        *v = small;
+    if v.capacity() > sized_for::<T>(v.len()) {
+        let mut fit = Vec::new();
+        reserve(&mut fit, v.len());
+        fit.extend_from_slice(v);
+        *v = fit;
     }
 }
 

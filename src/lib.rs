@@ -67,7 +67,7 @@ pub use framing::{
     Batch, DEFAULT_MAX_LINE, Decoder, Framing, LineTooLong, UnknownFraming, escape_into,
     needs_escape,
 };
-pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors};
+pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors, thread_room};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
 pub use room::OUTBOX_BYTES;
 pub use server::{

@@ -83,6 +83,36 @@ impl fmt::Display for Range {
     }
 }
 
+/// Memory maps a thread takes: its stack and guard page, and the signal stack Rust gives it and
+/// that one's guard page.
+pub const MAPS_PER_THREAD: usize = 4;
+
+/// How many more threads this process can start before the kernel's limit on memory maps
+/// (`vm.max_map_count`, 65,530 by default) is reached, keeping `spare` maps for everything else.
+/// Past that limit a new thread can't set up its signal stack, and Rust's runtime aborts the
+/// whole process (a failure it has no way to report): so the server refuses a client rather than
+/// start a thread beyond it. `None` where there is no such limit to read (off Linux).
+pub fn thread_room(spare: usize) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let used = std::fs::read_to_string("/proc/self/maps")
+            .ok()?
+            .lines()
+            .count();
+        Some(limit.saturating_sub(used).saturating_sub(spare) / MAPS_PER_THREAD)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = spare;
+        None
+    }
+}
+
 /// Raises this process's soft limit on open files to its hard limit, as Go's runtime does, and
 /// returns the new limit. Each client is one descriptor. On Windows there is no such limit to
 /// raise for sockets, so it returns `u64::MAX`.

@@ -497,6 +497,11 @@ fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
     }
 }
 
+/// A connection whose server closed its side before the client's end: nothing is confirmed.
+fn closed_early_error(peer: SocketAddr) -> String {
+    format!("{peer} closed its side before the client had finished: it confirmed nothing")
+}
+
 /// The failure of a connection that broke (`error`), said with the server's reason if the last
 /// line it sent was one.
 fn broke(peer: SocketAddr, reason: Option<&str>, error: &Error) -> String {
@@ -579,8 +584,11 @@ fn stream_messages(
             pending = 0;
         }
     }
+    // Asked before our own close: after it, the server's close is the confirmation.
+    let early = crate::client::closed_early(&stream);
     stream.shutdown(Shutdown::Write).map_err(send_failed)?;
     match closed.recv_timeout(options.linger) {
+        Ok(Drained { result: Ok(()), .. }) if early => Err(closed_early_error(peer)),
         Ok(drained) => ended(peer, drained),
         Err(RecvTimeoutError::Disconnected) => Err(format!("connection to {peer}: reader ended")),
         Err(RecvTimeoutError::Timeout) => {
@@ -663,6 +671,9 @@ fn round_trips(
         progress.messages.fetch_add(1, Ordering::Relaxed);
     }
     outcome.latencies = Some(histogram);
+    if client.closed_early() {
+        return Err(closed_early_error(peer));
+    }
     if let Err(e) = client.finish() {
         return Err(until_end(&mut replies, reason, peer).unwrap_or_else(|| describe(&e)));
     }

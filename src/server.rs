@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::connection;
 use crate::framing::{DEFAULT_MAX_LINE, Framing};
-use crate::limits::Access;
+use crate::limits::{self, Access};
 use crate::room::Room;
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
@@ -268,9 +268,23 @@ impl Server {
             addr: local_addr,
             source,
         })?;
+        let threads_per_client = if options.mode == Mode::Chat { 2 } else { 1 };
+        // Maps kept for everything but connection threads: the large buffers the budget allows,
+        // the output's, the heap's, the libraries'.
+        let spare = 1024 + options.buffer_budget / crate::framing::LARGE_BUFFER;
+        let client_room = limits::thread_room(spare).map(|threads| threads / threads_per_client);
+        if let Some(room) = client_room
+            && room < options.max_clients
+        {
+            warn!(
+                "vm.max_map_count leaves room for about {room} clients' threads here, fewer than --max-clients {}: clients beyond are refused (server busy)",
+                options.max_clients
+            );
+        }
         let shared = Arc::new(Shared {
             #[cfg(target_os = "linux")]
             listener_to_shut,
+            client_room,
             budget: Budget::new(options.buffer_budget),
             options,
             sink,
@@ -573,6 +587,9 @@ pub(crate) struct Shared {
     /// connections still queued, where a wake-up connect can be late on a loaded machine.
     #[cfg(target_os = "linux")]
     listener_to_shut: TcpListener,
+    /// How many clients' threads the process can start before the kernel's limit on memory maps
+    /// would make the next one abort it (see [`limits::thread_room`]).
+    client_room: Option<usize>,
     /// The start of the server's clock for [`Stream::touch`].
     epoch: Instant,
     stopping: AtomicBool,
@@ -661,7 +678,7 @@ impl Shared {
                 .is_some_and(|at| at.elapsed() >= DRAIN_TIME)
     }
 
-    /// Adds a finished connection's counts: messages read, of those refused by the sink, bytes.
+    /// Adds to the totals: messages read, of those refused by the sink, bytes read.
     pub(crate) fn add_totals(&self, messages: u64, refused: u64, bytes: u64) {
         self.messages.fetch_add(messages, Ordering::Relaxed);
         self.refused_messages.fetch_add(refused, Ordering::Relaxed);
@@ -799,6 +816,11 @@ impl Shared {
             return stream::turn_away_now(&tcp, "server stopping");
         }
         let live = registry.live.len();
+        if self.client_room.is_some_and(|room| live >= room) {
+            drop(registry);
+            warn!("{peer} refused: no room for another thread (vm.max_map_count)");
+            return self.turnaway.refuse(tcp, "server busy");
+        }
         if live >= self.options.max_clients {
             drop(registry);
             let max = self.options.max_clients;

@@ -586,6 +586,34 @@ fn the_buffer_budget_bounds_unfinished_lines() {
     stop_cleanly(&mut server);
 }
 
+/// Lines of up to 4 KiB never need the buffer budget, so even with none every client can send
+/// them; a longer line needs it, and with none is refused.
+#[test]
+fn short_lines_never_need_the_buffer_budget() {
+    let server = ServerProcess::start(&["--buffer-budget", "0"]);
+    let short = "s".repeat(4000);
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream)
+        .write_all(format!("{short}\n").as_bytes())
+        .expect("write");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    expect_exactly_then_eof(&stream, &greeting(local), "a client with a 4,000-byte line");
+    assert_eq!(wait_for_messages(&server, local, 1), [short]);
+
+    let stream = connect(server.addr);
+    let local = stream.local_addr().expect("local_addr");
+    (&stream)
+        .write_all(format!("{}\n", "l".repeat(10_000)).as_bytes())
+        .expect("write");
+    expect_exactly_then_reset(
+        &stream,
+        &format!("{}error: server busy (buffers full)\n", greeting(local)),
+        "a client with a 10,000-byte line",
+    );
+    finish(server);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 4. --idle-timeout
 // ------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use clap::builder::TypedValueParser;
 use clap::{CommandFactory, Parser};
 use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
 
@@ -59,12 +60,15 @@ struct Cli {
     /// half-close and wait (at most --linger) for the server to close.
     #[arg(long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "json", "size"])]
     stdin: bool,
-    /// Load mode: this many connections in parallel, each sending --count messages; a summary
-    /// (messages/s, MB/s, errors) goes to stderr. Nothing received is printed.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..100_000))]
+    /// Load mode: this many connections in parallel (1 to 100000), each sending --count
+    /// messages; a summary (messages/s, MB/s, errors) goes to stderr. Nothing received is
+    /// printed.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
     connections: Option<u64>,
-    /// Load mode: pad each message to this many bytes on the wire (counting the newline).
-    #[arg(long, value_name = "BYTES")]
+    /// Load mode: pad each message to this many bytes on the wire (counting the newline), at
+    /// most 16 MiB.
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(..=MAX_SIZE).map(|n| n as usize))]
     size: Option<usize>,
     /// Load mode, against an echo server: send one message, wait for its echo, repeat; the
     /// summary adds latency percentiles.
@@ -88,6 +92,9 @@ fn main() -> ExitCode {
         Err(error) => common::fail(&log, &error),
     }
 }
+
+/// The largest `--size`: a message is built in memory, once per connection.
+const MAX_SIZE: u64 = 16 * 1024 * 1024;
 
 /// The pause between the demo's messages, as in the original.
 const DEMO_INTERVAL: Duration = Duration::from_secs(2);
@@ -127,7 +134,18 @@ enum Stopped {
     Send(anyhow::Error),
 }
 
+/// Exits with a usage error (status 2), as clap reports its own.
+fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) -> ! {
+    Cli::command().error(kind, message).exit()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.framing, FramingArg::Line) && cli.message.contains('\n') {
+        usage_error(
+            clap::error::ErrorKind::ValueValidation,
+            "--message can't hold a newline in line framing: it would be two messages",
+        );
+    }
     if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.json {
         return load(&cli);
     }
@@ -163,19 +181,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let ending = match sent {
         Ok(()) => {
+            // Asked before our own close: after it, the server's close is the confirmation.
+            let early = closed_early || client.closed_early();
             if let Err(e) = client.finish() {
                 // The connection has failed; the reader will say how.
                 debug!("half-close: {e:#}");
             }
-            if closed_early {
-                warn!("{server} had closed its side early: it did not confirm what it received");
-                return Ok(());
-            }
-            // The server's clean close says it read everything and printed it.
-            match wait_for_end(&events, cli.linger) {
+            let ending = if closed_early {
+                None // the reader has ended already
+            } else {
+                wait_for_end(&events, cli.linger)
+            };
+            match ending {
+                Some(ending) if ending.failure.is_some() => ending,
+                _ if early => bail!(
+                    "{server} closed its side before the client had finished: it confirmed nothing"
+                ),
                 Some(ending) => ending,
                 None => {
                     client.close();
+                    if PRINTING.load(Ordering::Acquire) {
+                        // The reader is stuck writing what came before the close, if any.
+                        bail!(
+                            "cannot write to stdout: blocked for {} or more, so {server}'s confirmation could not be read",
+                            humantime::format_duration(cli.linger)
+                        );
+                    }
                     bail!(
                         "{server} did not confirm delivery: no close within {} of the last message",
                         humantime::format_duration(cli.linger)
@@ -313,6 +344,9 @@ fn forward_stdin(client: &Client) -> anyhow::Result<()> {
     }
 }
 
+/// Set while the reader writes to stdout: if that blocks, it can't read on.
+static PRINTING: AtomicBool = AtomicBool::new(false);
+
 /// Prints every message as it arrives: a line per message, or raw chunks as they are. Says how
 /// the server's side ended, with its reason if the last line was an `error: ` line.
 fn print_received(receiver: Receiver, framing: Framing) -> Ending {
@@ -327,12 +361,16 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
                 break;
             }
         };
+        PRINTING.store(true, Ordering::Release);
         let mut out = stdout.lock();
         let written = match framing {
             Framing::Line => writeln!(out, "{message}"),
             Framing::Raw => out.write_all(message.as_bytes()),
         };
-        match written.and_then(|()| out.flush()) {
+        let written = written.and_then(|()| out.flush());
+        drop(out);
+        PRINTING.store(false, Ordering::Release);
+        match written {
             Ok(()) => {}
             // Nobody reads our output any more; keep draining the connection quietly.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
@@ -367,13 +405,24 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         send_timeout: cli.send_timeout,
     };
     if options.rtt && options.framing != Framing::Line {
-        // A usage error, reported (exit status 2) as clap reports its own.
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--rtt needs line framing",
-            )
-            .exit();
+        usage_error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--rtt needs line framing",
+        );
+    }
+    // Two threads a connection; past the kernel's limit on memory maps a thread can't start,
+    // and the process would abort.
+    if let Some(room) = plugboard::thread_room(1024)
+        && options.connections.saturating_mul(2) > room
+    {
+        usage_error(
+            clap::error::ErrorKind::ValueValidation,
+            format!(
+                "--connections {} needs two threads each; vm.max_map_count leaves room for about {} connections here",
+                options.connections,
+                room / 2
+            ),
+        );
     }
     plugboard::raise_fd_limit().ok();
     let progress = Arc::new(Progress::default());

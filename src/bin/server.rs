@@ -141,9 +141,11 @@ fn run(cli: Cli, log: &common::log::Log) -> anyhow::Result<()> {
                 summary.connections, summary.messages, summary.bytes
             );
             if summary.unprinted > 0 {
+                // A batch the output was still writing counts whole: "up to".
                 anyhow::bail!(
-                    "cannot write output: {} messages received on {addr} were not printed (stdout blocked)",
-                    summary.unprinted
+                    "cannot write output: up to {} of the {} messages received on {addr} were not printed (stdout blocked)",
+                    summary.unprinted,
+                    summary.messages
                 );
             }
             Ok(())

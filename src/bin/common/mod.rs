@@ -48,9 +48,9 @@ impl From<FramingArg> for plugboard::Framing {
     }
 }
 
-/// The longest duration any flag takes: longer ones are surely a mistake, and would overflow the
-/// clock when added to it.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest duration any flag takes, a year (`1y`, which humantime counts as 365.25 days):
+/// longer ones are surely a mistake, and would overflow the clock when added to it.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
 /// Parses a duration flag (`2s`, `500ms`, `1m30s`, `0`) of at most a year.
 pub fn duration(text: &str) -> Result<Duration, String> {
