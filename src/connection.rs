@@ -124,8 +124,9 @@ fn finish_cleanly(shared: &Shared, stream: &Stream, relay: Option<Relay>) -> End
     if let Some(relay) = relay {
         relay.finish(shared, stream, true);
     }
-    if stream.was_cut() {
-        // Chat: the room gave up on sending to it meanwhile.
+    if stream.was_cut() && !shared.is_stopping() {
+        // Chat: the room gave up on sending to it meanwhile. (A stop's cut, after the client's
+        // end was read, changes nothing: what it sent is still to be confirmed.)
         return End::Evicted;
     }
     match shared.sink.flush() {
