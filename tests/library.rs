@@ -219,6 +219,12 @@ fn stop_from_another_thread_and_drop_are_safe() {
     let (server, _) = server(ServerOptions::default());
     let stopper = server.stopper();
     let client = connect(&server);
+    // Once it is being served: one still in the listen backlog gets a bare reset, no line.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while server.summary().connections == 0 {
+        assert!(std::time::Instant::now() < deadline, "never served");
+        thread::yield_now();
+    }
     thread::spawn(move || stopper.stop());
     bounded("join", move || server.join()).expect("join");
     // Cut off before or after its greeting, depending on when the stop landed.
