@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::framing::{Batch, Decoder, Framing};
+use crate::stream::{self, SendError};
 use crate::{Error, addr};
 
 /// The longest line a [`Receiver`] accepts before giving up on the connection.
@@ -82,15 +83,29 @@ impl Client {
     pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         let timeout = timeout.filter(|t| !t.is_zero());
         self.stream
-            .set_write_timeout(timeout)
+            .set_write_timeout(timeout.map(stream::send_slice))
             .map_err(|e| self.failed(e))?;
         self.send_timeout = timeout;
         Ok(())
     }
 
+    /// Writes all of `bytes`, within the send timeout if there is one.
+    fn write_all(&self, bytes: &[u8]) -> Result<(), Error> {
+        let Some(timeout) = self.send_timeout else {
+            return (&*self.stream).write_all(bytes).map_err(|e| self.failed(e));
+        };
+        stream::send_all(&self.stream, bytes, timeout, || false).map_err(|e| match e {
+            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
+                addr: self.peer,
+                timeout,
+            },
+            SendError::Failed(source) => self.failed(source),
+        })
+    }
+
     /// Sends bytes exactly as they are, whatever the framing.
     pub fn send_raw(&self, bytes: &[u8]) -> Result<(), Error> {
-        (&*self.stream).write_all(bytes).map_err(|e| self.failed(e))
+        self.write_all(bytes)
     }
 
     /// Uses `framing` for what is sent and received from now on (default: [`Framing::Line`]).
@@ -118,16 +133,15 @@ impl Client {
 
     /// Sends bytes as one message: in line framing followed by `\n`, in raw framing as they are.
     pub fn send_bytes(&self, message: &[u8]) -> Result<(), Error> {
-        let result = match self.framing {
+        match self.framing {
             Framing::Line => {
                 let mut line = Vec::with_capacity(message.len() + 1);
                 line.extend_from_slice(message);
                 line.push(b'\n');
-                (&*self.stream).write_all(&line)
+                self.write_all(&line)
             }
-            Framing::Raw => (&*self.stream).write_all(message),
-        };
-        result.map_err(|e| self.failed(e))
+            Framing::Raw => self.write_all(message),
+        }
     }
 
     /// The framing in use.
@@ -181,23 +195,9 @@ impl Client {
     }
 
     fn failed(&self, source: io::Error) -> Error {
-        match self.send_timeout {
-            // A send that timed out: the only calls with a timeout here are sends.
-            Some(timeout)
-                if matches!(
-                    source.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Error::SendTimeout {
-                    addr: self.peer,
-                    timeout,
-                }
-            }
-            _ => Error::Connection {
-                addr: self.peer,
-                source,
-            },
+        Error::Connection {
+            addr: self.peer,
+            source,
         }
     }
 }

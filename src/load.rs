@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 
 use crate::client::Client;
 use crate::framing::Framing;
-use crate::stream;
+use crate::stream::{self, SendError};
 use crate::{Error, addr};
 
 /// What a load run does.
@@ -524,15 +524,19 @@ fn stream_messages(
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
     let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
     stream
-        .set_write_timeout(send_timeout)
+        .set_write_timeout(send_timeout.map(stream::send_slice))
         .map_err(|e| format!("connection to {peer}: {e}"))?;
+    let send = |stream: &TcpStream, bytes: &[u8]| -> io::Result<()> {
+        let Some(timeout) = send_timeout else {
+            return (&*stream).write_all(bytes);
+        };
+        stream::send_all(stream, bytes, timeout, || false).map_err(|e| match e {
+            SendError::Failed(e) => e,
+            SendError::NotReading | SendError::GaveUp => io::ErrorKind::TimedOut.into(),
+        })
+    };
     let failed = |e: io::Error| match send_timeout {
-        Some(timeout)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        Some(timeout) if stream::is_timeout(&e) => {
             format!(
                 "cannot send to {peer}: nothing taken for {}",
                 humantime::format_duration(timeout)
@@ -576,7 +580,7 @@ fn stream_messages(
         buf.extend_from_slice(messages.get(i));
         pending += 1;
         if buf.len() >= 64 * 1024 || !options.interval.is_zero() || i + 1 == options.count {
-            (&*stream).write_all(&buf).map_err(send_failed)?;
+            send(&stream, &buf).map_err(send_failed)?;
             outcome.messages += pending;
             outcome.bytes += buf.len() as u64;
             progress.messages.fetch_add(pending, Ordering::Relaxed);

@@ -74,9 +74,7 @@ impl Stream {
             .with_interval(KEEPALIVE_INTERVAL);
         // Best effort: a missing keepalive only delays noticing a vanished client.
         let _ = socket.set_tcp_keepalive(&keepalive);
-        self.tcp.set_write_timeout(Some(
-            send_timeout.clamp(Duration::from_millis(1), SEND_SLICE),
-        ))?;
+        self.tcp.set_write_timeout(Some(send_slice(send_timeout)))?;
         if nodelay {
             self.tcp.set_nodelay(true)?;
         }
@@ -129,30 +127,7 @@ impl Stream {
         timeout: Duration,
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
-        let mut rest = buf;
-        // Only read the clock once a send has had to wait: the usual send doesn't.
-        let mut waiting_since: Option<Instant> = None;
-        while !rest.is_empty() {
-            match (&self.tcp).write(rest) {
-                Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    rest = &rest[n..];
-                    waiting_since = None;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
-                    if give_up() {
-                        return Err(SendError::GaveUp);
-                    }
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= timeout {
-                        return Err(SendError::NotReading);
-                    }
-                }
-                Err(e) => return Err(SendError::Failed(e)),
-            }
-        }
-        Ok(())
+        send_all(&self.tcp, buf, timeout, give_up)
     }
 
     /// Sends `error: REASON` if the socket takes it at once, never waiting: for ends where the
@@ -200,6 +175,50 @@ impl Stream {
         let _ = SockRef::from(&self.tcp).set_linger(None);
         let _ = self.tcp.shutdown(Shutdown::Write);
     }
+}
+
+/// The socket send timeout (`SO_SNDTIMEO`) for sends with [`send_all`] under `timeout`: a short
+/// slice, so that a blocked send wakes to check how long nothing has been taken, and whether to
+/// give up.
+pub(crate) fn send_slice(timeout: Duration) -> Duration {
+    timeout.clamp(Duration::from_millis(1), SEND_SLICE)
+}
+
+/// Sends all of `buf` on `tcp`, whose send timeout is [`send_slice`]`(timeout)`. Gives up when the
+/// peer takes nothing for `timeout` (to within a slice), or when `give_up` says so (asked whenever
+/// the send has waited a slice). A plain socket timeout won't do: a send that took part of the
+/// data and then waited the whole timeout for the rest returns the part, which looks like
+/// progress, so "nothing taken for 3s" came after 9 s.
+pub(crate) fn send_all(
+    tcp: &TcpStream,
+    buf: &[u8],
+    timeout: Duration,
+    give_up: impl Fn() -> bool,
+) -> Result<(), SendError> {
+    let mut rest = buf;
+    // Only read the clock once a send has had to wait: the usual send doesn't.
+    let mut waiting_since: Option<Instant> = None;
+    while !rest.is_empty() {
+        match (&*tcp).write(rest) {
+            Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                rest = &rest[n..];
+                waiting_since = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                if give_up() {
+                    return Err(SendError::GaveUp);
+                }
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= timeout {
+                    return Err(SendError::NotReading);
+                }
+            }
+            Err(e) => return Err(SendError::Failed(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The instant `timeout` from now; a timeout too long for the clock (centuries) is a century.
