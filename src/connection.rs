@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -73,7 +73,7 @@ struct Counts {
 }
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
-pub(crate) fn serve(shared: &Shared, id: u64, stream: &Arc<Stream>) {
+pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: &Arc<Stream>) {
     let peer = stream.peer();
     let options = &shared.options;
     if let Err(e) = stream.prepare(options.send_timeout, options.mode != Mode::Log) {
@@ -103,7 +103,7 @@ pub(crate) fn serve(shared: &Shared, id: u64, stream: &Arc<Stream>) {
         end => end,
     };
     if let Some(relay) = relay {
-        relay.finish(shared, stream, false);
+        relay.finish(shared, false);
     }
     log_end(peer, &end, &counts);
     match end {
@@ -122,7 +122,7 @@ pub(crate) fn serve(shared: &Shared, id: u64, stream: &Arc<Stream>) {
 /// sent is written out, and says whether the connection may now close cleanly.
 fn finish_cleanly(shared: &Shared, stream: &Stream, relay: Option<Relay>) -> End {
     if let Some(relay) = relay {
-        relay.finish(shared, stream, true);
+        relay.finish(shared, true);
     }
     if stream.was_cut() && !shared.is_stopping() {
         // Chat: the room gave up on sending to it meanwhile. (A stop's cut, after the client's
@@ -441,6 +441,15 @@ impl Reader<'_> {
     }
 }
 
+/// Tells the connection its writer is done when dropped, even by a panic.
+struct WriterDone<'a>(&'a Outbox);
+
+impl Drop for WriterDone<'_> {
+    fn drop(&mut self) {
+        self.0.writer_done();
+    }
+}
+
 /// What a connection does with each batch of messages besides printing it: nothing, send it
 /// back, or relay it to the chat room.
 enum Relay {
@@ -449,7 +458,6 @@ enum Relay {
     Chat {
         id: u64,
         outbox: Arc<Outbox>,
-        writer: JoinHandle<()>,
         /// Reused buffer for formatting `PEER MESSAGE` lines.
         lines: Vec<u8>,
     },
@@ -458,7 +466,7 @@ enum Relay {
 impl Relay {
     /// Sends the greeting and sets up what the mode needs.
     fn start(
-        shared: &Shared,
+        shared: &Arc<Shared>,
         id: u64,
         stream: &Arc<Stream>,
         greeting: Option<String>,
@@ -495,16 +503,29 @@ impl Relay {
         let writer = {
             let outbox = Arc::clone(&outbox);
             let stream = Arc::clone(stream);
+            let shared = Arc::clone(shared);
             let send_timeout = options.send_timeout;
             thread::Builder::new()
                 .stack_size(CONNECTION_STACK)
-                .spawn(move || room::write_loop(&outbox, &stream, send_timeout))
+                .spawn(move || {
+                    {
+                        // Done even if the loop panics: the connection waits for it.
+                        let _done = WriterDone(&outbox);
+                        room::write_loop(&outbox, &stream, send_timeout);
+                    }
+                    drop((outbox, stream));
+                    if shared.parks_after_stop() {
+                        // As connection threads do: ended with the process, not on its own.
+                        loop {
+                            thread::park();
+                        }
+                    }
+                })
         };
         match writer {
-            Ok(writer) => Ok(Relay::Chat {
+            Ok(_detached) => Ok(Relay::Chat {
                 id,
                 outbox,
-                writer,
                 lines: Vec::new(),
             }),
             Err(e) => {
@@ -521,20 +542,15 @@ impl Relay {
 
     /// Leaves the chat room. If `drain`, what is queued for the client is sent first (it closed
     /// its side cleanly); otherwise it is dropped.
-    fn finish(self, shared: &Shared, stream: &Stream, drain: bool) {
-        if let Relay::Chat {
-            id, outbox, writer, ..
-        } = self
-        {
+    fn finish(self, shared: &Shared, drain: bool) {
+        if let Relay::Chat { id, outbox, .. } = self {
             shared.room.leave(id);
             if drain {
                 outbox.close();
             } else {
                 outbox.abandon();
             }
-            if writer.join().is_err() {
-                warn!("{}: its writer thread panicked", stream.peer());
-            }
+            outbox.wait_for_writer();
         }
     }
 }

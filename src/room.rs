@@ -29,6 +29,8 @@ struct Queue {
     closed: bool,
     /// Closed with what was queued dropped: the writer stops at once.
     abandoned: bool,
+    /// The writer has finished (see [`Outbox::writer_done`]).
+    writer_done: bool,
 }
 
 /// Why a payload could not be queued.
@@ -132,6 +134,26 @@ impl Outbox {
 
     fn is_abandoned(&self) -> bool {
         self.lock().abandoned
+    }
+
+    /// The writer has finished its work: what [`wait_for_writer`](Outbox::wait_for_writer)
+    /// waits for. (Its thread may not have exited yet: after a stop it doesn't, see
+    /// `Server::wait`.)
+    pub(crate) fn writer_done(&self) {
+        self.lock().writer_done = true;
+        self.space.notify_all();
+    }
+
+    /// Waits until the writer has finished: after [`close`](Outbox::close), once it has sent
+    /// what was queued or failed; after [`abandon`](Outbox::abandon), within a send slice.
+    pub(crate) fn wait_for_writer(&self) {
+        let mut queue = self.lock();
+        while !queue.writer_done {
+            queue = self
+                .space
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 

@@ -401,6 +401,8 @@ impl Server {
     /// Joins the server's own threads and waits for every connection to end (at most until the
     /// stop's bound); joins the connection threads too if `connections`.
     fn join_threads(&mut self, connections: bool) {
+        let stopped_at = self.shared.wait_for_stop();
+        let bound = stopped_at + STOP_BOUND;
         for thread in [
             self.accept.take(),
             self.starter.take(),
@@ -409,9 +411,16 @@ impl Server {
         .into_iter()
         .flatten()
         {
-            let _ = thread.join();
+            // Not a plain join: a thread's exit can wait a long time behind thousands of others
+            // giving back their memory; its work is done once `is_finished`.
+            while !thread.is_finished() && Instant::now() < bound {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
-        let bound = self.shared.stopped_at.get().map(|at| *at + STOP_BOUND);
+        let bound = Some(bound);
         let finished = {
             let mut registry = self.shared.registry();
             while !registry.live.is_empty() {
@@ -639,7 +648,7 @@ impl Drop for Deregister<'_> {
         let mut registry = self.shared.registry();
         // Decided under the lock, with where the handle goes: a thread that will park is never
         // handed to anyone who joins threads (the starter reaps finished ones between connects).
-        let park = self.shared.is_stopping() && self.shared.exit_follows.load(Ordering::Acquire);
+        let park = self.shared.parks_after_stop();
         if let Some(thread) = registry.live.remove(&self.id).and_then(|live| live.thread) {
             if park {
                 drop(thread); // detached: it never ends
@@ -667,6 +676,25 @@ impl Shared {
 
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Whether a thread that ends now should park rather than exit (see [`Server::wait`]).
+    pub(crate) fn parks_after_stop(&self) -> bool {
+        self.is_stopping() && self.exit_follows.load(Ordering::Acquire)
+    }
+
+    /// Waits until the server is stopped; returns when it was.
+    fn wait_for_stop(&self) -> Instant {
+        let mut registry = self.registry();
+        loop {
+            if let Some(&at) = self.stopped_at.get() {
+                return at;
+            }
+            registry = self
+                .idle
+                .wait(registry)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Whether a stop happened long enough ago that connections must stop reading.
@@ -723,6 +751,11 @@ impl Shared {
         }
         let now = Instant::now();
         let _ = self.stopped_at.set(now);
+        {
+            // Wakes `wait_for_stop`: under the lock it waits with, so the wake can't be missed.
+            let _registry = self.registry();
+            self.idle.notify_all();
+        }
         self.turnaway.stop();
         self.sink.stop(now + DRAIN_TIME + OUTPUT_GRACE);
         // No more relaying: what is queued for chat clients is dropped, and no sender waits.
