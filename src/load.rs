@@ -450,12 +450,14 @@ fn one_connection(addrs: &[SocketAddr], options: &LoadOptions, progress: &Progre
 struct Drained {
     /// `Ok` for a clean close; the failure (a reset) otherwise.
     result: io::Result<()>,
-    /// The server's `error: ` line, if the last line it sent before failing was one.
+    /// The server's `error: ` line, if the last line it sent was one. Kept after what looked
+    /// like a clean close too: when a send on the other thread took the reset's error first,
+    /// the read sees only the end.
     reason: Option<String>,
 }
 
-/// Reads and drops what the server sends until it closes or fails; keeps the last line if the
-/// connection fails, as the server's reason.
+/// Reads and drops what the server sends until it closes or fails; keeps the last line if it is
+/// an `error: ` line, as the server's reason.
 fn drain(stream: &TcpStream) -> Drained {
     let mut buf = vec![0; 64 * 1024];
     let mut last = 0;
@@ -468,7 +470,7 @@ fn drain(stream: &TcpStream) -> Drained {
         }
     };
     // The reason is one short line, the last thing sent: in the last read, as a rule.
-    let reason = result.is_err().then(|| error_line(&buf[..last])).flatten();
+    let reason = error_line(&buf[..last]);
     Drained { result, reason }
 }
 
@@ -481,7 +483,7 @@ fn error_line(bytes: &[u8]) -> Option<String> {
 }
 
 /// A connection the server ended with `reason` (its `error:` line).
-fn closed(peer: SocketAddr, reason: &str) -> String {
+fn closed_with(peer: SocketAddr, reason: &str) -> String {
     format!("{peer} closed the connection: {reason}")
 }
 
@@ -492,7 +494,7 @@ fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
         Drained {
             reason: Some(reason),
             ..
-        } => Err(closed(peer, &reason)),
+        } => Err(closed_with(peer, &reason)),
         Drained { result: Err(e), .. } => Err(format!("connection to {peer} failed: {e}")),
     }
 }
@@ -506,7 +508,7 @@ fn closed_early_error(peer: SocketAddr) -> String {
 /// line it sent was one.
 fn broke(peer: SocketAddr, reason: Option<&str>, error: &Error) -> String {
     match reason {
-        Some(reason) => closed(peer, reason),
+        Some(reason) => closed_with(peer, reason),
         None => describe(error),
     }
 }
@@ -560,11 +562,10 @@ fn stream_messages(
             return failed(e);
         }
         match closed.recv_timeout(options.linger) {
-            Ok(
-                drained @ Drained {
-                    reason: Some(_), ..
-                },
-            ) => ended(peer, drained).err().unwrap_or_else(|| failed(e)),
+            Ok(Drained {
+                reason: Some(reason),
+                ..
+            }) => closed_with(peer, &reason),
             _ => failed(e),
         }
     };
@@ -709,7 +710,7 @@ fn until_end(
             Err(_) => break,
         }
     }
-    reason.map(|reason| closed(peer, &reason))
+    reason.map(|reason| closed_with(peer, &reason))
 }
 
 /// An error with its cause, on one line.
