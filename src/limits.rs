@@ -85,7 +85,8 @@ impl fmt::Display for Range {
 
 /// Memory maps a thread takes: its stack and guard page, and the signal stack Rust gives it and
 /// that one's guard page.
-pub const MAPS_PER_THREAD: usize = 4;
+#[cfg(target_os = "linux")]
+const MAPS_PER_THREAD: usize = 4;
 
 /// How many more threads this process can start before the kernel's limit on memory maps
 /// (`vm.max_map_count`, 65,530 by default) is reached, keeping `spare` maps for everything else.

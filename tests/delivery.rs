@@ -208,19 +208,33 @@ fn a_stop_during_a_burst_confirms_only_what_was_printed() {
 // 4. A log reader that goes away
 // ------------------------------------------------------------------------------------------------
 
+/// `/dev/full`, for an output whose every write fails.
+#[cfg(target_os = "linux")]
+fn dev_full() -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full")
+}
+
+/// A server on a free loopback port with these stdout and stderr.
+fn server_with_output(stdout: Stdio, stderr: Stdio) -> Reaper {
+    Reaper(Some(
+        Command::new(bin_path("server"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn server"),
+    ))
+}
+
 /// A server whose stderr reader has gone (`server 2>&1 | head -3`) goes on serving: a client is
 /// greeted, heard and confirmed, and SIGTERM still stops it with status 0.
 #[test]
 fn a_server_whose_log_reader_left_goes_on_serving() {
-    let mut child = Reaper(Some(
-        Command::new(bin_path("server"))
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server"),
-    ));
+    let mut child = server_with_output(Stdio::piped(), Stdio::piped());
     let stdout = child.child().stdout.take().expect("stdout");
     let printed = thread::spawn(move || {
         let mut all = String::new();
@@ -266,19 +280,7 @@ fn a_server_whose_log_reader_left_goes_on_serving() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_server_whose_log_cannot_be_written_serves() {
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("/dev/full");
-    let mut child = Reaper(Some(
-        Command::new(bin_path("server"))
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(full)
-            .spawn()
-            .expect("spawn server"),
-    ));
+    let mut child = server_with_output(Stdio::null(), dev_full().into());
     let pid = child.child().id();
     let port = poll_until(TIMEOUT, POLL, || {
         if let Some(status) = child.child().try_wait().expect("try_wait") {
@@ -300,19 +302,8 @@ fn a_server_whose_log_cannot_be_written_serves() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_full_stderr_pipe_does_not_hold_up_the_exit() {
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("/dev/full");
-    let mut child = Reaper(Some(
-        Command::new(bin_path("server"))
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(full)
-            .stderr(Stdio::piped()) // never read
-            .spawn()
-            .expect("spawn server"),
-    ));
+    // stderr: never read.
+    let mut child = server_with_output(dev_full().into(), Stdio::piped());
     let pid = child.child().id();
     let port = poll_until(TIMEOUT, POLL, || support::listening_port(pid))
         .expect("the server never listened");
@@ -555,50 +546,20 @@ fn the_client_gives_up_on_a_server_that_never_reads() {
     });
     // 100 KB: an argument can't be much longer.
     let big = "x".repeat(100_000);
-    let started = Instant::now();
-    let numbered = run_client_to(
-        addr,
-        &[
-            "--count",
-            "300",
-            "--interval",
-            "0",
-            "--message",
-            &big,
-            "--send-timeout",
-            "1s",
-        ],
-        TIMEOUT,
-    );
-    numbered.assert_code(1).assert_no_panic();
-    assert!(
-        numbered.error_lines()[0].contains("nothing taken for 1s"),
-        "{numbered}"
-    );
-    let numbered_took = numbered.exited_at.duration_since(started);
-    let started = Instant::now();
-    let load = run_client_to(
-        addr,
-        &[
-            "--connections",
-            "1",
-            "--count",
-            "1000",
-            "--size",
-            "100000",
-            "--send-timeout",
-            "1s",
-        ],
-        TIMEOUT,
-    );
-    load.assert_code(1).assert_no_panic();
-    assert!(
-        load.error_lines()[0].contains("nothing taken for 1s"),
-        "{load}"
-    );
-    let load_took = load.exited_at.duration_since(started);
-    // 1.6 s here, where a send that took a part and then waited counted as progress took 3.1 s.
-    for took in [numbered_took, load_took] {
+    let numbered = ["--count", "300", "--interval", "0", "--message", &big];
+    let load = ["--connections", "1", "--count", "1000", "--size", "100000"];
+    for mode in [&numbered, &load] {
+        let started = Instant::now();
+        let args = [&mode[..], &["--send-timeout", "1s"]].concat();
+        let out = run_client_to(addr, &args, TIMEOUT);
+        out.assert_code(1).assert_no_panic();
+        assert!(
+            out.error_lines()[0].contains("nothing taken for 1s"),
+            "{out}"
+        );
+        // 1.6 s here, where a send that took a part and then waited counted as progress took
+        // 3.1 s.
+        let took = out.exited_at.duration_since(started);
         assert!(took < Duration::from_millis(2500), "gave up after {took:?}");
     }
     drop(held.join());
