@@ -23,6 +23,8 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
+mkfifo "$tmp/never"
+exec 3<>"$tmp/never" # read by ncat, written by nobody, held open by this script
 
 # start NAME CMD...: runs CMD with stderr to a file and waits for its `listening on ADDR` line.
 start() {
@@ -41,7 +43,10 @@ stop_last() { kill "${pids[-1]}" 2>/dev/null || true; wait "${pids[-1]}" 2>/dev/
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 start_ncat() {
     port=$(free_port)
-    ncat -l -k 127.0.0.1 "$port" >/dev/null 2>"$tmp/ncat.err" &
+    # Its stdin a pipe that never ends (fd 3): at EOF, as a background job's stdin is, or with
+    # --recv-only, ncat closes its side at once, which the client rightly takes as nothing
+    # confirmed.
+    ncat -l -k 127.0.0.1 "$port" <&3 >/dev/null 2>"$tmp/ncat.err" &
     pids+=($!)
     for _ in $(seq 200); do
         ss -ltn "sport = :$port" | grep -q LISTEN && return 0
