@@ -486,48 +486,6 @@ fn slow_chat_readers_cost_one_send_timeout_in_all() {
     server.stop().assert_code(0);
 }
 
-/// Thousands of chat clients that each send a line and never read keep every thread busy
-/// relaying; a stop still ends the server within its bound (it once took 30 s, and outlived a
-/// second SIGTERM, with each thread's exit queued behind thousands of others'; 13.7 s in a debug
-/// build with 4,000 clients, against 3.9 s now).
-#[cfg(target_os = "linux")]
-#[test]
-fn a_crowded_chat_room_still_stops_within_the_bound() {
-    const CLIENTS: usize = 4000;
-    plugboard::raise_fd_limit().expect("raise this test's open file limit");
-    let mut server = ServerProcess::start(&["--mode", "chat"]);
-    // All in the room first, then all speak at once: every line goes to thousands.
-    let clients: Vec<TcpStream> = (0..CLIENTS)
-        .map(|c| {
-            let stream = TcpStream::connect_timeout(&server.addr, TIMEOUT)
-                .unwrap_or_else(|e| panic!("client {c}: {e}"));
-            stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-            let mut greeting = [0; 64];
-            let read = (&stream).read(&mut greeting).expect("greeting");
-            assert!(greeting[..read].starts_with(b"welcome"), "client {c}");
-            stream
-        })
-        .collect();
-    for (c, stream) in clients.iter().enumerate() {
-        (&*stream)
-            .write_all(format!("line from {c}\n").as_bytes())
-            .expect("send");
-    }
-    let relaying = poll_until(TIMEOUT, POLL, || {
-        (server.stdout_line_count() >= 10).then_some(())
-    });
-    assert!(relaying.is_some(), "nothing relayed");
-    let signalled = server.terminate();
-    let out = server.wait_exit(EXIT_TIMEOUT);
-    let took = out.exited_at.duration_since(signalled);
-    out.assert_no_panic();
-    assert!(
-        took < Duration::from_secs(8),
-        "{CLIENTS} chat clients: the stop took {took:?}\n{out}"
-    );
-    drop(clients);
-}
-
 // ------------------------------------------------------------------------------------------------
 // 7. The client's send timeout
 // ------------------------------------------------------------------------------------------------
@@ -753,17 +711,12 @@ fn a_second_signal_right_after_the_first_is_one_clean_stop() {
         (server.stderr_so_far().matches(" connected").count() >= clients.len()).then_some(())
     });
     assert!(connected.is_some(), "not every client got in");
-    server.terminate();
-    let handled = poll_until(TIMEOUT, Duration::from_millis(1), || {
-        server
-            .stderr_so_far()
-            .contains("signal received")
-            .then_some(())
-    });
-    assert!(handled.is_some(), "the first signal was never handled");
-    server.terminate();
+    // Two signals a few milliseconds apart, each taken on its own (back to back, the kernel
+    // would merge them into one).
+    server.terminate_twice();
     let out = server.wait_exit(EXIT_TIMEOUT);
     out.assert_code(0).assert_no_panic();
+    assert!(out.stderr.contains("signal received"), "{out}");
     drop(clients);
 }
 

@@ -176,7 +176,17 @@ fn install_signal_handler(
         None => {
             let _ = first.set(Instant::now());
             info!("signal received: stopping (again to exit at once)");
-            stopper.stop();
+            // On its own thread: this handler runs signal by signal, so a stop that took a
+            // while here (thousands of connections to cut) would make a second signal sent
+            // right after the first look late, and exit at once.
+            let stopping = stopper.clone();
+            if std::thread::Builder::new()
+                .name("stop".into())
+                .spawn(move || stopping.stop())
+                .is_err()
+            {
+                stopper.stop();
+            }
         }
         Some(at) if at.elapsed() < SECOND_SIGNAL_GRACE => {
             debug!("a second signal right after the first: taken as the same");

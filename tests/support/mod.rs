@@ -493,6 +493,19 @@ impl ServerProcess {
         Instant::now()
     }
 
+    /// Send SIGTERM, wait (bounded) until the process has taken it (no signal pending for it in
+    /// /proc), and send it again: two signals a few milliseconds apart, each seen on its own.
+    pub fn terminate_twice(&self) {
+        self.terminate();
+        let taken = poll_until(STARTUP_TIMEOUT, Duration::from_micros(100), || {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+            let pending = status.lines().find_map(|l| l.strip_prefix("ShdPnd:"))?;
+            (pending.trim().trim_start_matches('0').is_empty()).then_some(())
+        });
+        assert!(taken.is_some(), "the first SIGTERM was never taken");
+        self.terminate();
+    }
+
     /// Wait (bounded) for the server to exit; returns status and everything it printed.
     pub fn wait_exit(&mut self, timeout: Duration) -> Output {
         self.inner.wait_exit(timeout)
