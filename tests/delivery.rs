@@ -700,6 +700,7 @@ fn the_largest_max_clients_serves() {
 
 /// `timeout(1)` sends SIGTERM to the process and to its group: a second signal right after the
 /// first is the same request, not an order to exit at once with status 1.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_second_signal_right_after_the_first_is_one_clean_stop() {
     let mut server = ServerProcess::start(&[]);

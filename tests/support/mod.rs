@@ -495,6 +495,7 @@ impl ServerProcess {
 
     /// Send SIGTERM, wait (bounded) until the process has taken it (no signal pending for it in
     /// /proc), and send it again: two signals a few milliseconds apart, each seen on its own.
+    #[cfg(target_os = "linux")]
     pub fn terminate_twice(&self) {
         self.terminate();
         let taken = poll_until(STARTUP_TIMEOUT, Duration::from_micros(100), || {
