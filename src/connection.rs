@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
+use crate::options::{CONNECTION_STACK, Mode};
 use crate::room::{self, Outbox};
-use crate::server::{CONNECTION_STACK, Mode, Shared};
+use crate::server::Shared;
 use crate::sink::format_batch;
 use crate::stream::{SendError, Stream, is_timeout};
 

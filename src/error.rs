@@ -58,6 +58,13 @@ pub enum Error {
     Output(io::Error),
     /// The operating system refused to start a thread.
     Thread(io::Error),
+    /// An option that makes no sense (see [`ServerOptions::validate`](crate::ServerOptions::validate)).
+    Options {
+        /// The option's name, as its setter is called.
+        option: &'static str,
+        /// What is wrong with its value.
+        problem: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -79,6 +86,7 @@ impl fmt::Display for Error {
             Error::Connection { addr, .. } => write!(f, "connection to {addr} failed"),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
+            Error::Options { option, problem } => write!(f, "invalid {option}: {problem}"),
         }
     }
 }
@@ -92,7 +100,9 @@ impl std::error::Error for Error {
             | Error::Connection { source, .. }
             | Error::Output(source)
             | Error::Thread(source) => Some(source),
-            Error::ConnectTimeout { .. } | Error::SendTimeout { .. } => None,
+            Error::ConnectTimeout { .. } | Error::SendTimeout { .. } | Error::Options { .. } => {
+                None
+            }
         }
     }
 }

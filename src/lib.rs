@@ -53,6 +53,7 @@ mod error;
 mod framing;
 mod limits;
 mod load;
+mod options;
 mod room;
 mod scan;
 mod server;
@@ -69,9 +70,7 @@ pub use framing::{
 };
 pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors, thread_room};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
+pub use options::{CONNECTION_STACK, DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, ServerOptions};
 pub use room::OUTBOX_BYTES;
-pub use server::{
-    CONNECTION_STACK, DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, Server, ServerOptions,
-    Stopper, Summary,
-};
+pub use server::{Server, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};

@@ -13,20 +13,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, error, info, warn};
 
 use crate::connection;
-use crate::framing::{DEFAULT_MAX_LINE, Framing};
-use crate::limits::{self, Access};
+use crate::limits;
+use crate::options::{CONNECTION_STACK, Mode, ServerOptions};
 use crate::room::Room;
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
 use crate::turnaway::Turnaway;
 use crate::{Error, addr};
-
-/// The greeting sent when none is configured; `{peer}` becomes the client's address.
-pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
-
-/// Stack size of each connection thread. The reader needs little (its buffers live on the heap),
-/// and only the pages it touches count against memory: about 8 KiB in practice.
-pub const CONNECTION_STACK: usize = 64 * 1024;
 
 /// How long after a stop a busy connection may go on reading, so that a client in the middle of
 /// sending can finish and have everything printed.
@@ -43,140 +36,6 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(1500);
 /// The bound on a stop: by then every connection has ended, or is given up on (left to the
 /// process's exit, which resets its client).
 const STOP_BOUND: Duration = Duration::from_secs(3);
-
-/// The default for [`ServerOptions::buffer_budget`].
-pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
-
-/// What the server does with each message, besides handing it to the [`Sink`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// Only print (deliver to the sink).
-    #[default]
-    Log,
-    /// Also send every message back to its sender, byte for byte.
-    Echo,
-    /// Also send every message to every other client as `PEER MESSAGE`.
-    Chat,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Log => "log",
-            Mode::Echo => "echo",
-            Mode::Chat => "chat",
-        })
-    }
-}
-
-/// How a [`Server`] treats its clients.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ServerOptions {
-    /// Sent to each client on connect (a `\n` is added in line framing); `{peer}` becomes the
-    /// client's address. `None` sends nothing.
-    pub greeting: Option<String>,
-    /// How the byte stream is cut into messages.
-    pub framing: Framing,
-    /// The listen backlog: connections the kernel queues before `accept`.
-    pub backlog: i32,
-    /// Most clients connected at once; one more is told `error: server full (N clients)`.
-    pub max_clients: usize,
-    /// Longest line in bytes (line framing); a longer one cuts the client off.
-    pub max_line: usize,
-    /// Cut off a client that completes no message for this long (`None`: never).
-    pub idle_timeout: Option<Duration>,
-    /// Which client addresses are admitted.
-    pub access: Access,
-    /// What happens to each message besides printing.
-    pub mode: Mode,
-    /// How long a send to a client may make no progress (echo, chat) and how long a chat sender
-    /// waits for a recipient's full queue, before that client is disconnected.
-    pub send_timeout: Duration,
-    /// Bytes all connections' buffers may hold together beyond each one's small allowance (a
-    /// 1 KiB read and lines of a few KiB): larger reads and long unfinished lines come out of
-    /// it. A client whose unfinished line finds it spent is cut off with `error: server busy`.
-    pub buffer_budget: usize,
-}
-
-impl Default for ServerOptions {
-    fn default() -> ServerOptions {
-        ServerOptions {
-            greeting: Some(DEFAULT_GREETING.to_string()),
-            framing: Framing::Line,
-            backlog: 4096,
-            max_clients: 10_000,
-            max_line: DEFAULT_MAX_LINE,
-            idle_timeout: None,
-            access: Access::new(),
-            mode: Mode::Log,
-            send_timeout: Duration::from_secs(5),
-            buffer_budget: DEFAULT_BUFFER_BUDGET,
-        }
-    }
-}
-
-impl ServerOptions {
-    /// Sets the greeting (`None` or an empty string for none).
-    pub fn greeting(mut self, greeting: Option<impl Into<String>>) -> ServerOptions {
-        self.greeting = greeting.map(Into::into).filter(|g: &String| !g.is_empty());
-        self
-    }
-
-    /// Sets the framing.
-    pub fn framing(mut self, framing: Framing) -> ServerOptions {
-        self.framing = framing;
-        self
-    }
-
-    /// Sets the listen backlog.
-    pub fn backlog(mut self, backlog: i32) -> ServerOptions {
-        self.backlog = backlog;
-        self
-    }
-
-    /// Sets the most clients connected at once.
-    pub fn max_clients(mut self, max_clients: usize) -> ServerOptions {
-        self.max_clients = max_clients;
-        self
-    }
-
-    /// Sets the longest line accepted, in bytes.
-    pub fn max_line(mut self, max_line: usize) -> ServerOptions {
-        self.max_line = max_line;
-        self
-    }
-
-    /// Sets the idle timeout (`None` or zero: never).
-    pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> ServerOptions {
-        self.idle_timeout = idle_timeout.filter(|t| !t.is_zero());
-        self
-    }
-
-    /// Sets the mode.
-    pub fn mode(mut self, mode: Mode) -> ServerOptions {
-        self.mode = mode;
-        self
-    }
-
-    /// Sets the send timeout (zero is taken as one millisecond: a send must be allowed to try).
-    pub fn send_timeout(mut self, send_timeout: Duration) -> ServerOptions {
-        self.send_timeout = send_timeout.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Sets who may connect.
-    pub fn access(mut self, access: Access) -> ServerOptions {
-        self.access = access;
-        self
-    }
-
-    /// Sets the buffer budget, in bytes (see [`buffer_budget`](ServerOptions::buffer_budget)).
-    pub fn buffer_budget(mut self, bytes: usize) -> ServerOptions {
-        self.buffer_budget = bytes;
-        self
-    }
-}
 
 /// Totals over a server's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -235,6 +94,7 @@ impl Server {
         options: ServerOptions,
         sink: Arc<dyn Sink>,
     ) -> Result<Server, Error> {
+        options.validate()?;
         // Each client is a descriptor; make room for them all before any thread starts.
         crate::limits::reserve_descriptors(options.max_clients.saturating_add(64));
         let mut failure = None;
@@ -420,13 +280,10 @@ impl Server {
                 let _ = thread.join();
             }
         }
-        let bound = Some(bound);
         let finished = {
             let mut registry = self.shared.registry();
             while !registry.live.is_empty() {
-                let left = bound.map_or(Duration::MAX, |bound| {
-                    bound.saturating_duration_since(Instant::now())
-                });
+                let left = bound.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     // Stuck in the sink, most likely: their sockets reset when they are closed,
                     // at the latest when the process exits.

@@ -48,10 +48,10 @@ struct Cli {
     connect_timeout: Duration,
     /// After the last message, how long to wait for the server to confirm delivery by closing
     /// (with --rtt: also how long to wait for each echo); no close in time means exit status 1.
-    #[arg(long, default_value = "2s", value_parser = common::positive_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "2s", value_parser = positive_duration, value_name = "DURATION")]
     linger: Duration,
     /// Give up (exit status 1) when the server takes nothing of what is being sent for this long.
-    #[arg(long, default_value = "10s", value_parser = common::positive_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION")]
     send_timeout: Duration,
     /// How messages are delimited.
     #[arg(long, value_enum, default_value_t)]
@@ -462,4 +462,12 @@ fn show_progress(progress: &Progress, done: &AtomicBool) {
         let _ = write!(io::stderr(), "\r{sent} messages sent, {rate:.0}/s   ");
     }
     let _ = write!(io::stderr(), "\r\x1b[K");
+}
+
+/// [`common::duration`], but more than zero.
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match common::duration(text)? {
+        Duration::ZERO => Err("must be more than 0".to_string()),
+        duration => Ok(duration),
+    }
 }

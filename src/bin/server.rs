@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::builder::TypedValueParser;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions};
 use tracing::{debug, info};
 
@@ -40,15 +40,15 @@ struct Cli {
     mode: ModeArg,
     /// A client that takes nothing sent to it for this long (the greeting, echoes, chat lines),
     /// or whose chat queue stays full this long, is disconnected.
-    #[arg(long, default_value = "5s", value_parser = common::positive_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
     send_timeout: Duration,
     /// Most clients at once; one more is told `error: server full (N clients)` and closed.
     #[arg(long, default_value_t = 10_000, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     max_clients: usize,
     /// Longest line in bytes; a client sending a longer one is told `error: line too long` and closed.
     #[arg(long, default_value_t = plugboard::DEFAULT_MAX_LINE, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     max_line: usize,
     /// Close a client that completes no message for this long (`30s`, `5m`); 0 = never.
     #[arg(long, default_value = "0", value_parser = common::duration, value_name = "DURATION")]
@@ -68,7 +68,7 @@ struct Cli {
     /// Listen backlog: connections the kernel queues before they are accepted (Linux caps it at
     /// net.core.somaxconn, 4096 by default).
     #[arg(long, default_value_t = 4096, value_name = "N",
-          value_parser = clap::value_parser!(i32).range(1..))]
+          value_parser = clap::value_parser!(i32))]
     backlog: i32,
     #[command(flatten)]
     log: LogArgs,
@@ -98,8 +98,26 @@ impl From<ModeArg> for Mode {
 fn main() -> ExitCode {
     map_large_blocks_apart();
     let cli = Cli::parse();
+    // The library's own check of the options, reported as clap reports a bad flag (exit 2).
+    let options = match options(&cli) {
+        Ok(options) => options,
+        Err(error) => {
+            let message = match error {
+                Error::Options { option, problem } => {
+                    format!(
+                        "invalid value for '--{}': {problem}",
+                        option.replace('_', "-")
+                    )
+                }
+                other => other.to_string(),
+            };
+            Cli::command()
+                .error(clap::error::ErrorKind::ValueValidation, message)
+                .exit()
+        }
+    };
     let log = common::init_logging(&cli.log);
-    match run(cli, &log) {
+    match run(cli, options, &log) {
         Ok(()) => {
             log.finish(common::LOG_FLUSH);
             ExitCode::SUCCESS
@@ -108,21 +126,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, log: &common::log::Log) -> anyhow::Result<()> {
-    raise_fd_limit(cli.max_clients);
-    let access = cli.allow.into_iter().fold(Access::new(), Access::allow);
-    let access = cli.deny.into_iter().fold(access, Access::deny);
+/// The library's options from the flags, checked.
+fn options(cli: &Cli) -> Result<ServerOptions, Error> {
+    let access = cli.allow.iter().cloned().fold(Access::new(), Access::allow);
+    let access = cli.deny.iter().cloned().fold(access, Access::deny);
     let options = ServerOptions::default()
-        .greeting(Some(cli.greeting))
+        .greeting(Some(cli.greeting.as_str()))
         .framing(cli.framing.into())
         .max_clients(cli.max_clients)
         .max_line(cli.max_line)
-        .idle_timeout(Some(cli.idle_timeout))
+        .idle_timeout((!cli.idle_timeout.is_zero()).then_some(cli.idle_timeout))
         .access(access)
         .backlog(cli.backlog)
         .mode(cli.mode.into())
         .send_timeout(cli.send_timeout)
         .buffer_budget(cli.buffer_budget);
+    options.validate()?;
+    Ok(options)
+}
+
+fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Result<()> {
+    raise_fd_limit(cli.max_clients);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
     install_signal_handler(&server, addr, log.clone())?;

@@ -64,14 +64,6 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// [`duration`], but more than zero.
-pub fn positive_duration(text: &str) -> Result<Duration, String> {
-    match duration(text)? {
-        Duration::ZERO => Err("must be more than 0".to_string()),
-        duration => Ok(duration),
-    }
-}
-
 /// Sends the log to stderr, at the level `-v`/`-q` ask for unless `RUST_LOG` says otherwise.
 /// Returns the way to stderr: [`finish`](log::Log::finish) it before exiting.
 pub fn init_logging(args: &LogArgs) -> log::Log {

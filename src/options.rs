@@ -1,0 +1,223 @@
+//! How a server treats its clients: [`ServerOptions`], the [`Mode`], their defaults, and the one
+//! check that they make sense ([`ServerOptions::validate`], which [`Server::bind`] runs and the
+//! `server` binary reports as a usage error).
+//!
+//! [`Server::bind`]: crate::Server::bind
+
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::framing::{DEFAULT_MAX_LINE, Framing};
+use crate::limits::Access;
+
+/// The greeting sent when none is configured; `{peer}` becomes the client's address.
+pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
+
+/// Stack size of each connection thread. The reader needs little (its buffers live on the heap),
+/// and only the pages it touches count against memory: about 8 KiB in practice.
+pub const CONNECTION_STACK: usize = 64 * 1024;
+
+/// The default for [`ServerOptions::buffer_budget`].
+pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
+
+/// What the server does with each message, besides handing it to the [`Sink`](crate::Sink).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Only print (deliver to the sink).
+    #[default]
+    Log,
+    /// Also send every message back to its sender, byte for byte.
+    Echo,
+    /// Also send every message to every other client as `PEER MESSAGE`.
+    Chat,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Log => "log",
+            Mode::Echo => "echo",
+            Mode::Chat => "chat",
+        })
+    }
+}
+
+/// How a [`Server`](crate::Server) treats its clients, built from the defaults with its setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use plugboard::{Mode, ServerOptions};
+///
+/// let options = ServerOptions::default()
+///     .mode(Mode::Echo)
+///     .max_clients(100)
+///     .idle_timeout(Some(Duration::from_secs(30)));
+/// assert!(options.validate().is_ok());
+/// assert!(ServerOptions::default().max_clients(0).validate().is_err());
+/// ```
+///
+/// The setters take any value; [`validate`](ServerOptions::validate) (run by
+/// [`Server::bind`](crate::Server::bind)) refuses the ones that make no sense.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub(crate) greeting: Option<String>,
+    pub(crate) framing: Framing,
+    pub(crate) backlog: i32,
+    pub(crate) max_clients: usize,
+    pub(crate) max_line: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) access: Access,
+    pub(crate) mode: Mode,
+    pub(crate) send_timeout: Duration,
+    pub(crate) buffer_budget: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            greeting: Some(DEFAULT_GREETING.to_string()),
+            framing: Framing::Line,
+            backlog: 4096,
+            max_clients: 10_000,
+            max_line: DEFAULT_MAX_LINE,
+            idle_timeout: None,
+            access: Access::new(),
+            mode: Mode::Log,
+            send_timeout: Duration::from_secs(5),
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Sent to each client on connect (a `\n` is added in line framing); `{peer}` becomes the
+    /// client's address. `None` or an empty string sends nothing. Default: [`DEFAULT_GREETING`].
+    pub fn greeting(mut self, greeting: Option<impl Into<String>>) -> ServerOptions {
+        self.greeting = greeting.map(Into::into).filter(|g: &String| !g.is_empty());
+        self
+    }
+
+    /// How the byte stream is cut into messages. Default: lines.
+    pub fn framing(mut self, framing: Framing) -> ServerOptions {
+        self.framing = framing;
+        self
+    }
+
+    /// The listen backlog: connections the kernel queues before `accept`; at least 1. Default
+    /// 4096.
+    pub fn backlog(mut self, backlog: i32) -> ServerOptions {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Most clients connected at once, at least 1; one more is told `error: server full (N
+    /// clients)`. Default 10,000.
+    pub fn max_clients(mut self, max_clients: usize) -> ServerOptions {
+        self.max_clients = max_clients;
+        self
+    }
+
+    /// Longest line in bytes (line framing), at least 1; a longer one cuts the client off.
+    /// Default [`DEFAULT_MAX_LINE`](crate::DEFAULT_MAX_LINE).
+    pub fn max_line(mut self, max_line: usize) -> ServerOptions {
+        self.max_line = max_line;
+        self
+    }
+
+    /// Cut off a client that completes no message for this long; `None` (the default): never.
+    /// `Some` of zero is refused by [`validate`](ServerOptions::validate).
+    pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> ServerOptions {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// What happens to each message besides printing. Default: [`Mode::Log`].
+    pub fn mode(mut self, mode: Mode) -> ServerOptions {
+        self.mode = mode;
+        self
+    }
+
+    /// How long a send to a client may make no progress (echo, chat), and how long a chat sender
+    /// waits for a recipient's full queue, before that client is disconnected; more than zero.
+    /// Default 5 s.
+    pub fn send_timeout(mut self, send_timeout: Duration) -> ServerOptions {
+        self.send_timeout = send_timeout;
+        self
+    }
+
+    /// Which client addresses are admitted. Default: all.
+    pub fn access(mut self, access: Access) -> ServerOptions {
+        self.access = access;
+        self
+    }
+
+    /// Bytes all connections' buffers may hold together beyond each one's small allowance (a
+    /// 1 KiB read and lines of a few KiB): larger reads and long unfinished lines come out of it.
+    /// A client whose unfinished line finds it spent is cut off with `error: server busy`.
+    /// Default [`DEFAULT_BUFFER_BUDGET`].
+    pub fn buffer_budget(mut self, bytes: usize) -> ServerOptions {
+        self.buffer_budget = bytes;
+        self
+    }
+
+    /// Checks that the options make sense: [`Error::Options`] names the first that doesn't.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |option, problem| Err(Error::Options { option, problem });
+        if self.backlog < 1 {
+            return invalid("backlog", "must be at least 1");
+        }
+        if self.max_clients < 1 {
+            return invalid("max_clients", "must be at least 1");
+        }
+        if self.max_line < 1 {
+            return invalid("max_line", "must be at least 1");
+        }
+        if self.send_timeout.is_zero() {
+            return invalid("send_timeout", "must be more than 0");
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return invalid(
+                "idle_timeout",
+                "must be more than 0 (None: no idle timeout)",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::ServerOptions;
+    use crate::{Collector, Error, Server};
+
+    /// Each option that once made a server misbehave (`send_timeout` zero: every echo client
+    /// told `server busy`; an idle timeout of zero: everyone cut off at once) is refused by
+    /// `bind`, named.
+    #[test]
+    fn bind_refuses_options_that_make_no_sense() {
+        let cases = [
+            (
+                ServerOptions::default().send_timeout(Duration::ZERO),
+                "send_timeout",
+            ),
+            (
+                ServerOptions::default().idle_timeout(Some(Duration::ZERO)),
+                "idle_timeout",
+            ),
+            (ServerOptions::default().max_clients(0), "max_clients"),
+            (ServerOptions::default().max_line(0), "max_line"),
+            (ServerOptions::default().backlog(0), "backlog"),
+        ];
+        for (options, name) in cases {
+            match Server::bind("127.0.0.1", 0, options, Arc::new(Collector::new())) {
+                Err(Error::Options { option, .. }) => assert_eq!(option, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let fine = ServerOptions::default().idle_timeout(Some(Duration::from_millis(1)));
+        assert!(fine.validate().is_ok());
+    }
+}
