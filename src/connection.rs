@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::context::Context;
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::options::{CONNECTION_STACK, Mode};
 use crate::room::{self, Outbox};
-use crate::server::Shared;
 use crate::sink::format_batch;
 use crate::stream::{SendError, Stream, is_timeout};
 
@@ -74,9 +74,9 @@ struct Counts {
 }
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
-pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: &Arc<Stream>) {
+pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     let peer = stream.peer();
-    let options = &shared.options;
+    let options = &ctx.options;
     if let Err(e) = stream.prepare(options.send_timeout, options.mode != Mode::Log) {
         warn!("{peer}: cannot set up its socket: {e}; closing");
         stream.tell_now("server busy");
@@ -90,9 +90,9 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: &Arc<Stream>) {
         text
     });
     let mut counts = Counts::default();
-    let (end, mut relay) = match Relay::start(shared, id, stream, greeting) {
+    let (end, mut relay) = match Relay::start(ctx, id, stream, greeting) {
         Ok(mut relay) => {
-            let mut reading = Reading::new(shared, stream);
+            let mut reading = Reading::new(ctx, stream);
             let end = reading.run(&mut relay, &mut counts);
             reading.give_back();
             (end, Some(relay))
@@ -100,11 +100,11 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: &Arc<Stream>) {
         Err(end) => (end, None),
     };
     let end = match end {
-        End::Closed => finish_cleanly(shared, stream, relay.take()),
+        End::Closed => finish_cleanly(ctx, stream, relay.take()),
         end => end,
     };
     if let Some(relay) = relay {
-        relay.finish(shared, false);
+        relay.finish(ctx, false);
     }
     log_end(peer, &end, &counts);
     match end {
@@ -121,26 +121,26 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: &Arc<Stream>) {
 
 /// The client closed its side: sends what the room queued for it, waits until everything it
 /// sent is written out, and says whether the connection may now close cleanly.
-fn finish_cleanly(shared: &Shared, stream: &Stream, relay: Option<Relay>) -> End {
+fn finish_cleanly(ctx: &Context, stream: &Stream, relay: Option<Relay>) -> End {
     if let Some(relay) = relay {
-        relay.finish(shared, true);
+        relay.finish(ctx, true);
     }
-    if stream.was_cut() && !shared.is_stopping() {
+    if stream.was_cut() && !ctx.is_stopping() {
         // Chat: the room gave up on sending to it meanwhile. (A stop's cut, after the client's
         // end was read, changes nothing: what it sent is still to be confirmed.)
         return End::Evicted;
     }
-    match shared.sink.flush() {
+    match ctx.sink.flush() {
         Ok(()) => End::Closed,
-        Err(e) => output_end(shared, &e),
+        Err(e) => output_end(ctx, &e),
     }
 }
 
 /// How a failure of the sink ends a connection: a stop that gave up waiting for the output, or
 /// an output that failed.
-fn output_end(shared: &Shared, error: &io::Error) -> End {
-    shared.output_failed(error);
-    if error.kind() == io::ErrorKind::TimedOut && shared.is_stopping() {
+fn output_end(ctx: &Context, error: &io::Error) -> End {
+    ctx.output_failed(error);
+    if error.kind() == io::ErrorKind::TimedOut && ctx.is_stopping() {
         End::Stopped
     } else {
         End::OutputFailed
@@ -178,7 +178,7 @@ fn log_end(peer: SocketAddr, end: &End, counts: &Counts) {
 
 /// The reading side of a connection: its buffers, their share of the budget, and the loop.
 struct Reading<'a> {
-    shared: &'a Shared,
+    ctx: &'a Context,
     stream: &'a Stream,
     reader: Reader<'a>,
     decoder: Decoder,
@@ -192,10 +192,10 @@ struct Reading<'a> {
 }
 
 impl<'a> Reading<'a> {
-    fn new(shared: &'a Shared, stream: &'a Stream) -> Reading<'a> {
-        let options = &shared.options;
+    fn new(ctx: &'a Context, stream: &'a Stream) -> Reading<'a> {
+        let options = &ctx.options;
         Reading {
-            shared,
+            ctx,
             stream,
             reader: Reader {
                 stream,
@@ -218,9 +218,9 @@ impl<'a> Reading<'a> {
 
     /// Reads until the client closes, a limit is broken, or the server stops.
     fn run(&mut self, relay: &mut Relay, counts: &mut Counts) -> End {
-        let shared = self.shared;
+        let ctx = self.ctx;
         loop {
-            if shared.drain_expired() {
+            if ctx.drain_expired() {
                 return End::Stopped;
             }
             let mid_message = self.decoder.pending_len() > 0;
@@ -255,10 +255,10 @@ impl<'a> Reading<'a> {
                 }
                 Err(e) => return End::Failed(e),
             };
-            self.stream.touch(shared.now_ms());
+            self.stream.touch(ctx.now_ms());
             self.shrunk = false;
             counts.bytes += n as u64;
-            shared.add_totals(0, 0, n as u64);
+            ctx.add_totals(0, 0, n as u64);
             let decoded = self.decoder.decode_read(n, &mut self.batch);
             if !self.batch.is_empty() {
                 self.reader.last_message = Instant::now();
@@ -270,9 +270,7 @@ impl<'a> Reading<'a> {
                 return End::TooLong(too_long);
             }
             // Large reads if the budget can take what they may hold.
-            if n == self.read_size
-                && self.read_size < MAX_READ
-                && shared.budget.left() >= MAX_READ * 8
+            if n == self.read_size && self.read_size < MAX_READ && ctx.budget.left() >= MAX_READ * 8
             {
                 self.read_size = MAX_READ;
             }
@@ -284,7 +282,7 @@ impl<'a> Reading<'a> {
 
     /// The server cut the connection: a stop, or (chat) an eviction.
     fn cut_end(&self) -> End {
-        if self.shared.is_stopping() {
+        if self.ctx.is_stopping() {
             End::Stopped
         } else {
             End::Evicted
@@ -294,24 +292,22 @@ impl<'a> Reading<'a> {
     /// Sends the batch on as the mode says, hands it to the sink, and empties it. Whatever is
     /// counted is handed to the sink, even when sending it on failed.
     fn handle(&mut self, relay: &mut Relay, counts: &mut Counts) -> Result<(), End> {
-        let shared = self.shared;
+        let ctx = self.ctx;
         let batch = &mut self.batch;
         if batch.is_empty() {
             return Ok(());
         }
         counts.messages += batch.len() as u64;
-        shared.add_totals(batch.len() as u64, 0, 0);
+        ctx.add_totals(batch.len() as u64, 0, 0);
         let peer = self.stream.peer();
         let relayed = match relay {
             Relay::Log => Ok(()),
             // Echo first: the sender is waiting for it; printing can follow. After a stop no
             // replies are owed: what is left is printed, not echoed.
-            Relay::Echo if shared.is_stopping() => Ok(()),
+            Relay::Echo if ctx.is_stopping() => Ok(()),
             Relay::Echo => self
                 .stream
-                .send(batch.raw(), shared.options.send_timeout, || {
-                    shared.is_stopping()
-                })
+                .send(batch.raw(), ctx.options.send_timeout, || ctx.is_stopping())
                 .map_err(|e| match e {
                     SendError::NotReading => End::NotReading,
                     SendError::GaveUp => End::Stopped,
@@ -322,22 +318,20 @@ impl<'a> Reading<'a> {
                 format_batch(lines, peer, batch);
                 // After a stop the room is closed: nothing is relayed.
                 let payload: Arc<[u8]> = Arc::from(&lines[..]);
-                shared
-                    .room
-                    .broadcast(*id, &payload, shared.options.send_timeout);
+                ctx.room.broadcast(*id, &payload, ctx.options.send_timeout);
                 if lines.capacity() > MAX_READ {
                     *lines = Vec::new(); // a burst's buffer is not kept for an idle client
                 }
                 Ok(())
             }
         };
-        let delivered = shared.sink.deliver(peer, batch);
+        let delivered = ctx.sink.deliver(peer, batch);
         let len = batch.len() as u64;
         batch.clear();
         if let Err(e) = delivered {
             counts.refused += len;
-            shared.add_totals(0, len, 0);
-            return Err(output_end(shared, &e));
+            ctx.add_totals(0, len, 0);
+            return Err(output_end(ctx, &e));
         }
         relayed
     }
@@ -360,7 +354,7 @@ impl<'a> Reading<'a> {
     /// a connection that needs more than the budget has left gives back all it can first, and
     /// is cut off if its unfinished line still does not fit.
     fn settle(&mut self) -> Result<(), End> {
-        let budget = &self.shared.budget;
+        let budget = &self.ctx.budget;
         let mut over = self.held().saturating_sub(ALLOWANCE);
         if over > self.reserved && !budget.take(over - self.reserved) {
             self.batch.shrink();
@@ -380,7 +374,7 @@ impl<'a> Reading<'a> {
 
     /// Returns what was taken from the budget, at the end.
     fn give_back(&mut self) {
-        self.shared
+        self.ctx
             .budget
             .give_back(std::mem::take(&mut self.reserved));
     }
@@ -467,17 +461,17 @@ enum Relay {
 impl Relay {
     /// Sends the greeting and sets up what the mode needs.
     fn start(
-        shared: &Arc<Shared>,
+        ctx: &Arc<Context>,
         id: u64,
         stream: &Arc<Stream>,
         greeting: Option<String>,
     ) -> Result<Relay, End> {
-        let options = &shared.options;
+        let options = &ctx.options;
         if options.mode != Mode::Chat {
             if let Some(greeting) = &greeting {
                 stream
                     .send(greeting.as_bytes(), options.send_timeout, || {
-                        shared.is_stopping()
+                        ctx.is_stopping()
                     })
                     .map_err(|e| match e {
                         SendError::NotReading => End::NotReading,
@@ -498,13 +492,11 @@ impl Relay {
         if let Some(greeting) = greeting {
             let _ = outbox.push(greeting.into_bytes().into(), None);
         }
-        shared
-            .room
-            .join(id, Arc::clone(stream), Arc::clone(&outbox));
+        ctx.room.join(id, Arc::clone(stream), Arc::clone(&outbox));
         let writer = {
             let outbox = Arc::clone(&outbox);
             let stream = Arc::clone(stream);
-            let shared = Arc::clone(shared);
+            let ctx = Arc::clone(ctx);
             let send_timeout = options.send_timeout;
             thread::Builder::new()
                 .stack_size(CONNECTION_STACK)
@@ -515,7 +507,7 @@ impl Relay {
                         room::write_loop(&outbox, &stream, send_timeout);
                     }
                     drop((outbox, stream));
-                    if shared.parks_after_stop() {
+                    if ctx.parks_after_stop() {
                         // As connection threads do: ended with the process, not on its own.
                         loop {
                             thread::park();
@@ -530,7 +522,7 @@ impl Relay {
                 lines: Vec::new(),
             }),
             Err(e) => {
-                shared.room.leave(id);
+                ctx.room.leave(id);
                 warn!(
                     "{}: cannot start its writer thread: {e}; closing",
                     stream.peer()
@@ -543,9 +535,9 @@ impl Relay {
 
     /// Leaves the chat room. If `drain`, what is queued for the client is sent first (it closed
     /// its side cleanly); otherwise it is dropped.
-    fn finish(self, shared: &Shared, drain: bool) {
+    fn finish(self, ctx: &Context, drain: bool) {
         if let Relay::Chat { id, outbox, .. } = self {
-            shared.room.leave(id);
+            ctx.room.leave(id);
             if drain {
                 outbox.close();
             } else {

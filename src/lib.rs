@@ -49,6 +49,7 @@
 mod addr;
 mod client;
 mod connection;
+mod context;
 mod error;
 mod framing;
 mod limits;

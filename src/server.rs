@@ -4,8 +4,8 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -13,17 +13,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, error, info, warn};
 
 use crate::connection;
+use crate::context::{Context, DRAIN_TIME};
 use crate::limits;
 use crate::options::{CONNECTION_STACK, Mode, ServerOptions};
-use crate::room::Room;
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
 use crate::turnaway::Turnaway;
 use crate::{Error, addr};
-
-/// How long after a stop a busy connection may go on reading, so that a client in the middle of
-/// sending can finish and have everything printed.
-pub(crate) const DRAIN_TIME: Duration = Duration::from_millis(500);
 
 /// A connection that read nothing for this long before a stop is cut at once: its client is not
 /// in the middle of sending.
@@ -141,27 +137,25 @@ impl Server {
                 options.max_clients
             );
         }
-        let shared = Arc::new(Shared {
-            #[cfg(target_os = "linux")]
-            listener_to_shut,
-            client_room,
-            budget: Budget::new(options.buffer_budget),
-            options,
-            sink,
-            local_addr,
-            epoch: Instant::now(),
-            stopping: AtomicBool::new(false),
-            exit_follows: AtomicBool::new(false),
-            stopped_at: OnceLock::new(),
-            registry: Mutex::new(Registry::default()),
-            idle: Condvar::new(),
-            connections: AtomicU64::new(0),
-            messages: AtomicU64::new(0),
-            refused_messages: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            output_error: Mutex::new(None),
-            room: Room::default(),
-            turnaway,
+        let shared = Arc::new_cyclic(|shared: &Weak<Shared>| {
+            let shared = Weak::clone(shared);
+            // A failed output stops the whole server.
+            let request_stop = Box::new(move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.stop();
+                }
+            });
+            Shared {
+                ctx: Arc::new(Context::new(options, sink, request_stop)),
+                #[cfg(target_os = "linux")]
+                listener_to_shut,
+                client_room,
+                local_addr,
+                registry: Mutex::new(Registry::default()),
+                idle: Condvar::new(),
+                connections: AtomicU64::new(0),
+                turnaway,
+            }
         });
         let (accepted, to_start) = mpsc::channel();
         let starter_shared = Arc::clone(&shared);
@@ -235,19 +229,13 @@ impl Server {
     /// and gives back its stack, and each of those makes every CPU flush its TLB (10,000 clients
     /// on 2 CPUs: 0.44–0.53 s from SIGTERM to exit, against 0.83–0.93 s with `join`).
     pub fn wait(mut self) -> Result<Summary, Error> {
-        self.shared.exit_follows.store(true, Ordering::Release);
+        self.shared.ctx.set_exit_follows();
         self.join_threads(false);
         self.result()
     }
 
     fn result(&self) -> Result<Summary, Error> {
-        let output_error = self
-            .shared
-            .output_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match output_error {
+        match self.shared.ctx.take_output_error() {
             Some(error) => Err(Error::Output(error)),
             None => Ok(self.shared.summary()),
         }
@@ -327,7 +315,7 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("local_addr", &self.shared.local_addr)
-            .field("options", &self.shared.options)
+            .field("options", &self.shared.ctx.options)
             .finish()
     }
 }
@@ -353,7 +341,7 @@ fn accept_loop(
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = listener.accept();
-        if shared.is_stopping() {
+        if shared.ctx.is_stopping() {
             if let Ok((stream, _)) = accepted {
                 // A client (or the stop's own wake-up) that came just as it stopped.
                 stream::turn_away_now(&stream, "server stopping");
@@ -363,7 +351,7 @@ fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                if !shared.options.access.permits(peer.ip()) {
+                if !shared.ctx.options.access.permits(peer.ip()) {
                     info!("{peer} refused: not allowed by --allow/--deny");
                     shared.turnaway.refuse(stream, "not allowed");
                 } else if starter.send((stream, peer)).is_err() {
@@ -388,7 +376,7 @@ fn accept_loop(
 /// Starts a thread for each accepted connection, until the accept loop ends.
 fn start_loop(accepted: &mpsc::Receiver<(TcpStream, SocketAddr)>, shared: &Arc<Shared>) {
     for (stream, peer) in accepted {
-        if shared.is_stopping() {
+        if shared.ctx.is_stopping() {
             // Accepted but never served: told so, and reset.
             stream::turn_away_now(&stream, "server stopping");
         } else {
@@ -408,46 +396,10 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// Bytes all connections' buffers hold beyond their allowance (see
-/// [`ServerOptions::buffer_budget`]).
-#[derive(Debug)]
-pub(crate) struct Budget {
-    limit: usize,
-    used: AtomicUsize,
-}
-
-impl Budget {
-    fn new(limit: usize) -> Budget {
-        Budget {
-            limit,
-            used: AtomicUsize::new(0),
-        }
-    }
-
-    /// Takes `bytes` from the budget if that many are left.
-    pub(crate) fn take(&self, bytes: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&total| total <= self.limit)
-            })
-            .is_ok()
-    }
-
-    /// Bytes left, at this moment.
-    pub(crate) fn left(&self) -> usize {
-        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
-    }
-
-    /// Gives back `bytes` taken before.
-    pub(crate) fn give_back(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
-    }
-}
-
 /// State shared by the accept and starter threads, every connection thread and the handles.
-pub(crate) struct Shared {
-    pub(crate) options: ServerOptions,
-    pub(crate) sink: Arc<dyn Sink>,
+struct Shared {
+    /// What the connections see.
+    ctx: Arc<Context>,
     local_addr: SocketAddr,
     /// The listening socket, for a stop to shut: that wakes `accept` at once and resets the
     /// connections still queued, where a wake-up connect can be late on a loaded machine.
@@ -456,25 +408,10 @@ pub(crate) struct Shared {
     /// How many clients' threads the process can start before the kernel's limit on memory maps
     /// would make the next one abort it (see [`limits::thread_room`]).
     client_room: Option<usize>,
-    /// The start of the server's clock for [`Stream::touch`].
-    epoch: Instant,
-    stopping: AtomicBool,
-    /// Set by [`Server::wait`]: after a stop, connection threads park instead of exiting.
-    exit_follows: AtomicBool,
-    stopped_at: OnceLock<Instant>,
     registry: Mutex<Registry>,
-    /// Signalled when the last live connection ends.
+    /// Signalled when the last live connection ends, and at the stop.
     idle: Condvar,
     connections: AtomicU64,
-    messages: AtomicU64,
-    /// Messages read that the sink refused (it had failed, or the stop gave up waiting for it).
-    refused_messages: AtomicU64,
-    bytes: AtomicU64,
-    output_error: Mutex<Option<io::Error>>,
-    /// Memory the connections' buffers may take beyond their allowance.
-    pub(crate) budget: Budget,
-    /// The chat room (empty unless the mode is chat).
-    pub(crate) room: Room,
     /// Clients refused at accept linger here for a moment.
     turnaway: Turnaway,
 }
@@ -505,7 +442,7 @@ impl Drop for Deregister<'_> {
         let mut registry = self.shared.registry();
         // Decided under the lock, with where the handle goes: a thread that will park is never
         // handed to anyone who joins threads (the starter reaps finished ones between connects).
-        let park = self.shared.parks_after_stop();
+        let park = self.shared.ctx.parks_after_stop();
         if let Some(thread) = registry.live.remove(&self.id).and_then(|live| live.thread) {
             if park {
                 drop(thread); // detached: it never ends
@@ -526,25 +463,11 @@ impl Shared {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Milliseconds since the server started: the clock of [`Stream::touch`].
-    pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
-    /// Whether a thread that ends now should park rather than exit (see [`Server::wait`]).
-    pub(crate) fn parks_after_stop(&self) -> bool {
-        self.is_stopping() && self.exit_follows.load(Ordering::Acquire)
-    }
-
     /// Waits until the server is stopped; returns when it was.
     fn wait_for_stop(&self) -> Instant {
         let mut registry = self.registry();
         loop {
-            if let Some(&at) = self.stopped_at.get() {
+            if let Some(at) = self.ctx.stopped_at() {
                 return at;
             }
             registry = self
@@ -554,69 +477,29 @@ impl Shared {
         }
     }
 
-    /// Whether a stop happened long enough ago that connections must stop reading.
-    pub(crate) fn drain_expired(&self) -> bool {
-        self.is_stopping()
-            && self
-                .stopped_at
-                .get()
-                .is_some_and(|at| at.elapsed() >= DRAIN_TIME)
-    }
-
-    /// Adds to the totals: messages read, of those refused by the sink, bytes read.
-    pub(crate) fn add_totals(&self, messages: u64, refused: u64, bytes: u64) {
-        self.messages.fetch_add(messages, Ordering::Relaxed);
-        self.refused_messages.fetch_add(refused, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
     fn summary(&self) -> Summary {
+        let totals = self.ctx.totals();
         Summary {
             connections: self.connections.load(Ordering::Relaxed),
-            messages: self.messages.load(Ordering::Relaxed),
-            unprinted: self.refused_messages.load(Ordering::Relaxed) + self.sink.unwritten(),
-            bytes: self.bytes.load(Ordering::Relaxed),
+            messages: totals.messages,
+            unprinted: totals.unprinted,
+            bytes: totals.bytes,
         }
-    }
-
-    /// Records that the sink failed and stops the server: with nowhere to put messages, reading
-    /// more would only lose them.
-    pub(crate) fn output_failed(&self, error: &io::Error) {
-        if error.kind() == io::ErrorKind::TimedOut && self.is_stopping() {
-            return; // the stop gave up waiting for it: counted, not an output failure
-        }
-        {
-            let mut slot = self
-                .output_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if slot.is_none() {
-                if error.kind() == io::ErrorKind::BrokenPipe {
-                    info!("output closed by its reader; stopping");
-                } else {
-                    error!("cannot write output: {error}; stopping");
-                }
-                *slot = Some(io::Error::new(error.kind(), error.to_string()));
-            }
-        }
-        self.stop();
     }
 
     fn stop(&self) {
-        if self.stopping.swap(true, Ordering::AcqRel) {
+        let Some(now) = self.ctx.begin_stop() else {
             return;
-        }
-        let now = Instant::now();
-        let _ = self.stopped_at.set(now);
+        };
         {
             // Wakes `wait_for_stop`: under the lock it waits with, so the wake can't be missed.
             let _registry = self.registry();
             self.idle.notify_all();
         }
         self.turnaway.stop();
-        self.sink.stop(now + DRAIN_TIME + OUTPUT_GRACE);
+        self.ctx.sink.stop(now + DRAIN_TIME + OUTPUT_GRACE);
         // No more relaying: what is queued for chat clients is dropped, and no sender waits.
-        self.room.close();
+        self.ctx.room.close();
         // Cut the connections whose clients are not sending; the others get the drain time to
         // finish (see `drain`). None is missed: a connection registered after this saw
         // `stopping` and was refused.
@@ -652,7 +535,7 @@ impl Shared {
     /// After a stop: lets the connections still reading finish, for at most the drain time;
     /// cuts each as soon as it has read nothing for [`QUIET_AT_STOP`], and the rest at the end.
     fn drain(&self) {
-        let Some(&stopped_at) = self.stopped_at.get() else {
+        let Some(stopped_at) = self.ctx.stopped_at() else {
             return;
         };
         let deadline = stopped_at + DRAIN_TIME;
@@ -678,6 +561,7 @@ impl Shared {
     /// so that the readers they wake can deregister meanwhile.
     fn cut_quiet(&self, all: bool) -> bool {
         let quiet_before = self
+            .ctx
             .now_ms()
             .saturating_sub(QUIET_AT_STOP.as_millis() as u64);
         let (left, cut): (bool, Vec<Arc<Stream>>) = {
@@ -701,7 +585,7 @@ impl Shared {
     fn start_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let mut registry = self.registry();
         // Checked under the lock that stop() takes, so no connection escapes its cut.
-        if self.is_stopping() {
+        if self.ctx.is_stopping() {
             drop(registry);
             return stream::turn_away_now(&tcp, "server stopping");
         }
@@ -711,15 +595,15 @@ impl Shared {
             warn!("{peer} refused: no room for another thread (vm.max_map_count)");
             return self.turnaway.refuse(tcp, "server busy");
         }
-        if live >= self.options.max_clients {
+        if live >= self.ctx.options.max_clients {
             drop(registry);
-            let max = self.options.max_clients;
+            let max = self.ctx.options.max_clients;
             info!("{peer} refused: server full ({max} clients)");
             return self
                 .turnaway
                 .refuse(tcp, &format!("server full ({max} clients)"));
         }
-        let stream = Arc::new(Stream::new(tcp, peer, self.now_ms()));
+        let stream = Arc::new(Stream::new(tcp, peer, self.ctx.now_ms()));
         let id = registry.next_id;
         registry.next_id += 1;
         let shared = Arc::clone(self);
@@ -739,7 +623,7 @@ impl Shared {
                         id,
                         park: &park,
                     };
-                    connection::serve(&shared, id, &thread_stream);
+                    connection::serve(&shared.ctx, id, &thread_stream);
                 }
                 drop(thread_stream);
                 if park.get() {
