@@ -5,16 +5,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::context::Context;
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
-use crate::options::{CONNECTION_STACK, Mode};
-use crate::room::{self, Outbox};
-use crate::sink::format_batch;
+use crate::options::Mode;
+use crate::room::Seat;
 use crate::stream::{SendError, Stream, is_timeout};
 
 /// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
@@ -313,15 +311,9 @@ impl<'a> Reading<'a> {
                     SendError::GaveUp => End::Stopped,
                     SendError::Failed(e) => End::Failed(e),
                 }),
-            Relay::Chat { id, lines, .. } => {
-                lines.clear();
-                format_batch(lines, peer, batch);
+            Relay::Chat(seat) => {
                 // After a stop the room is closed: nothing is relayed.
-                let payload: Arc<[u8]> = Arc::from(&lines[..]);
-                ctx.room.broadcast(*id, &payload, ctx.options.send_timeout);
-                if lines.capacity() > MAX_READ {
-                    *lines = Vec::new(); // a burst's buffer is not kept for an idle client
-                }
+                seat.relay(&ctx.room, peer, batch, ctx.options.send_timeout);
                 Ok(())
             }
         };
@@ -436,26 +428,12 @@ impl Reader<'_> {
     }
 }
 
-/// Tells the connection its writer is done when dropped, even by a panic.
-struct WriterDone<'a>(&'a Outbox);
-
-impl Drop for WriterDone<'_> {
-    fn drop(&mut self) {
-        self.0.writer_done();
-    }
-}
-
 /// What a connection does with each batch of messages besides printing it: nothing, send it
 /// back, or relay it to the chat room.
 enum Relay {
     Log,
     Echo,
-    Chat {
-        id: u64,
-        outbox: Arc<Outbox>,
-        /// Reused buffer for formatting `PEER MESSAGE` lines.
-        lines: Vec<u8>,
-    },
+    Chat(Seat),
 }
 
 impl Relay {
@@ -485,44 +463,13 @@ impl Relay {
                 Relay::Log
             });
         }
-        // The greeting goes through the outbox, so no relayed line can come before it; and the
-        // client joins the room before its writer starts, so once it is greeted it receives
-        // every line relayed after that.
-        let outbox = Arc::new(Outbox::new());
-        if let Some(greeting) = greeting {
-            let _ = outbox.push(greeting.into_bytes().into(), None);
-        }
-        ctx.room.join(id, Arc::clone(stream), Arc::clone(&outbox));
-        let writer = {
-            let outbox = Arc::clone(&outbox);
-            let stream = Arc::clone(stream);
+        let parks = {
             let ctx = Arc::clone(ctx);
-            let send_timeout = options.send_timeout;
-            thread::Builder::new()
-                .stack_size(CONNECTION_STACK)
-                .spawn(move || {
-                    {
-                        // Done even if the loop panics: the connection waits for it.
-                        let _done = WriterDone(&outbox);
-                        room::write_loop(&outbox, &stream, send_timeout);
-                    }
-                    drop((outbox, stream));
-                    if ctx.parks_after_stop() {
-                        // As connection threads do: ended with the process, not on its own.
-                        loop {
-                            thread::park();
-                        }
-                    }
-                })
+            move || ctx.parks_after_stop()
         };
-        match writer {
-            Ok(_detached) => Ok(Relay::Chat {
-                id,
-                outbox,
-                lines: Vec::new(),
-            }),
+        match Seat::take(&ctx.room, id, stream, greeting, options.send_timeout, parks) {
+            Ok(seat) => Ok(Relay::Chat(seat)),
             Err(e) => {
-                ctx.room.leave(id);
                 warn!(
                     "{}: cannot start its writer thread: {e}; closing",
                     stream.peer()
@@ -536,14 +483,8 @@ impl Relay {
     /// Leaves the chat room. If `drain`, what is queued for the client is sent first (it closed
     /// its side cleanly); otherwise it is dropped.
     fn finish(self, ctx: &Context, drain: bool) {
-        if let Relay::Chat { id, outbox, .. } = self {
-            ctx.room.leave(id);
-            if drain {
-                outbox.close();
-            } else {
-                outbox.abandon();
-            }
-            outbox.wait_for_writer();
+        if let Relay::Chat(seat) = self {
+            seat.leave(&ctx.room, drain);
         }
     }
 }

@@ -2,11 +2,17 @@
 //! writer thread, so that no slow reader can stall the others for long.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::framing::{Batch, LARGE_BUFFER};
+use crate::options::CONNECTION_STACK;
+use crate::sink::format_batch;
 use crate::stream::{SendError, Stream, deadline_in};
 
 /// Most bytes waiting to be sent to one client; a sender waits for room beyond that.
@@ -14,7 +20,7 @@ pub const OUTBOX_BYTES: usize = 1024 * 1024;
 
 /// What is waiting to be written to one client.
 #[derive(Debug)]
-pub(crate) struct Outbox {
+struct Outbox {
     queue: Mutex<Queue>,
     /// Signalled when something is queued or the outbox closes (the writer waits on it).
     ready: Condvar,
@@ -35,7 +41,7 @@ struct Queue {
 
 /// Why a payload could not be queued.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Refused {
+enum Refused {
     /// Still full at the deadline: the client is not reading.
     Full,
     /// The client is leaving.
@@ -43,7 +49,7 @@ pub(crate) enum Refused {
 }
 
 impl Outbox {
-    pub(crate) fn new() -> Outbox {
+    fn new() -> Outbox {
         Outbox {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
@@ -57,7 +63,7 @@ impl Outbox {
 
     /// Queues `payload`, waiting until `deadline` at most for room (backpressure on the sender;
     /// `None`: no waiting).
-    pub(crate) fn push(
+    fn push(
         &self,
         payload: Arc<[u8]>,
         deadline: Option<Instant>,
@@ -113,14 +119,14 @@ impl Outbox {
     }
 
     /// No more payloads; the writer sends what is queued, then ends.
-    pub(crate) fn close(&self) {
+    fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
         self.space.notify_all();
     }
 
     /// No more payloads, and what is queued is dropped: the writer ends at once.
-    pub(crate) fn abandon(&self) {
+    fn abandon(&self) {
         {
             let mut queue = self.lock();
             queue.closed = true;
@@ -139,14 +145,14 @@ impl Outbox {
     /// The writer has finished its work: what [`wait_for_writer`](Outbox::wait_for_writer)
     /// waits for. (Its thread may not have exited yet: after a stop it doesn't, see
     /// `Server::wait`.)
-    pub(crate) fn writer_done(&self) {
+    fn writer_done(&self) {
         self.lock().writer_done = true;
         self.space.notify_all();
     }
 
     /// Waits until the writer has finished: after [`close`](Outbox::close), once it has sent
     /// what was queued or failed; after [`abandon`](Outbox::abandon), within a send slice.
-    pub(crate) fn wait_for_writer(&self) {
+    fn wait_for_writer(&self) {
         let mut queue = self.lock();
         while !queue.writer_done {
             queue = self
@@ -157,10 +163,109 @@ impl Outbox {
     }
 }
 
+/// A client's place in the chat room: its outbox and the writer thread that drains it.
+pub(crate) struct Seat {
+    id: u64,
+    outbox: Arc<Outbox>,
+    /// Reused buffer for formatting `PEER MESSAGE` lines.
+    lines: Vec<u8>,
+}
+
+impl Seat {
+    /// Joins the room as `id`, with `greeting` queued first, and starts the writer thread, which
+    /// parks when done if `parks` says so (the process exits next: see `Server::wait`).
+    pub(crate) fn take(
+        room: &Room,
+        id: u64,
+        stream: &Arc<Stream>,
+        greeting: Option<String>,
+        send_timeout: Duration,
+        parks: impl Fn() -> bool + Send + 'static,
+    ) -> io::Result<Seat> {
+        // The greeting goes through the outbox, so no relayed line can come before it; and the
+        // client joins the room before its writer starts, so once it is greeted it receives
+        // every line relayed after that.
+        let outbox = Arc::new(Outbox::new());
+        if let Some(greeting) = greeting {
+            let _ = outbox.push(greeting.into_bytes().into(), None);
+        }
+        room.join(id, Arc::clone(stream), Arc::clone(&outbox));
+        let writer = {
+            let outbox = Arc::clone(&outbox);
+            let stream = Arc::clone(stream);
+            thread::Builder::new()
+                .stack_size(CONNECTION_STACK)
+                .spawn(move || {
+                    {
+                        // Done even if the loop panics: the connection waits for it.
+                        let _done = WriterDone(&outbox);
+                        write_loop(&outbox, &stream, send_timeout);
+                    }
+                    drop((outbox, stream));
+                    if parks() {
+                        // As connection threads do: ended with the process, not on its own.
+                        loop {
+                            thread::park();
+                        }
+                    }
+                })
+        };
+        match writer {
+            Ok(_detached) => Ok(Seat {
+                id,
+                outbox,
+                lines: Vec::new(),
+            }),
+            Err(e) => {
+                room.leave(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Relays `batch`, from `peer`, to everyone else in the room as `PEER MESSAGE` lines.
+    pub(crate) fn relay(
+        &mut self,
+        room: &Room,
+        peer: SocketAddr,
+        batch: &Batch,
+        send_timeout: Duration,
+    ) {
+        self.lines.clear();
+        format_batch(&mut self.lines, peer, batch);
+        let payload: Arc<[u8]> = Arc::from(&self.lines[..]);
+        room.broadcast(self.id, &payload, send_timeout);
+        if self.lines.capacity() > LARGE_BUFFER {
+            self.lines = Vec::new(); // a burst's buffer is not kept for an idle client
+        }
+    }
+
+    /// Leaves the room. If `drain`, what is queued for the client is sent first (it closed its
+    /// side cleanly); otherwise it is dropped. Returns once the writer is done.
+    pub(crate) fn leave(self, room: &Room, drain: bool) {
+        room.leave(self.id);
+        if drain {
+            self.outbox.close();
+        } else {
+            self.outbox.abandon();
+        }
+        self.outbox.wait_for_writer();
+    }
+}
+
+/// Tells the seat its writer is done when dropped, even by a panic.
+struct WriterDone<'a>(&'a Outbox);
+
+impl Drop for WriterDone<'_> {
+    fn drop(&mut self) {
+        self.0.writer_done();
+    }
+}
+
 /// A writer thread's work: send what the outbox holds until it closes or the client fails. A
 /// client that takes nothing for `send_timeout` is not reading: it is cut off, and its reader
 /// woken to end the connection.
-pub(crate) fn write_loop(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
+fn write_loop(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
     let mut buf = Vec::new();
     while outbox.take_all(&mut buf) {
         match stream.send(&buf, send_timeout, || outbox.is_abandoned()) {
@@ -213,7 +318,7 @@ impl Room {
     }
 
     /// Adds a client; after [`close`](Room::close) it is not added, and its outbox is abandoned.
-    pub(crate) fn join(&self, id: u64, stream: Arc<Stream>, outbox: Arc<Outbox>) {
+    fn join(&self, id: u64, stream: Arc<Stream>, outbox: Arc<Outbox>) {
         let mut members = self.lock();
         if members.closed {
             outbox.abandon();
@@ -222,7 +327,7 @@ impl Room {
         members.all.insert(id, Member { stream, outbox });
     }
 
-    pub(crate) fn leave(&self, id: u64) {
+    fn leave(&self, id: u64) {
         self.lock().all.remove(&id);
     }
 
