@@ -12,7 +12,8 @@ mod bench {
     use std::net::SocketAddr;
 
     use criterion::{Criterion, Throughput, criterion_group};
-    use plugboard::{Batch, Decoder, Framing, escape_into, format_batch};
+    use plugboard::unstable::{Decoder, escape_into, format_batch};
+    use plugboard::{Batch, Framing};
 
     /// A 64 KiB read of `line` repeated (each with `\n`), like one read from a busy client.
     fn read_of(line: &str) -> Vec<u8> {

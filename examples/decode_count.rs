@@ -13,7 +13,8 @@
 use std::hint::black_box;
 use std::process::ExitCode;
 
-use plugboard::{Batch, Decoder, Framing};
+use plugboard::unstable::Decoder;
+use plugboard::{Batch, Framing};
 
 fn main() -> ExitCode {
     let which = std::env::args().nth(1).unwrap_or_default();

@@ -33,36 +33,14 @@ impl Client {
     ///
     /// Each attempt waits at most `timeout`; `Duration::ZERO` leaves it to the operating system.
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Client, Error> {
-        let mut failure = None;
-        for addr in addr::resolve(host, port)? {
-            let attempt = if timeout.is_zero() {
-                TcpStream::connect(addr)
-            } else {
-                TcpStream::connect_timeout(&addr, timeout)
-            };
-            match attempt {
-                Ok(stream) => {
-                    // Each message is one write that should leave at once, not wait for an ACK.
-                    stream
-                        .set_nodelay(true)
-                        .map_err(|source| Error::Connection { addr, source })?;
-                    return Ok(Client {
-                        stream: Arc::new(stream),
-                        peer: addr,
-                        framing: Framing::Line,
-                        send_timeout: None,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    failure = Some(Error::ConnectTimeout { addr, timeout });
-                }
-                Err(source) => failure = Some(Error::Connect { addr, source }),
-            }
-        }
-        Err(failure.unwrap_or_else(|| Error::Resolve {
-            host: host.to_string(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no addresses found"),
-        }))
+        let (stream, peer) = addr::resolve(host, port)?.connect(timeout)?;
+        let client = Client::new(stream, peer);
+        // Each message is one write that should leave at once, not wait for an ACK.
+        client
+            .stream
+            .set_nodelay(true)
+            .map_err(|source| client.failed(source))?;
+        Ok(client)
     }
 
     /// Wraps a connected stream.
@@ -70,6 +48,10 @@ impl Client {
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Client::new(stream, peer)
+    }
+
+    fn new(stream: TcpStream, peer: SocketAddr) -> Client {
         Client {
             stream: Arc::new(stream),
             peer,
@@ -103,13 +85,14 @@ impl Client {
         })
     }
 
-    /// Sends bytes exactly as they are, whatever the framing.
-    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), Error> {
+    /// Writes bytes exactly as they are, whatever the framing: no `\n` is added, and what they
+    /// hold may be any number of messages, or part of one.
+    pub fn write_unframed(&self, bytes: &[u8]) -> Result<(), Error> {
         self.write_all(bytes)
     }
 
     /// Uses `framing` for what is sent and received from now on (default: [`Framing::Line`]).
-    pub fn framing(mut self, framing: Framing) -> Client {
+    pub fn with_framing(mut self, framing: Framing) -> Client {
         self.framing = framing;
         self
     }
@@ -145,7 +128,7 @@ impl Client {
     }
 
     /// The framing in use.
-    pub fn framing_in_use(&self) -> Framing {
+    pub fn framing(&self) -> Framing {
         self.framing
     }
 

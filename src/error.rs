@@ -54,6 +54,36 @@ pub enum Error {
         /// The operating system's reason (`ConnectionReset`, `BrokenPipe`, ...).
         source: io::Error,
     },
+    /// The server ended the connection and said why: its `error: ` line.
+    Ended {
+        /// The server.
+        addr: SocketAddr,
+        /// The server's line, `error: ` included.
+        reason: String,
+    },
+    /// The server closed its side before the client had finished sending: a plugboard server
+    /// never does, so nothing sent is confirmed.
+    ClosedEarly {
+        /// The server.
+        addr: SocketAddr,
+    },
+    /// The server did not close the connection within the linger time after the client's end:
+    /// delivery is not confirmed.
+    Unconfirmed {
+        /// The server.
+        addr: SocketAddr,
+        /// How long the client waited.
+        waited: Duration,
+    },
+    /// Round trips: a message's echo did not come back.
+    NoEcho {
+        /// The server.
+        addr: SocketAddr,
+        /// The message's number.
+        message: u64,
+        /// How long the client waited; `None` if the server closed the connection instead.
+        waited: Option<Duration>,
+    },
     /// Received messages could not be written out (for the server binary: stdout).
     Output(io::Error),
     /// The operating system refused to start a thread.
@@ -63,7 +93,7 @@ pub enum Error {
         /// The option's name, as its setter is called.
         option: &'static str,
         /// What is wrong with its value.
-        problem: &'static str,
+        problem: String,
     },
 }
 
@@ -84,6 +114,30 @@ impl fmt::Display for Error {
                 humantime::format_duration(*timeout)
             ),
             Error::Connection { addr, .. } => write!(f, "connection to {addr} failed"),
+            Error::Ended { addr, reason } => write!(f, "{addr} closed the connection: {reason}"),
+            Error::ClosedEarly { addr } => write!(
+                f,
+                "{addr} closed its side before the client had finished: it confirmed nothing"
+            ),
+            Error::Unconfirmed { addr, waited } => write!(
+                f,
+                "{addr} did not confirm delivery: no close within {} of the last message",
+                humantime::format_duration(*waited)
+            ),
+            Error::NoEcho {
+                addr,
+                message,
+                waited: Some(waited),
+            } => write!(
+                f,
+                "no echo of message {message} from {addr} within {} (is it an echo server?)",
+                humantime::format_duration(*waited)
+            ),
+            Error::NoEcho {
+                addr,
+                message,
+                waited: None,
+            } => write!(f, "{addr} closed before echoing message {message}"),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
             Error::Options { option, problem } => write!(f, "invalid {option}: {problem}"),
@@ -100,9 +154,26 @@ impl std::error::Error for Error {
             | Error::Connection { source, .. }
             | Error::Output(source)
             | Error::Thread(source) => Some(source),
-            Error::ConnectTimeout { .. } | Error::SendTimeout { .. } | Error::Options { .. } => {
-                None
-            }
+            Error::ConnectTimeout { .. }
+            | Error::SendTimeout { .. }
+            | Error::Ended { .. }
+            | Error::ClosedEarly { .. }
+            | Error::Unconfirmed { .. }
+            | Error::NoEcho { .. }
+            | Error::Options { .. } => None,
         }
     }
+}
+
+/// `error` and each of its causes, joined by `: ` (what `anyhow`'s `{:#}` prints), for a report
+/// that holds it as text.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }

@@ -81,7 +81,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// An empty batch.
+    /// An empty batch (to [`push`](Batch::push) messages into, for trying out a
+    /// [`Sink`](crate::Sink)).
     pub fn new() -> Batch {
         Batch::default()
     }
@@ -144,6 +145,7 @@ impl Batch {
         self.end_message();
     }
 
+    #[doc(hidden)] // the decoder's
     /// Appends one message decoded from bytes: invalid UTF-8 becomes U+FFFD and control
     /// characters are escaped (newlines too, unless `keep_newlines`).
     pub fn push_bytes(&mut self, bytes: &[u8], keep_newlines: bool) {
@@ -162,6 +164,7 @@ impl Batch {
         self.end_message();
     }
 
+    #[doc(hidden)] // the decoder's
     /// Removes every message, keeping the memory for reuse.
     pub fn clear(&mut self) {
         self.used = 0;
@@ -189,12 +192,14 @@ impl Batch {
         }
     }
 
+    #[doc(hidden)] // the decoder's
     /// Also keeps the bytes of each message exactly as they came (see [`raw`](Batch::raw)).
     pub fn keep_raw(mut self) -> Batch {
         self.raw = Some(Vec::new());
         self
     }
 
+    #[doc(hidden)] // the decoder's
     /// The messages' bytes exactly as received (a line with its `\r`, if any, and `\n`; a raw
     /// chunk as it was), or nothing unless [`keep_raw`](Batch::keep_raw) was set.
     pub fn raw(&self) -> &[u8] {

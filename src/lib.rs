@@ -62,16 +62,25 @@ mod sink;
 mod stream;
 mod turnaway;
 
-pub use addr::resolve;
-pub use client::{Client, RECEIVE_MAX_LINE, Receiver};
+pub use client::{Client, Receiver};
 pub use error::Error;
-pub use framing::{
-    Batch, DEFAULT_MAX_LINE, Decoder, Framing, LineTooLong, UnknownFraming, escape_into,
-    needs_escape,
-};
-pub use limits::{Access, BadRange, Range, raise_fd_limit, reserve_descriptors, thread_room};
+pub use framing::{Batch, DEFAULT_MAX_LINE, Framing, UnknownFraming};
+pub use limits::{Access, BadRange, Range, raise_fd_limit};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
-pub use options::{CONNECTION_STACK, DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, ServerOptions};
-pub use room::OUTBOX_BYTES;
+pub use options::{DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, ServerOptions};
 pub use server::{Server, Stopper, Summary};
-pub use sink::{Collector, LineWriterSink, Sink, format_batch, stdout};
+pub use sink::{Collector, LineWriterSink, Sink, stdout};
+
+/// Internals that the benchmarks, examples and tests reach for: the decoder, the formatting and
+/// escaping of output lines, address resolution, limits and sizes. Not part of the stable API:
+/// they change when the implementation does.
+#[doc(hidden)]
+pub mod unstable {
+    pub use crate::addr::resolve;
+    pub use crate::client::RECEIVE_MAX_LINE;
+    pub use crate::framing::{Decoder, LineTooLong, escape_into, needs_escape};
+    pub use crate::limits::{reserve_descriptors, thread_room};
+    pub use crate::options::CONNECTION_STACK;
+    pub use crate::room::OUTBOX_BYTES;
+    pub use crate::sink::format_batch;
+}

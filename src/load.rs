@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::client::Client;
+use crate::addr::{self, Addrs};
+use crate::client::{Client, Receiver};
+use crate::error::{self, Error};
 use crate::framing::Framing;
 use crate::stream::{self, SendError};
-use crate::{Error, addr};
 
 /// What a load run does.
 #[derive(Clone, Debug)]
@@ -60,6 +61,60 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The most connections a run may open.
+    pub const MAX_CONNECTIONS: usize = 100_000;
+
+    /// The largest message [`size`](LoadOptions::size): a message is built in memory, once per
+    /// connection.
+    pub const MAX_SIZE: usize = 16 * 1024 * 1024;
+
+    /// Checks that the options make sense ([`run_load`] does, first): [`Error::Options`] names
+    /// the first that doesn't.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |option, problem: String| Err(Error::Options { option, problem });
+        if !(1..=Self::MAX_CONNECTIONS).contains(&self.connections) {
+            return invalid(
+                "connections",
+                format!("must be 1 to {}", Self::MAX_CONNECTIONS),
+            );
+        }
+        if self.size > Self::MAX_SIZE {
+            return invalid("size", format!("must be at most {} bytes", Self::MAX_SIZE));
+        }
+        if self.framing == Framing::Line && self.message.contains('\n') {
+            return invalid(
+                "message",
+                "can't hold a newline in line framing: it would be two messages".to_string(),
+            );
+        }
+        if self.rtt && self.framing != Framing::Line {
+            return invalid("rtt", "needs line framing".to_string());
+        }
+        if self.rtt && self.linger.is_zero() {
+            return invalid(
+                "linger",
+                "must be more than 0 with rtt: it is how long to wait for each echo".to_string(),
+            );
+        }
+        // Two threads a connection; past the kernel's limit on memory maps a thread can't start,
+        // and the process would abort.
+        if let Some(room) = crate::limits::thread_room(1024)
+            && self.connections.saturating_mul(2) > room
+        {
+            return invalid(
+                "connections",
+                format!(
+                    "{} needs two threads each; vm.max_map_count leaves room for about {} connections here",
+                    self.connections,
+                    room / 2
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Round-trip latency percentiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Latency {
@@ -76,7 +131,7 @@ pub struct Latency {
 }
 
 /// What a load run measured.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LoadReport {
     /// Connections attempted.
     pub connections: usize,
@@ -89,7 +144,7 @@ pub struct LoadReport {
     /// Connections that failed (connect, send or receive).
     pub errors: usize,
     /// The first failure, if any.
-    pub first_error: Option<String>,
+    pub first_error: Option<Error>,
     /// With `rtt`: round-trip latencies.
     pub latency: Option<Latency>,
 }
@@ -119,7 +174,7 @@ impl LoadReport {
         );
         if let Some(error) = &self.first_error {
             json.push_str(",\"first_error\":");
-            json_string(&mut json, error);
+            json_string(&mut json, &error::chain(error));
         }
         if let Some(l) = self.latency {
             let us = |d: Duration| d.as_secs_f64() * 1e6;
@@ -166,7 +221,7 @@ impl std::fmt::Display for LoadReport {
             self.errors
         )?;
         if let Some(error) = &self.first_error {
-            write!(f, " (first: {error})")?;
+            write!(f, " (first: {})", error::chain(error))?;
         }
         if let Some(l) = self.latency {
             let us = |d: Duration| d.as_secs_f64() * 1e6;
@@ -201,7 +256,7 @@ impl Progress {
 struct Outcome {
     messages: u64,
     bytes: u64,
-    error: Option<String>,
+    error: Option<Error>,
     latencies: Option<Histogram<u64>>,
 }
 
@@ -213,6 +268,7 @@ pub fn run_load(
     options: &LoadOptions,
     progress: &Arc<Progress>,
 ) -> Result<LoadReport, Error> {
+    options.validate()?;
     let addrs = addr::resolve(host, port)?;
     let started = Instant::now();
     let threads: Vec<_> = (0..options.connections)
@@ -236,10 +292,10 @@ pub fn run_load(
     };
     let mut latencies: Option<Histogram<u64>> = None;
     for thread in threads {
-        let outcome = match thread
-            .map_err(|e| e.to_string())
-            .and_then(|t| t.join().map_err(|_| "a load thread panicked".to_string()))
-        {
+        let outcome = match thread.map_err(Error::Thread).and_then(|t| {
+            t.join()
+                .map_err(|_| Error::Thread(io::Error::other("a load thread panicked")))
+        }) {
             Ok(outcome) => outcome,
             Err(error) => Outcome {
                 messages: 0,
@@ -275,22 +331,6 @@ pub fn run_load(
         }
     });
     Ok(report)
-}
-
-fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
-    let mut last = String::from("no address");
-    for addr in addrs {
-        let attempt = if timeout.is_zero() {
-            TcpStream::connect(addr)
-        } else {
-            TcpStream::connect_timeout(addr, timeout)
-        };
-        match attempt {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = format!("cannot connect to {addr}: {e}"),
-        }
-    }
-    Err(last)
 }
 
 /// The message template, split once at each `{i}`, so that writing message `i` is a few copies:
@@ -421,24 +461,24 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-fn one_connection(addrs: &[SocketAddr], options: &LoadOptions, progress: &Progress) -> Outcome {
+fn one_connection(addrs: &Addrs, options: &LoadOptions, progress: &Progress) -> Outcome {
     let mut outcome = Outcome {
         messages: 0,
         bytes: 0,
         error: None,
         latencies: None,
     };
-    let stream = match connect(addrs, options.connect_timeout) {
-        Ok(stream) => stream,
+    let (stream, peer) = match addrs.connect(options.connect_timeout) {
+        Ok(connected) => connected,
         Err(e) => {
             outcome.error = Some(e);
             return outcome;
         }
     };
     let result = if options.rtt {
-        round_trips(stream, options, progress, &mut outcome)
+        round_trips(stream, peer, options, progress, &mut outcome)
     } else {
-        stream_messages(stream, options, progress, &mut outcome)
+        stream_messages(stream, peer, options, progress, &mut outcome)
     };
     if let Err(e) = result {
         outcome.error = Some(e);
@@ -454,6 +494,25 @@ struct Drained {
     /// like a clean close too: when a send on the other thread took the reset's error first,
     /// the read sees only the end.
     reason: Option<String>,
+}
+
+impl Drained {
+    /// The server's reason, as the connection's error, if it gave one.
+    fn reason(self, addr: SocketAddr) -> Option<Error> {
+        self.reason.map(|reason| Error::Ended { addr, reason })
+    }
+
+    /// The end as the connection's result: a clean close is success, a reset its failure (said
+    /// with the server's reason, if it gave one).
+    fn result(self, addr: SocketAddr) -> Result<(), Error> {
+        match self.result {
+            Ok(()) => Ok(()),
+            Err(source) => Err(self
+                .reason
+                .map(|reason| Error::Ended { addr, reason })
+                .unwrap_or(Error::Connection { addr, source })),
+        }
+    }
 }
 
 /// Reads and drops what the server sends until it closes or fails; keeps the last line if it is
@@ -482,34 +541,12 @@ fn error_line(bytes: &[u8]) -> Option<String> {
     line.starts_with("error: ").then(|| line.into_owned())
 }
 
-/// A connection the server ended with `reason` (its `error:` line).
-fn closed_with(peer: SocketAddr, reason: &str) -> String {
-    format!("{peer} closed the connection: {reason}")
-}
-
-/// The failure of a connection whose server ended it: its reason if it gave one.
-fn ended(peer: SocketAddr, drained: Drained) -> Result<(), String> {
-    match drained {
-        Drained { result: Ok(()), .. } => Ok(()),
-        Drained {
-            reason: Some(reason),
-            ..
-        } => Err(closed_with(peer, &reason)),
-        Drained { result: Err(e), .. } => Err(format!("connection to {peer} failed: {e}")),
-    }
-}
-
-/// A connection whose server closed its side before the client's end: nothing is confirmed.
-fn closed_early_error(peer: SocketAddr) -> String {
-    format!("{peer} closed its side before the client had finished: it confirmed nothing")
-}
-
 /// The failure of a connection that broke (`error`), said with the server's reason if the last
 /// line it sent was one.
-fn broke(peer: SocketAddr, reason: Option<&str>, error: &Error) -> String {
+fn broke(addr: SocketAddr, reason: Option<String>, error: Error) -> Error {
     match reason {
-        Some(reason) => closed_with(peer, reason),
-        None => describe(error),
+        Some(reason) => Error::Ended { addr, reason },
+        None => error,
     }
 }
 
@@ -519,32 +556,27 @@ fn broke(peer: SocketAddr, reason: Option<&str>, error: &Error) -> String {
 /// printed everything.
 fn stream_messages(
     stream: TcpStream,
+    peer: SocketAddr,
     options: &LoadOptions,
     progress: &Progress,
     outcome: &mut Outcome,
-) -> Result<(), String> {
-    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+) -> Result<(), Error> {
+    let broken = |source| Error::Connection { addr: peer, source };
     let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
     stream
         .set_write_timeout(send_timeout.map(stream::send_slice))
-        .map_err(|e| format!("connection to {peer}: {e}"))?;
-    let send = |stream: &TcpStream, bytes: &[u8]| -> io::Result<()> {
+        .map_err(broken)?;
+    let send = |stream: &TcpStream, bytes: &[u8]| -> Result<(), Error> {
         let Some(timeout) = send_timeout else {
-            return (&*stream).write_all(bytes);
+            return (&*stream).write_all(bytes).map_err(broken);
         };
         stream::send_all(stream, bytes, timeout, || false).map_err(|e| match e {
-            SendError::Failed(e) => e,
-            SendError::NotReading | SendError::GaveUp => io::ErrorKind::TimedOut.into(),
+            SendError::Failed(source) => broken(source),
+            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
+                addr: peer,
+                timeout,
+            },
         })
-    };
-    let failed = |e: io::Error| match send_timeout {
-        Some(timeout) if stream::is_timeout(&e) => {
-            format!(
-                "cannot send to {peer}: nothing taken for {}",
-                humantime::format_duration(timeout)
-            )
-        }
-        _ => format!("connection to {peer} failed: {e}"),
     };
     let stream = Arc::new(stream);
     let (closed_tx, closed) = mpsc::channel();
@@ -554,20 +586,18 @@ fn stream_messages(
         .spawn(move || {
             let _ = closed_tx.send(drain(&drain_stream));
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(Error::Thread)?;
     // Whatever ends the connection first, the server's reason says most: a send that failed
     // because the server reset the connection waits for the reason it may have sent first.
-    let send_failed = |e: io::Error| -> String {
-        if stream::is_timeout(&e) {
-            return failed(e);
+    let send_failed = |error: Error| -> Error {
+        if matches!(error, Error::SendTimeout { .. }) {
+            return error;
         }
-        match closed.recv_timeout(options.linger) {
-            Ok(Drained {
-                reason: Some(reason),
-                ..
-            }) => closed_with(peer, &reason),
-            _ => failed(e),
-        }
+        closed
+            .recv_timeout(options.linger)
+            .ok()
+            .and_then(|drained| drained.reason(peer))
+            .unwrap_or(error)
     };
 
     let template = Template::new(options);
@@ -591,17 +621,21 @@ fn stream_messages(
     }
     // Asked before our own close: after it, the server's close is the confirmation.
     let early = crate::client::closed_early(&stream);
-    stream.shutdown(Shutdown::Write).map_err(send_failed)?;
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|source| send_failed(broken(source)))?;
     match closed.recv_timeout(options.linger) {
-        Ok(Drained { result: Ok(()), .. }) if early => Err(closed_early_error(peer)),
-        Ok(drained) => ended(peer, drained),
-        Err(RecvTimeoutError::Disconnected) => Err(format!("connection to {peer}: reader ended")),
+        Ok(Drained { result: Ok(()), .. }) if early => Err(Error::ClosedEarly { addr: peer }),
+        Ok(drained) => drained.result(peer),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(broken(io::Error::other("its reader thread ended")))
+        }
         Err(RecvTimeoutError::Timeout) => {
             let _ = stream.shutdown(Shutdown::Both);
-            Err(format!(
-                "{peer} did not confirm delivery: no close within {} of the last message",
-                humantime::format_duration(options.linger)
-            ))
+            Err(Error::Unconfirmed {
+                addr: peer,
+                waited: options.linger,
+            })
         }
     }
 }
@@ -610,27 +644,22 @@ fn stream_messages(
 /// end half-closes and waits for the server's clean close.
 fn round_trips(
     stream: TcpStream,
+    peer: SocketAddr,
     options: &LoadOptions,
     progress: &Progress,
     outcome: &mut Outcome,
-) -> Result<(), String> {
-    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+) -> Result<(), Error> {
+    let broken = |source| Error::Connection { addr: peer, source };
     // An echo that never comes (not an echo server) ends the run instead of hanging it.
     stream
         .set_read_timeout(Some(options.linger))
-        .map_err(|e| format!("connection to {peer}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("connection to {peer}: {e}"))?;
-    let mut client = Client::from_stream(stream).framing(Framing::Line);
+        .map_err(broken)?;
+    stream.set_nodelay(true).map_err(broken)?;
+    let mut client = Client::from_stream(stream).with_framing(Framing::Line);
     let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
-    client
-        .set_send_timeout(send_timeout)
-        .map_err(|e| describe(&e))?;
+    client.set_send_timeout(send_timeout)?;
     let mut replies = client.receiver();
-    // Nanoseconds from 1 ns to 100 s, three significant figures.
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut histogram = latency_histogram();
     let template = Template::new(options);
     let mut messages = Messages::new(&template);
     let mut line = Vec::new();
@@ -650,8 +679,8 @@ fn round_trips(
         line.extend_from_slice(messages.get(i));
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
         let sent = Instant::now();
-        if let Err(e) = client.send_raw(&line) {
-            return Err(until_end(&mut replies, reason, peer).unwrap_or_else(|| describe(&e)));
+        if let Err(e) = client.write_unframed(&line) {
+            return Err(broke(peer, until_end(&mut replies, reason), e));
         }
         // Anything before our echo (a greeting) is skipped.
         loop {
@@ -661,26 +690,35 @@ fn round_trips(
                     reason = reply.starts_with("error: ").then_some(reply);
                 }
                 Some(Err(Error::Connection { source, .. })) if timed_out(&source) => {
-                    return Err(format!(
-                        "no echo of message {i} from {peer} within {} (is it an echo server?)",
-                        humantime::format_duration(options.linger)
-                    ));
+                    return Err(Error::NoEcho {
+                        addr: peer,
+                        message: i,
+                        waited: Some(options.linger),
+                    });
                 }
-                Some(Err(e)) => return Err(broke(peer, reason.as_deref(), &e)),
-                None => return Err(format!("{peer} closed before echoing message {i}")),
+                Some(Err(e)) => return Err(broke(peer, reason, e)),
+                None => {
+                    return Err(Error::NoEcho {
+                        addr: peer,
+                        message: i,
+                        waited: None,
+                    });
+                }
             }
         }
-        let _ = histogram.record(sent.elapsed().as_nanos().max(1) as u64);
+        if let Some(histogram) = &mut histogram {
+            let _ = histogram.record(sent.elapsed().as_nanos().max(1) as u64);
+        }
         outcome.messages += 1;
         outcome.bytes += line.len() as u64;
         progress.messages.fetch_add(1, Ordering::Relaxed);
     }
-    outcome.latencies = Some(histogram);
+    outcome.latencies = histogram;
     if client.closed_early() {
-        return Err(closed_early_error(peer));
+        return Err(Error::ClosedEarly { addr: peer });
     }
     if let Err(e) = client.finish() {
-        return Err(until_end(&mut replies, reason, peer).unwrap_or_else(|| describe(&e)));
+        return Err(broke(peer, until_end(&mut replies, reason), e));
     }
     // The clean close confirms that everything was printed.
     loop {
@@ -688,37 +726,32 @@ fn round_trips(
             None => return Ok(()),
             Some(Ok(reply)) => reason = reply.starts_with("error: ").then_some(reply),
             Some(Err(Error::Connection { source, .. })) if timed_out(&source) => {
-                return Err(format!(
-                    "{peer} did not confirm delivery: no close within {} of the last message",
-                    humantime::format_duration(options.linger)
-                ));
+                return Err(Error::Unconfirmed {
+                    addr: peer,
+                    waited: options.linger,
+                });
             }
-            Some(Err(e)) => return Err(broke(peer, reason.as_deref(), &e)),
+            Some(Err(e)) => return Err(broke(peer, reason, e)),
         }
     }
 }
 
-/// After a failed send: reads what the server still sent, for its reason.
-fn until_end(
-    replies: &mut crate::client::Receiver,
-    mut reason: Option<String>,
-    peer: SocketAddr,
-) -> Option<String> {
+/// A histogram for round-trip times: nanoseconds from 1 ns to 100 s, three significant figures.
+/// (`None` only if those bounds were refused, which they are not.)
+fn latency_histogram() -> Option<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).ok()
+}
+
+/// After a failed send: reads what the server still sent, for its reason (the last `error: `
+/// line).
+fn until_end(replies: &mut Receiver, mut reason: Option<String>) -> Option<String> {
     for reply in replies.by_ref() {
         match reply {
             Ok(reply) => reason = reply.starts_with("error: ").then_some(reply),
             Err(_) => break,
         }
     }
-    reason.map(|reason| closed_with(peer, &reason))
-}
-
-/// An error with its cause, on one line.
-fn describe(error: &Error) -> String {
-    match std::error::Error::source(error) {
-        Some(cause) => format!("{error}: {cause}"),
-        None => error.to_string(),
-    }
+    reason
 }
 
 #[cfg(test)]

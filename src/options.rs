@@ -162,7 +162,12 @@ impl ServerOptions {
 
     /// Checks that the options make sense: [`Error::Options`] names the first that doesn't.
     pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |option, problem| Err(Error::Options { option, problem });
+        let invalid = |option, problem: &str| {
+            Err(Error::Options {
+                option,
+                problem: problem.to_string(),
+            })
+        };
         if self.backlog < 1 {
             return invalid("backlog", "must be at least 1");
         }

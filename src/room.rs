@@ -63,11 +63,7 @@ impl Outbox {
 
     /// Queues `payload`, waiting until `deadline` at most for room (backpressure on the sender;
     /// `None`: no waiting).
-    fn push(
-        &self,
-        payload: Arc<[u8]>,
-        deadline: Option<Instant>,
-    ) -> Result<(), Refused> {
+    fn push(&self, payload: Arc<[u8]>, deadline: Option<Instant>) -> Result<(), Refused> {
         let mut queue = self.lock();
         loop {
             if queue.closed {

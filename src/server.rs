@@ -93,22 +93,14 @@ impl Server {
         options.validate()?;
         // Each client is a descriptor; make room for them all before any thread starts.
         crate::limits::reserve_descriptors(options.max_clients.saturating_add(64));
-        let mut failure = None;
-        for addr in addr::resolve(host, port)? {
-            match listen(addr, options.backlog) {
-                Ok(listener) => {
-                    let local_addr = listener
-                        .local_addr()
-                        .map_err(|source| Error::Bind { addr, source })?;
-                    return Server::start(listener, local_addr, options, sink);
-                }
-                Err(source) => failure = Some(Error::Bind { addr, source }),
-            }
-        }
-        Err(failure.unwrap_or_else(|| Error::Resolve {
-            host: host.to_string(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no addresses found"),
-        }))
+        let (listener, local_addr) = addr::resolve(host, port)?.try_each(|addr| {
+            let bound = listen(addr, options.backlog).and_then(|listener| {
+                let local_addr = listener.local_addr()?;
+                Ok((listener, local_addr))
+            });
+            bound.map_err(|source| Error::Bind { addr, source })
+        })?;
+        Server::start(listener, local_addr, options, sink)
     }
 
     fn start(

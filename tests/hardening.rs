@@ -905,7 +905,7 @@ fn escaping() {
     assert!(
         !text
             .chars()
-            .any(|c| c != '\n' && plugboard::needs_escape(c, false)),
+            .any(|c| c != '\n' && plugboard::unstable::needs_escape(c, false)),
         "raw control or invisible characters in the server's stdout: {text:?}"
     );
 

@@ -104,7 +104,7 @@ fn raw_framing_passes_chunks_through() {
             .framing(Framing::Raw)
             .greeting(Some("raw hello")),
     );
-    let client = connect(&server).framing(Framing::Raw);
+    let client = connect(&server).with_framing(Framing::Raw);
     let mut received = client.receiver();
     assert_eq!(received.next().expect("greeting").expect("ok"), "raw hello");
     client.send("hello world0").expect("send");

@@ -32,7 +32,7 @@ fn many_clients(clients: usize) -> Figures {
     plugboard::raise_fd_limit().expect("raise this test's open file limit");
     // This test process holds a socket per client too; growing its descriptor table mid-run
     // would stall the connecting loop (see reserve_descriptors).
-    plugboard::reserve_descriptors(clients + 64);
+    plugboard::unstable::reserve_descriptors(clients + 64);
     let mut server = ServerProcess::start(&["--max-clients", &clients.to_string()]);
     let pid = server.pid();
     let baseline_kib = rss_kib(pid);

@@ -63,12 +63,12 @@ struct Cli {
     /// Load mode: this many connections in parallel (1 to 100000), each sending --count
     /// messages; a summary (messages/s, MB/s, errors) goes to stderr. Nothing received is
     /// printed.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    connections: Option<u64>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    connections: Option<usize>,
     /// Load mode: pad each message to this many bytes on the wire (counting the newline), at
     /// most 16 MiB.
     #[arg(long, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).range(..=MAX_SIZE).map(|n| n as usize))]
+          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     size: Option<usize>,
     /// Load mode, against an echo server: send one message, wait for its echo, repeat; the
     /// summary adds latency percentiles.
@@ -92,9 +92,6 @@ fn main() -> ExitCode {
         Err(error) => common::fail(&log, &error),
     }
 }
-
-/// The largest `--size`: a message is built in memory, once per connection.
-const MAX_SIZE: u64 = 16 * 1024 * 1024;
 
 /// The pause between the demo's messages, as in the original.
 const DEMO_INTERVAL: Duration = Duration::from_secs(2);
@@ -140,17 +137,18 @@ fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) ->
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.json {
+        return load(&cli);
+    }
     if matches!(cli.framing, FramingArg::Line) && cli.message.contains('\n') {
         usage_error(
             clap::error::ErrorKind::ValueValidation,
             "--message can't hold a newline in line framing: it would be two messages",
         );
     }
-    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.json {
-        return load(&cli);
-    }
     let framing: Framing = cli.framing.into();
-    let mut client = Client::connect(&cli.host, cli.port, cli.connect_timeout)?.framing(framing);
+    let mut client =
+        Client::connect(&cli.host, cli.port, cli.connect_timeout)?.with_framing(framing);
     client.set_send_timeout(Some(cli.send_timeout))?;
     let server = client.peer_addr();
     info!("connected to {server}");
@@ -336,7 +334,7 @@ fn forward_stdin(client: &Client) -> anyhow::Result<()> {
             return Ok(());
         }
         // In line framing the client adds the newline; in raw framing the bytes go as read.
-        if client.framing_in_use() == Framing::Line && line.last() == Some(&b'\n') {
+        if client.framing() == Framing::Line && line.last() == Some(&b'\n') {
             line.pop();
         }
         client.send_bytes(&line)?;
@@ -393,7 +391,7 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
 /// Load mode: many connections, a summary at the end.
 fn load(cli: &Cli) -> anyhow::Result<()> {
     let options = LoadOptions {
-        connections: cli.connections.unwrap_or(1) as usize,
+        connections: cli.connections.unwrap_or(1),
         count: cli.count,
         interval: cli.interval.unwrap_or(Duration::ZERO),
         message: cli.message.clone(),
@@ -404,25 +402,8 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         linger: cli.linger,
         send_timeout: cli.send_timeout,
     };
-    if options.rtt && options.framing != Framing::Line {
-        usage_error(
-            clap::error::ErrorKind::ArgumentConflict,
-            "--rtt needs line framing",
-        );
-    }
-    // Two threads a connection; past the kernel's limit on memory maps a thread can't start,
-    // and the process would abort.
-    if let Some(room) = plugboard::thread_room(1024)
-        && options.connections.saturating_mul(2) > room
-    {
-        usage_error(
-            clap::error::ErrorKind::ValueValidation,
-            format!(
-                "--connections {} needs two threads each; vm.max_map_count leaves room for about {} connections here",
-                options.connections,
-                room / 2
-            ),
-        );
+    if let Err(error) = options.validate() {
+        common::invalid_options(Cli::command(), &error);
     }
     plugboard::raise_fd_limit().ok();
     let progress = Arc::new(Progress::default());
@@ -443,11 +424,10 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         let _ = writeln!(io::stdout(), "{}", report.to_json());
     }
     if let Some(error) = report.first_error {
-        bail!(
-            "{} of {} connections failed; first: {error}",
-            report.errors,
-            report.connections
-        );
+        return Err(anyhow::Error::new(error).context(format!(
+            "{} of {} connections failed; first",
+            report.errors, report.connections
+        )));
     }
     Ok(())
 }

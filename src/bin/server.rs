@@ -101,20 +101,7 @@ fn main() -> ExitCode {
     // The library's own check of the options, reported as clap reports a bad flag (exit 2).
     let options = match options(&cli) {
         Ok(options) => options,
-        Err(error) => {
-            let message = match error {
-                Error::Options { option, problem } => {
-                    format!(
-                        "invalid value for '--{}': {problem}",
-                        option.replace('_', "-")
-                    )
-                }
-                other => other.to_string(),
-            };
-            Cli::command()
-                .error(clap::error::ErrorKind::ValueValidation, message)
-                .exit()
-        }
+        Err(error) => common::invalid_options(Cli::command(), &error),
     };
     let log = common::init_logging(&cli.log);
     match run(cli, options, &log) {

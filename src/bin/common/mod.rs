@@ -88,6 +88,23 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
     log
 }
 
+/// Reports options the library refused ([`plugboard::Error::Options`]) the way clap reports a bad
+/// flag, and exits with status 2: the library's check is the binaries' check.
+pub fn invalid_options(mut command: clap::Command, error: &plugboard::Error) -> ! {
+    let message = match error {
+        plugboard::Error::Options { option, problem } => {
+            format!(
+                "invalid value for '--{}': {problem}",
+                option.replace('_', "-")
+            )
+        }
+        other => other.to_string(),
+    };
+    command
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
 /// How long the log may take to reach stderr at exit, so that a stuck stderr can't hold it up.
 pub const LOG_FLUSH: Duration = Duration::from_millis(500);
 
