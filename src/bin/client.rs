@@ -116,7 +116,11 @@ impl Ending {
     /// The failure, described by the server's reason when it gave one.
     fn into_error(self, server: SocketAddr) -> anyhow::Error {
         match (self.reason, self.failure) {
-            (Some(reason), _) => anyhow!("{server} closed the connection: {reason}"),
+            (Some(reason), _) => plugboard::Error::Ended {
+                addr: server,
+                reason,
+            }
+            .into(),
             (None, Some(failure)) => failure,
             (None, None) => anyhow!("{server} closed the connection"),
         }
@@ -192,9 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             match ending {
                 Some(ending) if ending.failure.is_some() => ending,
-                _ if early => bail!(
-                    "{server} closed its side before the client had finished: it confirmed nothing"
-                ),
+                _ if early => return Err(plugboard::Error::ClosedEarly { addr: server }.into()),
                 Some(ending) => ending,
                 None => {
                     client.close();
@@ -205,10 +207,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             humantime::format_duration(cli.linger)
                         );
                     }
-                    bail!(
-                        "{server} did not confirm delivery: no close within {} of the last message",
-                        humantime::format_duration(cli.linger)
-                    );
+                    return Err(plugboard::Error::Unconfirmed {
+                        addr: server,
+                        waited: cli.linger,
+                    }
+                    .into());
                 }
             }
         }
