@@ -8,6 +8,30 @@
 //!
 //! No failure path ever shuts the write side: a client that received FIN and then RST reads a
 //! clean end of stream on Linux, which would look like success.
+//!
+//! # The transport seam
+//!
+//! [`Stream`] is the only way the server reads or writes a client's bytes once it serves it: the
+//! reader ([`read`](Stream::read)), greetings, echo replies and the chat writer
+//! ([`send`](Stream::send)), the last words ([`tell_now`](Stream::tell_now),
+//! [`refuse`](Stream::refuse)), the end ([`close_cleanly`](Stream::close_cleanly)) and the
+//! stop's wake-up ([`cut`](Stream::cut)). Framing, the sink, the room and the server see only
+//! these, so a TLS session can be put under every connection by changing this file alone. For
+//! that, what it is built to allow:
+//!
+//! - Two threads use one `Stream` at once: the connection's reader, and a sender (its own
+//!   thread's echo replies, or its chat writer). A TLS session has one state machine for both
+//!   directions, so it would sit behind a lock, held only to decrypt what was read or to encrypt
+//!   what is to be sent, never across a blocking socket call: the reader reads ciphertext from the
+//!   socket unlocked, then locks to feed it to the session. Sends would hold a second lock from
+//!   encrypting to the last byte sent, so records leave in the order they were made.
+//! - A stop must wake a blocked reader: [`cut`](Stream::cut) shuts the socket's read side,
+//!   below any session, so the blocked `read` returns whatever sits above it.
+//! - A clean close would send TLS's `close_notify` before the FIN; every failure path stays a
+//!   reset.
+//! - Refusals at accept (not allowed, full) happen before a `Stream` exists
+//!   ([`turn_away_now`], `turnaway`): with TLS there is no session yet to say why in, so those
+//!   would be a bare reset or a handshake first; that choice belongs to the TLS work.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -86,7 +110,7 @@ impl Stream {
         self.tcp.set_read_timeout(timeout)
     }
 
-    /// Reads what the client sent.
+    /// Reads what the client sent: `Ok(0)` at its end of stream, or once [`cut`](Stream::cut).
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.tcp).read(buf)
     }
@@ -162,7 +186,7 @@ impl Stream {
             if left.is_zero() || self.tcp.set_read_timeout(Some(left)).is_err() {
                 break;
             }
-            match (&self.tcp).read(&mut scratch) {
+            match self.read(&mut scratch) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
