@@ -13,17 +13,13 @@ use crate::context::Context;
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::options::Mode;
 use crate::room::Seat;
-use crate::stream::{SendError, Stream, is_timeout};
+use crate::stream::{LINGER_AFTER_ERROR, SendError, Stream, is_timeout};
 
 /// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
 /// allows) until the client goes quiet, so an idle client costs little and a streaming one gets
 /// large reads.
 const FIRST_READ: usize = 1024;
 const MAX_READ: usize = crate::framing::LARGE_BUFFER;
-
-/// After telling a client why it is cut off, how long to read and drop what it still sends, so
-/// that it can read the reason before the reset.
-const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 
 /// A connection whose buffers grew gives them back once its client has sent nothing for this
 /// long.

@@ -217,9 +217,9 @@ impl Server {
     /// instead, with their stacks, until the process exits and ends them all at once: a program
     /// that goes on running should call `join`.
     ///
-    /// That halves the stop time with many clients: a thread that exits unmaps its signal stack
-    /// and gives back its stack, and each of those makes every CPU flush its TLB (10,000 clients
-    /// on 2 CPUs: 0.44–0.53 s from SIGTERM to exit, against 0.83–0.93 s with `join`).
+    /// That shortens the stop with many clients (the README's Scale section has the figures): a
+    /// thread that exits unmaps its signal stack and gives back its stack, and each of those
+    /// makes every CPU flush its TLB.
     pub fn wait(mut self) -> Result<Summary, Error> {
         self.shared.ctx.set_exit_follows();
         self.join_threads(false);

@@ -45,6 +45,10 @@ use socket2::SockRef;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long a client cut off with a reason (`error: ...`) has to read it before the reset, at
+/// accept (`turnaway`) and later ([`Stream::refuse`]).
+pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
+
 /// A blocked send wakes this often to see whether it should give up (a stop, an eviction).
 const SEND_SLICE: Duration = Duration::from_millis(100);
 

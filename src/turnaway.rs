@@ -13,10 +13,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::stream::turn_away_now;
+use crate::options::CONNECTION_STACK;
+use crate::stream::{LINGER_AFTER_ERROR, turn_away_now};
 
-/// How long a refused client has to read the reason.
-const LINGER: Duration = Duration::from_millis(500);
 /// How often lingering connections are read while some are waiting.
 const SWEEP: Duration = Duration::from_millis(10);
 /// At most this many linger at once; beyond that (a flood) they are closed at once.
@@ -34,7 +33,7 @@ impl Turnaway {
         let (queue, refused) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("plugboard-turnaway".into())
-            .stack_size(64 * 1024)
+            .stack_size(CONNECTION_STACK) // as small as a connection's
             .spawn(move || linger_loop(&refused))?;
         Ok((Turnaway { queue }, thread))
     }
@@ -63,7 +62,7 @@ fn linger_loop(refused: &mpsc::Receiver<Option<TcpStream>>) {
         };
         match next {
             Ok(Some(stream)) if lingering.len() < MAX_LINGERING => {
-                lingering.push((stream, Instant::now() + LINGER));
+                lingering.push((stream, Instant::now() + LINGER_AFTER_ERROR));
             }
             Ok(Some(_flood)) => {} // closed at once
             Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
