@@ -2,27 +2,11 @@
 
 #![cfg(unix)]
 
-mod support;
-
 use std::time::Duration;
 
-use support::{ServerProcess, run_client_to};
+use crate::support::{self, ServerProcess, json_field as field, run_client_to};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The number after `"field":` in a JSON line.
-fn field(json: &str, name: &str) -> f64 {
-    let key = format!("\"{name}\":");
-    let at = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} in {json}"))
-        + key.len();
-    json[at..]
-        .split([',', '}'])
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not a number in {json}"))
-}
 
 #[test]
 fn load_mode_sends_everything_and_reports_it() {

@@ -8,147 +8,16 @@
 //! or poll with a deadline), and every socket read has a timeout. The one deliberate sleep paces a
 //! client that trickles bytes (see [`pace`]).
 
-// Helpers shared by the Unix-only tests are unused elsewhere.
-#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
-
-mod support;
-
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
-
-/// The default greeting's prefix; the rest of the line is the client's address.
-const GREETING_PREFIX: &str = "welcome to plugboard, ";
-
-/// Read/write timeout on every test socket, and the connect timeout.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Deadline for anything polled (a line to appear in the server's output, a slot to free up).
-const POLL_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Interval between polls.
-const POLL_EVERY: Duration = Duration::from_millis(10);
-
-/// The line-framing greeting for a client at `local`.
-fn greeting(local: SocketAddr) -> String {
-    format!("{GREETING_PREFIX}{local}\n")
-}
-
-/// Connect with bounded connect, read and write timeouts.
-fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .expect("set_read_timeout");
-    stream
-        .set_write_timeout(Some(IO_TIMEOUT))
-        .expect("set_write_timeout");
-    stream
-}
-
-/// Read one line (through its `\n`) a byte at a time, so nothing after it is consumed. At EOF it
-/// returns what it has (possibly empty, possibly without `\n`).
-fn read_line(mut stream: &TcpStream) -> io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        match stream.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-/// Read until EOF or an error (the socket's read timeout bounds it). Returns everything read and
-/// the error that ended it, if any: a peer that is cut off may see a reset after the server's last
-/// words, and some tests tolerate that.
-fn read_to_eof(mut stream: &TcpStream) -> (String, Option<io::Error>) {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    let error = loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break None,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Some(e),
-        }
-    };
-    (String::from_utf8_lossy(&data).into_owned(), error)
-}
-
-/// Assert that the server sends exactly `expected` and then closes cleanly (EOF, no error).
-fn expect_exactly_then_eof(stream: &TcpStream, expected: &str, what: &str) {
-    let (got, error) = read_to_eof(stream);
-    assert_eq!(got, expected, "{what}: what the server sent");
-    assert!(
-        error.is_none(),
-        "{what}: expected EOF after {expected:?}, got error {error:?}"
-    );
-}
-
-/// Assert that the server sends exactly `expected` and then resets the connection: how it ends
-/// a connection it refuses or cuts off, so that the client can't mistake it for the clean close
-/// that confirms delivery.
-fn expect_exactly_then_reset(stream: &TcpStream, expected: &str, what: &str) {
-    let (got, error) = read_to_eof(stream);
-    assert_eq!(got, expected, "{what}: what the server sent");
-    assert!(
-        matches!(&error, Some(e) if e.kind() == io::ErrorKind::ConnectionReset),
-        "{what}: expected a reset after {expected:?}, got {error:?}"
-    );
-}
-
-/// Paces a client that deliberately sends slowly. This does not synchronise anything: the test
-/// waits for what it checks by reading sockets or polling with a deadline.
-fn pace(d: Duration) {
-    thread::sleep(d);
-}
-
-/// Poll (bounded) until `server` has printed `expected` for `peer`, then return what it printed
-/// for `peer` (which may be more, if the server misbehaves; callers compare).
-fn wait_for_messages(server: &ServerProcess, peer: SocketAddr, expected: usize) -> Vec<String> {
-    let got = poll_until(POLL_DEADLINE, POLL_EVERY, || {
-        let stdout = server.stdout_so_far();
-        let messages: Vec<String> = messages_from(&stdout, peer)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        (messages.len() >= expected).then_some(messages)
-    });
-    got.unwrap_or_else(|| {
-        panic!(
-            "server did not print {expected} messages from {peer} within {POLL_DEADLINE:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            server.stdout_so_far(),
-            server.stderr_so_far()
-        )
-    })
-}
-
-/// Poll (bounded) until the server's log contains a line with every one of `needles`; returns it.
-fn wait_for_log(server: &ServerProcess, needles: &[&str]) -> String {
-    let found = poll_until(POLL_DEADLINE, POLL_EVERY, || {
-        server
-            .stderr_so_far()
-            .lines()
-            .find(|l| needles.iter().all(|n| l.contains(n)))
-            .map(str::to_string)
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "server logged no line containing all of {needles:?} within {POLL_DEADLINE:?}\n--- stderr ---\n{}",
-            server.stderr_so_far()
-        )
-    })
-}
+#[cfg(target_os = "linux")]
+use crate::support::procfs;
+use crate::support::*;
 
 /// Poll (bounded) until a fresh client is greeted rather than refused: connect, read the first
 /// line, retry while it is an error (or nothing). Returns the greeted connection.
@@ -190,54 +59,12 @@ fn finish(server: ServerProcess) {
     drop(server);
 }
 
-#[cfg(target_os = "linux")]
-mod procfs {
-    use super::support::proc_status as status_field;
-
-    /// Resident memory now, in KiB.
-    pub fn rss_kib(pid: u32) -> u64 {
-        status_field(pid, "VmRSS:")
-    }
-
-    /// Peak resident memory over the process's life, in KiB.
-    pub fn peak_rss_kib(pid: u32) -> u64 {
-        status_field(pid, "VmHWM:")
-    }
-
-    /// Number of threads.
-    pub fn threads(pid: u32) -> u64 {
-        status_field(pid, "Threads:")
-    }
-
-    /// A thread count that holds steady for a few readings (the server may still be finishing
-    /// start-up when it logs `listening on`).
-    pub fn steady_threads(pid: u32) -> u64 {
-        let mut last = threads(pid);
-        let mut steady = 0;
-        super::poll_until(
-            std::time::Duration::from_secs(5),
-            std::time::Duration::from_millis(20),
-            || {
-                let now = threads(pid);
-                if now == last {
-                    steady += 1;
-                } else {
-                    steady = 0;
-                    last = now;
-                }
-                (steady >= 5).then_some(now)
-            },
-        )
-        .unwrap_or(last)
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // 1. --max-clients
 // ------------------------------------------------------------------------------------------------
 
-/// With `--max-clients 3`, a 4th client is told `server full` and closed without a greeting, the
-/// 3 keep working, and once one leaves a new client is greeted.
+/// With `--max-clients 3`, a 4th client is told `server full` and closed without a greeting (and
+/// what it sent is not printed), the 3 keep working, and once one leaves a new client is greeted.
 #[test]
 fn max_clients() {
     let server = ServerProcess::start(&["--max-clients", "3"]);
@@ -253,21 +80,22 @@ fn max_clients() {
         })
         .collect();
 
-    // The 3 greetings were sent by their connection threads, so all 3 slots are taken now.
+    // The 3 greetings were sent by their connection threads, so all 3 slots are taken now. The
+    // 4th sends a line before it reads its refusal: it must never be printed.
     let fourth = connect(addr);
     let fourth_local = fourth.local_addr().expect("local_addr");
+    (&fourth)
+        .write_all(LET_ME_IN)
+        .expect("4th client: send before reading the refusal");
     expect_exactly_then_reset(&fourth, "error: server full (3 clients)\n", "4th client");
-    wait_for_log(
-        &server,
-        &[&format!("{fourth_local} refused: server full (3 clients)")],
-    );
+    server.wait_for_log(&[&format!("{fourth_local} refused: server full (3 clients)")]);
 
     for (c, (local, stream)) in clients.iter().enumerate() {
         (&*stream)
             .write_all(format!("client {c} still served\n").as_bytes())
             .unwrap_or_else(|e| panic!("client {c}: write: {e}"));
         assert_eq!(
-            wait_for_messages(&server, *local, 1),
+            server.wait_for_messages(*local, 1),
             [format!("client {c} still served")],
             "client {c} ({local})"
         );
@@ -278,11 +106,13 @@ fn max_clients() {
     drop(leaving);
     let fresh = wait_until_greeted(addr, IO_TIMEOUT);
     let fresh_local = fresh.local_addr().expect("local_addr");
-    (&fresh).write_all(b"new arrival\n").expect("write");
-    assert_eq!(wait_for_messages(&server, fresh_local, 1), ["new arrival"]);
+    // The control: served, the 4th client's line is printed.
+    (&fresh).write_all(LET_ME_IN).expect("write");
+    assert_eq!(server.wait_for_messages(fresh_local, 1), ["let me in"]);
     assert!(
         messages_from(&server.stdout_so_far(), fourth_local).is_empty(),
-        "the refused client must not be served"
+        "the refused client's line must not be printed\n--- stdout ---\n{}",
+        server.stdout_so_far()
     );
 
     drop(fresh);
@@ -365,7 +195,7 @@ fn flood_over_the_cap() {
     let fresh = wait_until_greeted(addr, IO_TIMEOUT);
     let local = fresh.local_addr().expect("local_addr");
     (&fresh).write_all(b"after the flood\n").expect("write");
-    assert_eq!(wait_for_messages(&server, local, 1), ["after the flood"]);
+    assert_eq!(server.wait_for_messages(local, 1), ["after the flood"]);
 
     drop(fresh);
     finish(server);
@@ -395,10 +225,7 @@ fn max_line() {
         &format!("{}error: line too long (max 100 bytes)\n", greeting(local)),
         "client with a 101-byte line",
     );
-    wait_for_log(
-        &server,
-        &[&format!("{local} cut off: line too long (max 100 bytes)")],
-    );
+    server.wait_for_log(&[&format!("{local} cut off: line too long (max 100 bytes)")]);
     drop(stream);
 
     let out = stop_cleanly(&mut server);
@@ -456,10 +283,7 @@ fn max_line_bounds_memory() {
         peak < baseline_peak + ALLOWED_GROWTH_KIB && rss < baseline_rss + ALLOWED_GROWTH_KIB,
         "server memory grew too much while a client sent {written} bytes without a newline: peak RSS {peak} KiB (was {baseline_peak}), RSS {rss} KiB (was {baseline_rss})"
     );
-    wait_for_log(
-        &server,
-        &[&format!("{local} cut off: line too long (max 1000 bytes)")],
-    );
+    server.wait_for_log(&[&format!("{local} cut off: line too long (max 1000 bytes)")]);
 
     let second = connect(server.addr);
     let second_local = second.local_addr().expect("local_addr");
@@ -468,7 +292,7 @@ fn max_line_bounds_memory() {
         greeting(second_local)
     );
     (&second).write_all(b"still here\n").expect("write");
-    assert_eq!(wait_for_messages(&server, second_local, 1), ["still here"]);
+    assert_eq!(server.wait_for_messages(second_local, 1), ["still here"]);
     drop(second);
 
     let out = stop_cleanly(&mut server);
@@ -556,7 +380,7 @@ fn the_buffer_budget_bounds_unfinished_lines() {
             .expect("timeout");
         match read_line(&stream) {
             Ok(line) if line == "error: server busy (buffers full)\n" => refused += 1,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => held.push((local, stream)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => held.push((local, stream)),
             other => panic!("{local}: {other:?}"),
         }
     }
@@ -574,7 +398,7 @@ fn the_buffer_budget_bounds_unfinished_lines() {
         (&*stream).write_all(b"\n").expect("finish the line");
     }
     for (local, _) in &held {
-        let printed = wait_for_messages(&server, *local, 1);
+        let printed = server.wait_for_messages(*local, 1);
         let lengths: Vec<usize> = printed.iter().map(String::len).collect();
         assert!(
             printed == [unfinished.as_str()],
@@ -599,7 +423,7 @@ fn short_lines_never_need_the_buffer_budget() {
         .expect("write");
     stream.shutdown(Shutdown::Write).expect("half-close");
     expect_exactly_then_eof(&stream, &greeting(local), "a client with a 4,000-byte line");
-    assert_eq!(wait_for_messages(&server, local, 1), [short]);
+    assert_eq!(server.wait_for_messages(local, 1), [short]);
 
     let stream = connect(server.addr);
     let local = stream.local_addr().expect("local_addr");
@@ -727,9 +551,9 @@ fn idle_timeout() {
         );
     }
     let expected: Vec<String> = (0..10).map(|i| format!("active {i}")).collect();
-    assert_eq!(wait_for_messages(&server, active_local, 10), expected);
+    assert_eq!(server.wait_for_messages(active_local, 10), expected);
     for local in [silent_local, trickle_local] {
-        wait_for_log(&server, &[&format!("{local} cut off: idle timeout")]);
+        server.wait_for_log(&[&format!("{local} cut off: idle timeout")]);
     }
     assert!(
         !server
@@ -754,11 +578,19 @@ fn idle_timeout() {
 // 5. --allow / --deny
 // ------------------------------------------------------------------------------------------------
 
-/// Expect `stream` to be refused as `not allowed`: that line, no greeting, a reset. Then try to
-/// send a line anyway (ignoring errors); the caller checks it is never printed.
+/// A line a refused client sends at once, before it reads why it was refused: the server takes it
+/// (it reads and drops what refused clients send while they read the reason), and it must never
+/// be printed. Served clients send the same line, so a check that it is absent could fail.
+const LET_ME_IN: &[u8] = b"let me in\n";
+
+/// Expect `stream` to be refused as `not allowed`: it sends [`LET_ME_IN`] first (the caller
+/// checks it is never printed), then reads that line, no greeting, and a reset.
+#[cfg(unix)]
 fn expect_not_allowed(stream: &TcpStream, what: &str) {
+    (&*stream)
+        .write_all(LET_ME_IN)
+        .unwrap_or_else(|e| panic!("{what}: send before reading the refusal: {e}"));
     expect_exactly_then_reset(stream, "error: not allowed\n", what);
-    let _ = (&*stream).write_all(b"let me in\n");
 }
 
 /// Start a server with `args`, connect from 127.0.0.1 and expect it refused; the server prints
@@ -769,10 +601,7 @@ fn refused_by(args: &[&str]) {
     let stream = connect(server.addr);
     let local = stream.local_addr().expect("local_addr");
     expect_not_allowed(&stream, &format!("client of `{}`", server.command()));
-    wait_for_log(
-        &server,
-        &[&format!("{local} refused: not allowed by --allow/--deny")],
-    );
+    server.wait_for_log(&[&format!("{local} refused: not allowed by --allow/--deny")]);
     drop(stream);
     let out = stop_cleanly(&mut server);
     assert!(out.stdout.is_empty(), "nothing may be printed\n{out}");
@@ -787,10 +616,13 @@ fn allow_deny() {
     refused_by(&["--allow", "10.0.0.0/8"]);
 
     {
+        // The control for `refused_by`: allowed, the same line is printed.
         let mut server = ServerProcess::start(&["--allow", "127.0.0.1"]);
         let stream = connect(server.addr);
         let local = stream.local_addr().expect("local_addr");
+        (&stream).write_all(LET_ME_IN).expect("write");
         assert_eq!(read_line(&stream).expect("greeting"), greeting(local));
+        assert_eq!(server.wait_for_messages(local, 1), ["let me in"]);
         drop(stream);
         stop_cleanly(&mut server);
     }
@@ -826,7 +658,7 @@ fn allow_deny() {
         let local = allowed.local_addr().expect("local_addr");
         assert_eq!(read_line(&allowed).expect("greeting"), greeting(local));
         (&allowed).write_all(b"allowed\n").expect("write");
-        assert_eq!(wait_for_messages(&server, local, 1), ["allowed"]);
+        assert_eq!(server.wait_for_messages(local, 1), ["allowed"]);
         drop((denied, allowed));
         let out = stop_cleanly(&mut server);
         assert_eq!(
@@ -837,7 +669,10 @@ fn allow_deny() {
     }
 
     match std::net::TcpListener::bind("[::1]:0") {
-        Err(e) => eprintln!("allow_deny: skipping the IPv6 case: cannot bind [::1]:0 here ({e})"),
+        Err(e) => skipped(
+            "hardening::allow_deny, its IPv6 case",
+            &format!("cannot bind [::1]:0 here ({e})"),
+        ),
         Ok(probe) => {
             drop(probe);
             let mut server =
@@ -952,12 +787,12 @@ fn reset_mid_line() {
     let a_local = a.local_addr().expect("local_addr");
     assert_eq!(read_line(&a).expect("greeting"), greeting(a_local));
     (&a).write_all(b"complete\npartial").expect("write");
-    assert_eq!(wait_for_messages(&server, a_local, 1), ["complete"]);
+    assert_eq!(server.wait_for_messages(a_local, 1), ["complete"]);
     socket2::SockRef::from(&a)
         .set_linger(Some(Duration::ZERO))
         .expect("SO_LINGER 0");
     drop(a); // closing with SO_LINGER 0 sends a reset
-    let warning = wait_for_log(&server, &[&format!("{a_local} disconnected")]);
+    let warning = server.wait_for_log(&[&format!("{a_local} disconnected")]);
     assert!(
         warning.contains("WARN"),
         "a reset should be logged as a warning: {warning:?}"
@@ -1012,14 +847,8 @@ fn half_open_reader() {
     (&stream).write_all(b"one\ntwo\nthree\n").expect("write");
     stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
 
-    assert_eq!(
-        wait_for_messages(&server, local, 3),
-        ["one", "two", "three"]
-    );
-    wait_for_log(
-        &server,
-        &[&format!("{local} disconnected after 3 messages")],
-    );
+    assert_eq!(server.wait_for_messages(local, 3), ["one", "two", "three"]);
+    server.wait_for_log(&[&format!("{local} disconnected after 3 messages")]);
     expect_exactly_then_eof(&stream, &greeting(local), "half-closed client");
 
     #[cfg(unix)]
@@ -1187,91 +1016,47 @@ fn sigterm_while_clients_come_and_go() {
 #[test]
 fn closed_stdout() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc;
 
-    /// Kills the child if the test fails before it exits.
-    struct Guard(Child);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    let mut child = Command::new(bin_path("server"))
-        .args(["--host", "127.0.0.1", "--port", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut guard = Guard(child);
-
-    // Stderr: every line goes over the channel (the first one names the address).
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let stderr_reader = thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            all.push_str(&line);
-            all.push('\n');
-            let _ = lines_tx.send(line);
-        }
-        all
-    });
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let addr = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .expect("server should log `listening on ADDR`");
-        if let Some(addr) = parse_listening_line(&line) {
-            break addr;
-        }
-    };
-
-    // Stdout: read one line, then drop the pipe (the thread owns it and ends).
-    let (first_tx, first) = mpsc::channel::<String>();
-    let stdout_reader = thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = first_tx.send(line);
-        // `reader` (and with it the pipe's read end) is dropped here.
-    });
-
-    let stream = connect(addr);
+    let mut server = ServerProcess::start_unread_stdout(&[]);
+    let stdout = server.take_stdout();
+    let stream = connect(server.addr);
     let local = stream.local_addr().expect("local_addr");
     (&stream).write_all(b"first\n").expect("write first");
-    let line = first
-        .recv_timeout(IO_TIMEOUT)
-        .expect("server should print the first line");
+    // Read one line, then close the pipe's read end (as `head -1` does).
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the server's first line");
     assert_eq!(line, format!("{local} first\n"));
-    stdout_reader.join().expect("stdout reader");
+    drop(stdout);
 
-    // Keep talking, a line per poll, until the server goes: it notices on its next write.
-    let mut i = 0;
-    let status = poll_until(Duration::from_secs(10), POLL_EVERY, || {
-        let _ = (&stream).write_all(format!("line {i}\n").as_bytes());
-        i += 1;
-        guard.0.try_wait().expect("try_wait")
-    });
-    let Some(status) = status else {
-        drop(guard); // kills it
-        panic!(
-            "server did not exit within 10 s of its stdout closing\n--- stderr ---\n{}",
-            stderr_reader.join().unwrap_or_default()
-        );
+    // Keep talking, a line every poll interval, until the server goes: it notices on its next
+    // write. The writer ends when the connection fails, or once told to.
+    let done = Arc::new(AtomicBool::new(false));
+    let talker = {
+        let stream = stream.try_clone().expect("try_clone");
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            for i in 0.. {
+                if done.load(Ordering::Relaxed)
+                    || (&stream)
+                        .write_all(format!("line {i}\n").as_bytes())
+                        .is_err()
+                {
+                    break;
+                }
+                pace(POLL_EVERY);
+            }
+        })
     };
-    let log = stderr_reader.join().expect("stderr reader");
-    assert_eq!(status.code(), Some(0), "exit status {status}\n{log}");
-    assert!(!log.contains("panicked"), "server panicked\n{log}");
+    let out = server.wait_exit(Duration::from_secs(10));
+    done.store(true, Ordering::Relaxed);
+    talker.join().expect("talker thread");
+    out.assert_code(0).assert_no_panic();
     assert!(
-        log.contains("output closed by its reader; stopping"),
-        "server should log why it stopped\n{log}"
+        out.stderr.contains("output closed by its reader; stopping"),
+        "server should log why it stopped\n{out}"
     );
     drop(stream);
 }
@@ -1292,7 +1077,7 @@ fn accept_errors_do_not_end_the_loop() {
         server_bin.display()
     );
     let mut server = ServerProcess::spawn_program("sh", &["-c", &script]);
-    wait_for_log(&server, &["open file limit is 40"]);
+    server.wait_for_log(&["open file limit is 40"]);
 
     // Best effort: connections over the limit wait in the backlog (or fail); that is the point.
     let clients: Vec<TcpStream> = (0..60)
@@ -1302,7 +1087,7 @@ fn accept_errors_do_not_end_the_loop() {
             Some(stream)
         })
         .collect();
-    let failure = wait_for_log(&server, &["accept on", "failed"]);
+    let failure = server.wait_for_log(&["accept on", "failed"]);
     assert!(
         failure.contains(&server.addr.to_string()),
         "the warning should name the listening address: {failure:?}"
@@ -1313,7 +1098,7 @@ fn accept_errors_do_not_end_the_loop() {
     let fresh = wait_until_greeted(server.addr, Duration::from_secs(3));
     let local = fresh.local_addr().expect("local_addr");
     (&fresh).write_all(b"served again\n").expect("write");
-    assert_eq!(wait_for_messages(&server, local, 1), ["served again"]);
+    assert_eq!(server.wait_for_messages(local, 1), ["served again"]);
     drop(fresh);
 
     stop_cleanly(&mut server);

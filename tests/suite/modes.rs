@@ -3,25 +3,14 @@
 
 #![cfg(unix)]
 
-mod support;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{ServerProcess, bin_path, poll_until};
+use crate::support::{self, ServerProcess, greeted as join, poll_until, read_line};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-use support::greeted as join;
-
-fn read_line(reader: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("read a line");
-    line
-}
 
 fn read_to_end(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
     let mut rest = Vec::new();
@@ -84,12 +73,16 @@ fn chat_relays_to_the_others_not_the_sender() {
 
     a.write_all(b"hi from a\n").expect("a sends");
     let from_a = format!("{a_addr} hi from a\n");
-    assert_eq!(read_line(&mut b_in), from_a);
-    assert_eq!(read_line(&mut c_in), from_a);
+    assert_eq!(read_line(&mut b_in).expect("read a line"), from_a);
+    assert_eq!(read_line(&mut c_in).expect("read a line"), from_a);
     b.write_all(b"\x1b[2Jclear\n").expect("b sends");
     let from_b = format!("{b_addr} \\x1b[2Jclear\n");
-    assert_eq!(read_line(&mut a_in), from_b, "escaped, sender named");
-    assert_eq!(read_line(&mut c_in), from_b);
+    assert_eq!(
+        read_line(&mut a_in).expect("read a line"),
+        from_b,
+        "escaped, sender named"
+    );
+    assert_eq!(read_line(&mut c_in).expect("read a line"), from_b);
 
     // Everyone leaves; what each received in all is exactly the others' lines.
     for stream in [&a, &b, &c] {
@@ -109,12 +102,6 @@ fn chat_relays_to_the_others_not_the_sender() {
         support::messages_from(&out.stdout, b_addr),
         ["\\x1b[2Jclear"]
     );
-}
-
-/// VmHWM (peak RSS) of a process in KiB.
-#[cfg(target_os = "linux")]
-fn peak_rss_kib(pid: u32) -> u64 {
-    support::proc_status(pid, "VmHWM:")
 }
 
 /// One client never reads, another floods 100,000 lines, a third must get them all: the stuck
@@ -144,7 +131,7 @@ fn a_stuck_reader_never_stalls_the_room() {
     receiving
         .join()
         .expect("the reader got every line, in order");
-    let peak = peak_rss_kib(server.pid());
+    let peak = support::procfs::peak_rss_kib(server.pid());
     let waited = started.elapsed();
 
     let stderr = server.stderr_so_far();
@@ -160,62 +147,24 @@ fn a_stuck_reader_never_stalls_the_room() {
 }
 
 /// Runs `client --stdin ARGS` with `input` on its standard input, closing it only if `close`.
-fn client_with_stdin(args: &[&str], input: &[u8], close: bool) -> (i32, String, String) {
-    let mut child = Command::new(bin_path("client"))
-        .args(args)
-        .arg("--stdin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn client");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input).expect("write stdin");
-    let kept_open = if close {
-        drop(stdin);
-        None
-    } else {
-        Some(stdin)
-    };
-    let exited = poll_until(TIMEOUT, Duration::from_millis(5), || {
-        child.try_wait().expect("try_wait")
-    });
-    let Some(status) = exited else {
-        let _ = child.kill();
-        panic!("client --stdin did not exit within {TIMEOUT:?}");
-    };
-    drop(kept_open);
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
-    (status.code().unwrap_or(-1), stdout, stderr)
+fn client_with_stdin(args: &[&str], input: &[u8], close: bool) -> support::Output {
+    let args = [args, &["--stdin"]].concat();
+    support::run_client_with_stdin(&args, input, close, TIMEOUT)
 }
 
 #[test]
 fn stdin_lines_go_to_an_echo_server_and_come_back() {
     let mut server = ServerProcess::start(&["--mode", "echo"]);
     let port = server.port_arg();
-    let (code, stdout, stderr) = client_with_stdin(
+    let client = client_with_stdin(
         &["--port", &port],
         "one\ntwo 我\nlast without newline".as_bytes(),
         true,
     );
-    assert_eq!(code, 0, "stderr:\n{stderr}");
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert!(lines[0].starts_with("welcome to plugboard, "), "{stdout}");
+    client.assert_code(0).assert_no_panic();
+    let lines: Vec<&str> = client.stdout.lines().collect();
+    assert!(lines[0].starts_with(support::greeting_prefix()), "{client}");
     assert_eq!(&lines[1..], ["one", "two 我", "last without newline"]);
-    assert!(!stderr.contains("panicked"));
     server.stop().assert_code(0);
 }
 
@@ -225,14 +174,19 @@ fn stdin_client_reports_a_server_that_closes_first() {
     let (_occupant, _occupant_in, _) = join(server.addr);
     let port = server.port_arg();
     // Standard input stays open: the client must notice the server's close by itself.
-    let (code, stdout, stderr) = client_with_stdin(&["--port", &port], b"", false);
+    let client = client_with_stdin(&["--port", &port], b"", false);
     assert_eq!(
-        code, 1,
-        "an error line from the server is a failure\nstderr:\n{stderr}"
+        client.code(),
+        Some(1),
+        "an error line from the server is a failure\n{client}"
     );
-    assert_eq!(stdout, "error: server full (1 clients)\n");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_eq!(client.stdout, "error: server full (1 clients)\n");
+    let errors: Vec<&str> = client
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{client}");
     assert!(errors[0].contains("closed the connection") && errors[0].contains("server full"));
     let out = server.stop();
     out.assert_code(0);
@@ -346,12 +300,13 @@ fn a_refused_client_always_reports_the_reason() {
         );
     }
     let port = server.port_arg();
-    let (code, stdout, stderr) = client_with_stdin(&["--port", &port], b"", true);
+    let client = client_with_stdin(&["--port", &port], b"", true);
     assert_eq!(
-        code, 1,
-        "standard input ending first must not hide the refusal\n{stderr}"
+        client.code(),
+        Some(1),
+        "standard input ending first must not hide the refusal\n{client}"
     );
-    assert_eq!(stdout, "error: not allowed\n");
+    assert_eq!(client.stdout, "error: not allowed\n");
     server.stop().assert_code(0);
 }
 

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use crate::support;
 use plugboard::{Batch, Client, Collector, Error, Framing, Server, ServerOptions, Sink, Summary};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,10 +120,11 @@ fn raw_framing_passes_chunks_through() {
 /// close that would confirm delivery).
 fn cut_off_by_the_stop(mut receiver: plugboard::Receiver) {
     let mut rest: Vec<_> = bounded("client sees the end", move || receiver.by_ref().collect());
-    if rest
-        .first()
-        .is_some_and(|first| first.as_ref().is_ok_and(|line| line.starts_with("welcome")))
-    {
+    if rest.first().is_some_and(|first| {
+        first
+            .as_ref()
+            .is_ok_and(|line| line.starts_with(support::greeting_prefix()))
+    }) {
         let _greeting = rest.remove(0); // not read yet by the caller
     }
     assert_eq!(rest.len(), 2, "{rest:?}");
@@ -141,7 +143,10 @@ fn twenty_clients_then(finish: impl FnOnce(Server) -> Result<Summary, Error> + S
     let mut receivers: Vec<_> = clients.iter().map(Client::receiver).collect();
     for (i, client) in clients.iter().enumerate() {
         let greeting = receivers[i].next().expect("greeting").expect("ok");
-        assert!(greeting.starts_with("welcome"), "{greeting}");
+        assert!(
+            greeting.starts_with(support::greeting_prefix()),
+            "{greeting}"
+        );
         client.send(&format!("from {i}")).expect("send");
     }
     assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);

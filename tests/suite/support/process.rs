@@ -1,120 +1,20 @@
-//! Shared helpers for the integration tests: spawning the real `server` and `client` binaries,
-//! capturing their output in background threads, and reporting everything on failure.
-//!
-//! Nothing here sleeps to synchronise: the server's address comes from its `listening on ADDR`
-//! log line (read by a thread and handed over a channel), and every wait has a deadline.
-
-#![allow(dead_code)]
+//! The real binaries as child processes: spawned, their output captured by background threads,
+//! waited for with a deadline, killed (and their output shown) if a test fails first.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// How long to wait for the server to report that it is listening.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long to wait for a process to exit after it was told to (or for a client run to finish).
-pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Path of one of the crate's binaries (`server` or `client`), looked up at run time.
-pub fn bin_path(name: &str) -> PathBuf {
-    assert_cmd::cargo::cargo_bin(name)
-}
-
-/// A readable rendering of a command line, for failure messages.
-fn render_command(bin: &str, args: &[&str]) -> String {
-    let mut s = bin.to_string();
-    for a in args {
-        s.push(' ');
-        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
-            s.push('\'');
-            s.push_str(&a.replace('\'', "'\\''"));
-            s.push('\'');
-        } else {
-            s.push_str(a);
-        }
-    }
-    s
-}
-
-/// Keep failure messages readable when a process printed megabytes.
-fn abbreviate(text: &str) -> String {
-    const KEEP: usize = 6000;
-    if text.len() <= 2 * KEEP {
-        return text.to_string();
-    }
-    let mut head_end = KEEP;
-    while !text.is_char_boundary(head_end) {
-        head_end -= 1;
-    }
-    let mut tail_start = text.len() - KEEP;
-    while !text.is_char_boundary(tail_start) {
-        tail_start += 1;
-    }
-    format!(
-        "{}\n[... {} bytes omitted ...]\n{}",
-        &text[..head_end],
-        tail_start - head_end,
-        &text[tail_start..]
-    )
-}
-
-/// Remove ANSI escape sequences (the server should not emit any when stderr is a pipe, but the
-/// address parser should not be the thing that fails if it does).
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Find `listening on ADDR` in a log line and parse ADDR.
-pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
-    let line = strip_ansi(line);
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    // The address is the whitespace-delimited token; also tolerate a closing quote or comma
-    // right after it (e.g. JSON logs).
-    let token: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '[' | ']' | ':' | '.' | '%'))
-        .collect();
-    token.parse().ok()
-}
-
-/// Split a server stdout line `PEER MESSAGE` into its parts. PEER must be a `SocketAddr`.
-pub fn parse_message_line(line: &str) -> Option<(SocketAddr, &str)> {
-    let (peer, message) = line.split_once(' ')?;
-    Some((peer.parse().ok()?, message))
-}
-
-/// The lines of `stdout` (as printed by the server) whose peer is `peer`, message text only.
-pub fn messages_from(stdout: &str, peer: SocketAddr) -> Vec<&str> {
-    stdout
-        .lines()
-        .filter_map(parse_message_line)
-        .filter(|(p, _)| *p == peer)
-        .map(|(_, m)| m)
-        .collect()
-}
+use super::{
+    EXIT_TIMEOUT, POLL_DEADLINE, POLL_EVERY, STARTUP_TIMEOUT, abbreviate, bin_path, messages_from,
+    parse_listening_line, poll_until, render_command, strip_ansi,
+};
 
 /// Everything a finished process left behind.
 pub struct Output {
@@ -122,7 +22,9 @@ pub struct Output {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
-    /// When both output pipes had closed, i.e. the process had exited.
+    /// When the output pipes that were read had closed, i.e. the process had exited (to within
+    /// the time a reader thread takes to see it).
+    #[cfg(unix)]
     pub exited_at: Instant,
 }
 
@@ -176,10 +78,8 @@ struct Captured {
     threads: Vec<JoinHandle<()>>,
     /// One message per output pipe read when it closes, which is when the process exits.
     closed: Receiver<()>,
-    /// How many pipes are read (stdout is left unread for some tests).
+    /// How many pipes are read (stdout is left unread for some tests, held open in `child`).
     pipes: usize,
-    /// Stdout when left unread: held open, so that writes to it block once it is full.
-    unread_stdout: Option<std::process::ChildStdout>,
 }
 
 impl Captured {
@@ -189,34 +89,43 @@ impl Captured {
         Self::spawn_program(bin_path(bin).as_os_str(), args, command)
     }
 
-    /// Like [`spawn`](Captured::spawn), but nobody reads stdout: once its pipe is full, writes
-    /// to it block until the process exits.
+    /// Like [`spawn`](Captured::spawn), but nobody reads stdout: it is left in the child (see
+    /// [`ServerProcess::take_stdout`]), and once its pipe is full, writes to it block until the
+    /// process exits.
+    #[cfg(unix)]
     fn spawn_unread_stdout(bin: &str, args: &[&str]) -> (Self, Receiver<String>) {
         let command = render_command(bin, args);
-        Self::spawn_with(bin_path(bin).as_os_str(), args, command, false)
+        Self::spawn_with(
+            bin_path(bin).as_os_str(),
+            args,
+            command,
+            false,
+            Stdio::null(),
+        )
     }
 
     /// Spawn `program args...` (any executable, e.g. a shell wrapping a binary); `command` is how
     /// failure messages show it.
     fn spawn_program(program: &OsStr, args: &[&str], command: String) -> (Self, Receiver<String>) {
-        Self::spawn_with(program, args, command, true)
+        Self::spawn_with(program, args, command, true, Stdio::null())
     }
 
+    /// Spawn with this stdin; a piped stdin is left in `child` for the caller.
     fn spawn_with(
         program: &OsStr,
         args: &[&str],
         command: String,
         read_stdout: bool,
+        stdin: Stdio,
     ) -> (Self, Receiver<String>) {
         let mut child = Command::new(program)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn `{command}`: {e}"));
 
-        let stdout_pipe = child.stdout.take().expect("piped stdout");
         let stderr_pipe = child.stderr.take().expect("piped stderr");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
@@ -226,10 +135,9 @@ impl Captured {
         let (closed_tx, closed) = mpsc::channel();
         let out_closed = closed_tx.clone();
         let mut threads = Vec::new();
-        let mut unread_stdout = None;
         if read_stdout {
+            let mut pipe = child.stdout.take().expect("piped stdout");
             threads.push(thread::spawn(move || {
-                let mut pipe = stdout_pipe;
                 let mut buf = [0u8; 64 * 1024];
                 loop {
                     match pipe.read(&mut buf) {
@@ -242,8 +150,6 @@ impl Captured {
                 }
                 let _ = out_closed.send(());
             }));
-        } else {
-            unread_stdout = Some(stdout_pipe);
         }
 
         let err_buf = Arc::clone(&stderr);
@@ -278,14 +184,20 @@ impl Captured {
                 threads,
                 closed,
                 pipes: if read_stdout { 2 } else { 1 },
-                unread_stdout,
             },
             rx,
         )
     }
 
+    #[cfg(unix)]
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("child already reaped").id()
+    }
+
+    /// The child, while it has not been waited for.
+    #[cfg(unix)]
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child already reaped")
     }
 
     fn stdout_so_far(&self) -> String {
@@ -296,10 +208,12 @@ impl Captured {
         String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
     }
 
+    #[cfg(unix)]
     fn stdout_bytes(&self) -> Vec<u8> {
         self.stdout.lock().expect("stdout lock").clone()
     }
 
+    #[cfg(unix)]
     fn stdout_newlines(&self) -> usize {
         self.stdout
             .lock()
@@ -309,8 +223,9 @@ impl Captured {
             .count()
     }
 
-    /// Waits (bounded) for the process to exit, seen as both its output pipes closing; on
-    /// timeout kills it and panics with its output.
+    /// Waits (bounded) for the process to exit, seen as the output pipes it reads closing (no
+    /// polling: a reader thread reports each close); on timeout kills it and panics with its
+    /// output.
     fn wait_exit(&mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;
         for _pipe in 0..self.pipes {
@@ -329,8 +244,9 @@ impl Captured {
                 );
             }
         }
+        #[cfg(unix)]
         let exited_at = Instant::now();
-        // Both pipes closed: the process is exiting, so this returns at once.
+        // Its pipes closed: the process is exiting, so this returns at once.
         let child = self.child.as_mut().expect("child already reaped");
         let status = child
             .wait()
@@ -343,6 +259,7 @@ impl Captured {
             status,
             stdout: self.stdout_so_far(),
             stderr: self.stderr_so_far(),
+            #[cfg(unix)]
             exited_at,
         }
     }
@@ -388,6 +305,7 @@ impl ServerProcess {
 
     /// Spawn `program args...`, some wrapper that ends up running the server with the same pid
     /// (e.g. `sh -c 'ulimit -n 40; exec SERVER ...'`), and wait for its `listening on ADDR` line.
+    #[cfg(target_os = "linux")]
     pub fn spawn_program(program: &str, args: &[&str]) -> Self {
         let command = render_command(program, args);
         let (inner, lines) = Captured::spawn_program(OsStr::new(program), args, command.clone());
@@ -425,34 +343,7 @@ impl ServerProcess {
 
     /// Spawn with `--port 0` (and `--host 127.0.0.1`) prepended to `extra`.
     pub fn start(extra: &[&str]) -> Self {
-        let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
-        args.extend_from_slice(extra);
-        Self::spawn(&args)
-    }
-
-    /// Like [`start`](ServerProcess::start), with a stdout nobody reads: once its pipe is full,
-    /// the server's writes to it block for good.
-    pub fn start_unread_stdout(extra: &[&str]) -> Self {
-        let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
-        args.extend_from_slice(extra);
-        let (inner, lines) = Captured::spawn_unread_stdout("server", &args);
-        Self::await_listening(inner, lines, render_command("server", &args))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.inner.pid()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    pub fn port_arg(&self) -> String {
-        self.addr.port().to_string()
-    }
-
-    pub fn command(&self) -> &str {
-        &self.inner.command
+        Self::spawn(&loopback_port_0(extra))
     }
 
     /// The complete lines the server has printed to stdout so far: a line still being captured
@@ -469,6 +360,77 @@ impl ServerProcess {
         self.inner.stderr_so_far()
     }
 
+    /// Polls (bounded) until the server has printed `expected` messages for `peer`, then returns
+    /// what it printed for `peer` (which may be more, if the server misbehaves; callers compare).
+    pub fn wait_for_messages(&self, peer: SocketAddr, expected: usize) -> Vec<String> {
+        let got = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+            let stdout = self.stdout_so_far();
+            let messages: Vec<String> = messages_from(&stdout, peer)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            (messages.len() >= expected).then_some(messages)
+        });
+        got.unwrap_or_else(|| {
+            panic!(
+                "server did not print {expected} messages from {peer} within {POLL_DEADLINE:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.stdout_so_far(),
+                self.stderr_so_far()
+            )
+        })
+    }
+
+    /// Polls (bounded) until the server's log has a line with every one of `needles`; returns it.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let found = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+            self.stderr_so_far()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_string)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "server logged no line containing all of {needles:?} within {POLL_DEADLINE:?}\n--- stderr ---\n{}",
+                self.stderr_so_far()
+            )
+        })
+    }
+}
+
+/// What only Unix tests use: the pid, signals, and reading the output after a graceful stop.
+#[cfg(unix)]
+impl ServerProcess {
+    /// Like [`start`](ServerProcess::start), with a stdout nobody reads: once its pipe is full,
+    /// the server's writes to it block for good (unless a test takes it, see
+    /// [`take_stdout`](ServerProcess::take_stdout)).
+    pub fn start_unread_stdout(extra: &[&str]) -> Self {
+        let args = loopback_port_0(extra);
+        let (inner, lines) = Captured::spawn_unread_stdout("server", &args);
+        Self::await_listening(inner, lines, render_command("server", &args))
+    }
+
+    /// The read end of the stdout of a server from
+    /// [`start_unread_stdout`](ServerProcess::start_unread_stdout), for a test to read and close.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.inner
+            .child()
+            .stdout
+            .take()
+            .expect("a stdout left unread, not taken yet")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    pub fn port_arg(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    pub fn command(&self) -> &str {
+        &self.inner.command
+    }
+
     /// The raw bytes the server has printed to stdout so far (no lossy UTF-8 conversion; still
     /// readable after `wait_exit`, when it is everything the server printed).
     pub fn stdout_bytes(&self) -> Vec<u8> {
@@ -482,14 +444,8 @@ impl ServerProcess {
 
     /// Send SIGTERM. Returns the instant right after `kill` reported success, i.e. once the
     /// signal has been sent.
-    #[cfg(unix)]
     pub fn terminate(&self) -> Instant {
-        let pid = self.pid().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed: {status}");
+        signal(self.pid(), "TERM");
         Instant::now()
     }
 
@@ -499,9 +455,7 @@ impl ServerProcess {
     pub fn terminate_twice(&self) {
         self.terminate();
         let taken = poll_until(STARTUP_TIMEOUT, Duration::from_micros(100), || {
-            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-            let pending = status.lines().find_map(|l| l.strip_prefix("ShdPnd:"))?;
-            (pending.trim().trim_start_matches('0').is_empty()).then_some(())
+            (super::procfs::signal_pending(self.pid()) == Some(false)).then_some(())
         });
         assert!(taken.is_some(), "the first SIGTERM was never taken");
         self.terminate();
@@ -513,40 +467,43 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then wait for exit.
-    #[cfg(unix)]
     pub fn stop(&mut self) -> Output {
         self.terminate();
         self.wait_exit(EXIT_TIMEOUT)
     }
 }
 
-/// A binary running in the background, its output captured; killed on drop if still running.
+/// `--host 127.0.0.1 --port 0`, then `extra`.
+fn loopback_port_0<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Sends signal `name` (`TERM`, `KILL`) to process `pid` with `kill(1)`.
+#[cfg(unix)]
+pub fn signal(pid: u32, name: &str) {
+    let pid = pid.to_string();
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed: {status}");
+}
+
+/// A client running in the background, its output captured; killed on drop if still running.
+#[cfg(unix)]
 pub struct Background(Captured);
 
+#[cfg(unix)]
 impl Background {
-    /// Spawn `bin args...`.
-    pub fn spawn(bin: &str, args: &[&str]) -> Self {
-        let (captured, lines) = Captured::spawn(bin, args);
+    /// Spawn `client --host HOST --port PORT extra...`.
+    pub fn client_to(addr: SocketAddr, extra: &[&str]) -> Self {
+        let args = client_args(addr, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (captured, lines) = Captured::spawn("client", &args);
         drop(lines);
         Background(captured)
-    }
-
-    /// Spawn `client --host 127.0.0.1 --port PORT extra...`.
-    pub fn client_to(addr: SocketAddr, extra: &[&str]) -> Self {
-        let host = addr.ip().to_string();
-        let port = addr.port().to_string();
-        let mut args = vec!["--host", host.as_str(), "--port", port.as_str()];
-        args.extend_from_slice(extra);
-        Self::spawn("client", &args)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.0.pid()
-    }
-
-    /// What it has logged so far.
-    pub fn stderr_so_far(&self) -> String {
-        self.0.stderr_so_far()
     }
 
     /// Wait (bounded) for it to exit; returns status and everything it printed.
@@ -555,34 +512,56 @@ impl Background {
     }
 }
 
-/// The port a process listens on, from /proc (for a server whose log can't be read).
-#[cfg(target_os = "linux")]
-pub fn listening_port(pid: u32) -> Option<u16> {
-    let mut sockets = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
-        let link = std::fs::read_link(fd.ok()?.path()).ok()?;
-        if let Some(inode) = link
-            .to_str()
-            .and_then(|l| l.strip_prefix("socket:["))
-            .and_then(|l| l.strip_suffix(']'))
-        {
-            sockets.push(inode.to_string());
-        }
+/// A child whose output goes wherever the test sends it (`/dev/full`, a pipe never read),
+/// not captured; killed on drop unless it was waited for.
+#[cfg(unix)]
+pub struct Reaper(Option<Child>);
+
+#[cfg(unix)]
+impl Reaper {
+    /// Spawn `bin args...` with these stdout and stderr, and no stdin.
+    pub fn spawn(bin: &str, args: &[&str], stdout: Stdio, stderr: Stdio) -> Self {
+        let child = Command::new(bin_path(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{}`: {e}", render_command(bin, args)));
+        Reaper(Some(child))
     }
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address, rem_address, st (0A: LISTEN), ..., inode (the tenth field).
-            if fields.len() > 9 && fields[3] == "0A" && sockets.iter().any(|s| s == fields[9]) {
-                let port = fields[1].rsplit(':').next()?;
-                return u16::from_str_radix(port, 16).ok();
+
+    /// Spawn `server --host 127.0.0.1 --port 0` with these stdout and stderr.
+    pub fn server(stdout: Stdio, stderr: Stdio) -> Self {
+        Self::spawn("server", &loopback_port_0(&[]), stdout, stderr)
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child already reaped")
+    }
+
+    /// Waits for the exit, polling every 10 ms; kills it and panics past `timeout`.
+    pub fn wait(&mut self, timeout: Duration, what: &str) -> ExitStatus {
+        let child = self.child();
+        let exited = poll_until(timeout, POLL_EVERY, || child.try_wait().expect("try_wait"));
+        match exited {
+            Some(status) => {
+                self.0 = None;
+                status
             }
+            None => panic!("{what} did not exit within {timeout:?}"),
         }
     }
-    None
+}
+
+#[cfg(unix)]
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Run a binary to completion (bounded by `timeout`; killed and reported if it overruns).
@@ -597,125 +576,62 @@ pub fn run_client(args: &[&str], timeout: Duration) -> Output {
     run_bin("client", args, timeout)
 }
 
-/// Run `client --host 127.0.0.1 --port PORT extra...`.
+/// `--host HOST --port PORT` for `addr`, then `extra`.
+#[cfg(unix)]
+fn client_args(addr: SocketAddr, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--host".to_string(),
+        addr.ip().to_string(),
+        "--port".to_string(),
+        addr.port().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Run `client --host HOST --port PORT extra...` to completion, bounded by `timeout`.
+#[cfg(unix)]
 pub fn run_client_to(addr: SocketAddr, extra: &[&str], timeout: Duration) -> Output {
-    let host = addr.ip().to_string();
-    let port = addr.port().to_string();
-    let mut args = vec!["--host", host.as_str(), "--port", port.as_str()];
-    args.extend_from_slice(extra);
-    run_client(&args, timeout)
+    let args = client_args(addr, extra);
+    run_client(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        timeout,
+    )
+}
+
+/// Run `client args...` with `input` on its standard input, to completion (bounded by
+/// `timeout`). Its stdin is closed after `input` if `close`, else held open until it exits.
+#[cfg(unix)]
+pub fn run_client_with_stdin(
+    args: &[&str],
+    input: &[u8],
+    close: bool,
+    timeout: Duration,
+) -> Output {
+    use std::io::Write;
+    let command = format!("{} < input", render_command("client", args));
+    let (mut captured, lines) = Captured::spawn_with(
+        bin_path("client").as_os_str(),
+        args,
+        command,
+        true,
+        Stdio::piped(),
+    );
+    drop(lines);
+    let mut stdin = captured.child().stdin.take().expect("piped stdin");
+    stdin.write_all(input).expect("write the client's stdin");
+    let held_open = if close {
+        drop(stdin);
+        None
+    } else {
+        Some(stdin)
+    };
+    let out = captured.wait_exit(timeout);
+    drop(held_open);
+    out
 }
 
 /// Run `server args...` expecting it to exit by itself (errors, bad flags).
 pub fn run_server(args: &[&str], timeout: Duration) -> Output {
     run_bin("server", args, timeout)
-}
-
-/// Small deterministic PRNG (xorshift64*), so random cuts are reproducible.
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.max(1))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in `lo..=hi`.
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-}
-
-/// Connects to a server with the default greeting and reads it; the stream has bounded read and
-/// write timeouts (20 s) and `TCP_NODELAY`. Returns it, a reader on a clone, and our address.
-pub fn greeted(
-    server: SocketAddr,
-) -> (
-    std::net::TcpStream,
-    BufReader<std::net::TcpStream>,
-    SocketAddr,
-) {
-    let timeout = Duration::from_secs(20);
-    let stream = std::net::TcpStream::connect_timeout(&server, timeout).expect("connect");
-    stream.set_read_timeout(Some(timeout)).expect("timeout");
-    stream.set_write_timeout(Some(timeout)).expect("timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let me = stream.local_addr().expect("local addr");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone for reading"));
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).expect("greeting");
-    assert_eq!(greeting, format!("welcome to plugboard, {me}\n"));
-    (stream, reader, me)
-}
-
-/// Sends `lines` lines of about 200 bytes, `{i:08} xxx…` numbered from 0, in 64 KiB writes: a
-/// chat flood.
-pub fn flood_numbered(stream: &mut std::net::TcpStream, lines: usize) {
-    use std::io::Write;
-    let padding = "x".repeat(180);
-    let mut batch = Vec::new();
-    for i in 0..lines {
-        batch.extend_from_slice(format!("{i:08} {padding}\n").as_bytes());
-        if batch.len() > 64 * 1024 || i + 1 == lines {
-            stream.write_all(&batch).expect("flood");
-            batch.clear();
-        }
-    }
-}
-
-/// Reads the `lines` lines of [`flood_numbered`] as a chat server relays them from `from`,
-/// checking that none is missing or out of order.
-pub fn receive_numbered(reader: &mut impl BufRead, from: SocketAddr, lines: usize) {
-    let mut line = String::new();
-    for i in 0..lines {
-        line.clear();
-        reader.read_line(&mut line).expect("receive");
-        let expected = format!("{from} {i:08} ");
-        assert!(line.starts_with(&expected), "line {i}: {line:?}");
-    }
-}
-
-/// Paces a client that deliberately sends or reads slowly. This does not synchronise anything:
-/// tests wait for what they check by reading sockets or polling with a deadline.
-pub fn pace(d: Duration) {
-    thread::sleep(d);
-}
-
-/// Poll `check` until it returns `Some`, or `None` once `timeout` has passed.
-pub fn poll_until<T>(
-    timeout: Duration,
-    interval: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(interval);
-    }
-}
-
-/// A number field of /proc/PID/status (`VmRSS:`, `VmHWM:` in KiB, `Threads:`), for the
-/// memory and thread checks.
-#[cfg(target_os = "linux")]
-pub fn proc_status(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
 }

@@ -6,77 +6,21 @@
 
 #![cfg(unix)]
 
-mod support;
-
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{
-    EXIT_TIMEOUT, ServerProcess, bin_path, messages_from, parse_listening_line, poll_until,
-    run_client_to,
+use crate::support::{
+    self, EXIT_TIMEOUT, POLL_EVERY as POLL, Reaper, ServerProcess, greeted as join, json_field,
+    messages_from, parse_listening_line, poll_until, run_client_to, signal,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(10);
-
-/// A number field of the client's `--json` summary.
-fn json_field(json: &str, name: &str) -> f64 {
-    let at = json
-        .find(&format!("\"{name}\":"))
-        .unwrap_or_else(|| panic!("no {name} in {json}"));
-    json[at + name.len() + 3..]
-        .split([',', '}'])
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("bad {name} in {json}"))
-}
-
-use support::greeted as join;
-
-/// Kills a child process when dropped, unless it was waited for.
-struct Reaper(Option<Child>);
-
-impl Reaper {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child")
-    }
-
-    /// Waits (bounded) for the exit; kills it and panics past `timeout`.
-    fn wait(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
-        let child = self.child();
-        let exited = poll_until(timeout, POLL, || child.try_wait().expect("try_wait"));
-        match exited {
-            Some(status) => {
-                self.0 = None;
-                status
-            }
-            None => panic!("{what} did not exit within {timeout:?}"),
-        }
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
 
 // ------------------------------------------------------------------------------------------------
 // 1. A server's FIN ends what it sends, not what it reads
@@ -217,24 +161,11 @@ fn dev_full() -> std::fs::File {
         .expect("/dev/full")
 }
 
-/// A server on a free loopback port with these stdout and stderr.
-fn server_with_output(stdout: Stdio, stderr: Stdio) -> Reaper {
-    Reaper(Some(
-        Command::new(bin_path("server"))
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn server"),
-    ))
-}
-
 /// A server whose stderr reader has gone (`server 2>&1 | head -3`) goes on serving: a client is
 /// greeted, heard and confirmed, and SIGTERM still stops it with status 0.
 #[test]
 fn a_server_whose_log_reader_left_goes_on_serving() {
-    let mut child = server_with_output(Stdio::piped(), Stdio::piped());
+    let mut child = Reaper::server(Stdio::piped(), Stdio::piped());
     let stdout = child.child().stdout.take().expect("stdout");
     let printed = thread::spawn(move || {
         let mut all = String::new();
@@ -269,7 +200,7 @@ fn a_server_whose_log_reader_left_goes_on_serving() {
         );
         client.assert_code(0).assert_no_panic();
     }
-    sigterm(child.child().id());
+    signal(child.child().id(), "TERM");
     let status = child.wait(TIMEOUT, "the server");
     assert_eq!(status.code(), Some(0), "{status}");
     let printed = printed.join().expect("stdout reader");
@@ -280,19 +211,19 @@ fn a_server_whose_log_reader_left_goes_on_serving() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_server_whose_log_cannot_be_written_serves() {
-    let mut child = server_with_output(Stdio::null(), dev_full().into());
+    let mut child = Reaper::server(Stdio::null(), dev_full().into());
     let pid = child.child().id();
     let port = poll_until(TIMEOUT, POLL, || {
         if let Some(status) = child.child().try_wait().expect("try_wait") {
             panic!("the server exited at start: {status}");
         }
-        support::listening_port(pid)
+        support::procfs::listening_port(pid)
     })
     .expect("the server never listened");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let client = run_client_to(addr, &["--count", "2", "--interval", "0"], TIMEOUT);
     client.assert_code(0).assert_no_panic();
-    sigterm(pid);
+    signal(pid, "TERM");
     let status = child.wait(TIMEOUT, "the server");
     assert_eq!(status.code(), Some(0), "{status}");
 }
@@ -303,9 +234,9 @@ fn a_server_whose_log_cannot_be_written_serves() {
 #[test]
 fn a_full_stderr_pipe_does_not_hold_up_the_exit() {
     // stderr: never read.
-    let mut child = server_with_output(dev_full().into(), Stdio::piped());
+    let mut child = Reaper::server(dev_full().into(), Stdio::piped());
     let pid = child.child().id();
-    let port = poll_until(TIMEOUT, POLL, || support::listening_port(pid))
+    let port = poll_until(TIMEOUT, POLL, || support::procfs::listening_port(pid))
         .expect("the server never listened");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     // Two log lines each: far more than a pipe holds.
@@ -334,16 +265,22 @@ fn a_client_with_a_full_stderr_pipe_still_exits() {
             .expect("linger");
         all.len()
     });
-    let mut client = Reaper(Some(
-        Command::new(bin_path("client"))
-            .args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
-            .args(["--count", "3000", "--interval", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()) // never read
-            .spawn()
-            .expect("spawn client"),
-    ));
+    let port = addr.port().to_string();
+    let mut client = Reaper::spawn(
+        "client",
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--count",
+            "3000",
+            "--interval",
+            "0",
+        ],
+        Stdio::null(),
+        Stdio::piped(), // never read
+    );
     let status = client.wait(TIMEOUT, "the client");
     assert_eq!(status.code(), Some(1), "{status}");
     assert!(server.join().expect("server") > 0);
@@ -515,8 +452,8 @@ fn the_client_gives_up_on_a_server_that_never_reads() {
             out.error_lines()[0].contains("nothing taken for 1s"),
             "{out}"
         );
-        // 1.6 s here, where a send that took a part and then waited counted as progress took
-        // 3.1 s.
+        // Measured once: 1.6 s, where a send that took a part and then waited counted as
+        // progress took 3.1 s; the bound sits between.
         let took = out.exited_at.duration_since(started);
         assert!(took < Duration::from_millis(2500), "gave up after {took:?}");
     }
@@ -537,14 +474,7 @@ fn echo_prints_every_message_it_counts() {
     let me = stream.local_addr().expect("addr");
     let chunk = "never read back\n".repeat(4096);
     while (&stream).write_all(chunk.as_bytes()).is_ok() {}
-    let logged = poll_until(TIMEOUT, POLL, || {
-        server
-            .stderr_so_far()
-            .lines()
-            .find(|l| l.contains(&format!("{me} disconnected: not reading")))
-            .map(str::to_string)
-    })
-    .expect("the client was never cut off");
+    let logged = server.wait_for_log(&[&format!("{me} disconnected: not reading")]);
     let counted: usize = logged
         .split("after ")
         .nth(1)
@@ -624,38 +554,19 @@ fn chat_clients_receive_every_line_sent_after_their_greeting() {
 // 11. A user's `error:` text is not a refusal
 // ------------------------------------------------------------------------------------------------
 
-/// Runs `client ARGS` with `input` on its standard input; returns status, stdout and stderr.
-fn client_with_input(args: &[&str], input: &[u8]) -> (Option<i32>, String, String) {
-    let mut client = Reaper(Some(
-        Command::new(bin_path("client"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn client"),
-    ));
-    let mut stdin = client.child().stdin.take().expect("stdin");
-    stdin.write_all(input).expect("write stdin");
-    drop(stdin);
-    let mut stdout = client.child().stdout.take().expect("stdout");
-    let mut stderr = client.child().stderr.take().expect("stderr");
-    let status = client.wait(TIMEOUT, "the client");
-    let (mut out, mut err) = (String::new(), String::new());
-    stdout.read_to_string(&mut out).expect("stdout");
-    stderr.read_to_string(&mut err).expect("stderr");
-    (status.code(), out, err)
-}
-
 /// Echoed back, a user's line that starts `error:` is text like any other: exit status 0.
 #[test]
 fn an_echoed_error_line_is_not_a_refusal() {
     let mut server = ServerProcess::start(&["--mode", "echo"]);
     let port = server.port_arg();
-    let (code, stdout, stderr) =
-        client_with_input(&["--port", &port, "--stdin"], b"error: disk full\n");
-    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.ends_with("\nerror: disk full\n"), "{stdout}");
+    let client = support::run_client_with_stdin(
+        &["--port", &port, "--stdin"],
+        b"error: disk full\n",
+        true,
+        TIMEOUT,
+    );
+    client.assert_code(0);
+    assert!(client.stdout.ends_with("\nerror: disk full\n"), "{client}");
     server.stop().assert_code(0);
 }
 
@@ -761,20 +672,13 @@ fn a_killed_server_resets_its_clients() {
     (&stream).write_all(b"printed\n").expect("send");
     // Once it has printed, it has read everything we sent: closing the socket then would send a
     // plain FIN.
-    let printed = poll_until(TIMEOUT, POLL, || {
-        (!messages_from(&server.stdout_so_far(), me).is_empty()).then_some(())
-    });
-    assert!(printed.is_some());
-    let killed = Command::new("kill")
-        .args(["-KILL", &server.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    server.wait_for_messages(me, 1);
+    signal(server.pid(), "KILL");
     let _ = server.wait_exit(EXIT_TIMEOUT);
-    let mut rest = Vec::new();
-    let ended = reader
-        .read_to_end(&mut rest)
-        .expect_err("a reset, not a clean close");
-    assert_eq!(ended.kind(), io::ErrorKind::ConnectionReset, "{ended}");
+    let (_, ended) = support::read_to_eof(&mut reader);
+    assert!(
+        matches!(&ended, Some(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "a reset, not a clean close: {ended:?}"
+    );
     drop(stream);
 }
