@@ -4,7 +4,7 @@
 #      `ncat -l -k 127.0.0.1 PORT > /dev/null` (timed until the server has read everything);
 #   2. echo round trip, one connection, 64-byte lines: `server --mode echo` against a minimal
 #      std-only echo server (examples/echo_floor.rs);
-#   3. 10,000 clients: connect time, RSS per client, SIGTERM-to-exit (tests/scale.rs);
+#   3. 10,000 clients: connect time, RSS per client, SIGTERM-to-exit (tests/suite/scale.rs);
 #   4. the load client itself: how fast one client process sends into a reader that only reads.
 # Runs of plugboard and its peer alternate, so a noisy machine hurts both alike.
 # Usage: bench/compare.sh [RUNS]   (default 5 runs per workload)
@@ -84,7 +84,7 @@ for run in $(seq "$runs"); do
     stop_last
 done
 
-scale=${SKIP_SCALE:+skipped}; [ -n "$scale" ] || scale=$(cargo test --release --quiet --test scale ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
+scale=${SKIP_SCALE:+skipped}; [ -n "$scale" ] || scale=$(cargo test --release --quiet --test suite scale::ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
 
 ip=$(median <"$tmp/ingest.plugboard"); in=$(median <"$tmp/ingest.ncat")
 rp=$(median <"$tmp/rtt.plugboard"); rf=$(median <"$tmp/rtt.floor")
