@@ -84,6 +84,26 @@ pub enum Error {
         /// How long the client waited; `None` if the server closed the connection instead.
         waited: Option<Duration>,
     },
+    /// Load mode's chat: the server sent no greeting, so the client can't tell when it has joined
+    /// the room.
+    NoGreeting {
+        /// The server.
+        addr: SocketAddr,
+        /// How long the client waited.
+        waited: Duration,
+    },
+    /// Load mode's chat: not every message from the other connections arrived.
+    Undelivered {
+        /// The server.
+        addr: SocketAddr,
+        /// Messages from the others that arrived.
+        received: u64,
+        /// Messages the others sent.
+        expected: u64,
+        /// How long nothing more arrived before the client gave up; zero if the server closed
+        /// the connection first.
+        waited: Duration,
+    },
     /// Received messages could not be written out (for the server binary: stdout).
     Output(io::Error),
     /// The operating system refused to start a thread.
@@ -138,6 +158,30 @@ impl fmt::Display for Error {
                 message,
                 waited: None,
             } => write!(f, "{addr} closed before echoing message {message}"),
+            Error::NoGreeting { addr, waited } => write!(
+                f,
+                "no greeting from {addr} within {}: chat load needs one, to know it has joined the room",
+                humantime::format_duration(*waited)
+            ),
+            Error::Undelivered {
+                addr,
+                received,
+                expected,
+                waited,
+            } if waited.is_zero() => write!(
+                f,
+                "{addr} closed the connection when {received} of the {expected} messages from the other connections had arrived"
+            ),
+            Error::Undelivered {
+                addr,
+                received,
+                expected,
+                waited,
+            } => write!(
+                f,
+                "{addr}: {received} of the {expected} messages from the other connections arrived, then none for {}",
+                humantime::format_duration(*waited)
+            ),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
             Error::Options { option, problem } => write!(f, "invalid {option}: {problem}"),
@@ -160,6 +204,8 @@ impl std::error::Error for Error {
             | Error::ClosedEarly { .. }
             | Error::Unconfirmed { .. }
             | Error::NoEcho { .. }
+            | Error::NoGreeting { .. }
+            | Error::Undelivered { .. }
             | Error::Options { .. } => None,
         }
     }

@@ -51,6 +51,7 @@ mod client;
 mod connection;
 mod context;
 mod error;
+mod fanout;
 mod framing;
 mod limits;
 mod load;

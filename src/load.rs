@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use crate::addr::{self, Addrs};
 use crate::client::{Client, Receiver};
 use crate::error::{self, Error};
+use crate::fanout::{self, ChatRun, ChatTask, latency_histogram};
 use crate::framing::Framing;
 use crate::stream::{self, SendError};
 
@@ -33,6 +34,11 @@ pub struct LoadOptions {
     pub framing: Framing,
     /// Round trips: send one message, wait for its echo, repeat; latencies are recorded.
     pub rtt: bool,
+    /// Chat fan-out, against a chat server: every connection joins the room (reads its
+    /// greeting) before any sends, then each sends its messages and counts those of the others,
+    /// recording the time from each send to each receipt. A message is `chat CONN I T` (the
+    /// connection, the message number, the send time) padded to `size`; `message` is not used.
+    pub chat: bool,
     /// Connect timeout per connection (zero: the operating system's).
     pub connect_timeout: Duration,
     /// After the last message, how long to wait for the server to close (with `rtt`, also how
@@ -54,6 +60,7 @@ impl Default for LoadOptions {
             size: 0,
             framing: Framing::Line,
             rtt: false,
+            chat: false,
             connect_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(2),
             send_timeout: Duration::from_secs(10),
@@ -91,10 +98,17 @@ impl LoadOptions {
         if self.rtt && self.framing != Framing::Line {
             return invalid("rtt", "needs line framing".to_string());
         }
-        if self.rtt && self.linger.is_zero() {
+        if self.chat && self.rtt {
+            return invalid("chat", "can't be combined with rtt".to_string());
+        }
+        if self.chat && self.framing != Framing::Line {
+            return invalid("chat", "needs line framing".to_string());
+        }
+        if (self.rtt || self.chat) && self.linger.is_zero() {
             return invalid(
                 "linger",
-                "must be more than 0 with rtt: it is how long to wait for each echo".to_string(),
+                "must be more than 0 with rtt or chat: it is how long to wait for what comes back"
+                    .to_string(),
             );
         }
         // Two threads a connection; past the kernel's limit on memory maps a thread can't start,
@@ -145,8 +159,12 @@ pub struct LoadReport {
     pub errors: usize,
     /// The first failure, if any.
     pub first_error: Option<Error>,
-    /// With `rtt`: round-trip latencies.
+    /// With `rtt`: round-trip latencies; with `chat`: delivery latencies, from a send to its
+    /// receipt at each other connection.
     pub latency: Option<Latency>,
+    /// With `chat`: messages received from the other connections (all of them, when every
+    /// connection joined: `connections × (connections − 1) × count`).
+    pub delivered: Option<u64>,
 }
 
 impl LoadReport {
@@ -172,6 +190,9 @@ impl LoadReport {
             self.mb_per_sec(),
             self.errors
         );
+        if let Some(delivered) = self.delivered {
+            json.push_str(&format!(",\"delivered\":{delivered}"));
+        }
         if let Some(error) = &self.first_error {
             json.push_str(",\"first_error\":");
             json_string(&mut json, &error::chain(error));
@@ -223,11 +244,23 @@ impl std::fmt::Display for LoadReport {
         if let Some(error) = &self.first_error {
             write!(f, " (first: {})", error::chain(error))?;
         }
-        if let Some(l) = self.latency {
-            let us = |d: Duration| d.as_secs_f64() * 1e6;
+        if let Some(delivered) = self.delivered {
             write!(
                 f,
-                "; round trip p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+                "; {delivered} delivered to the others, {:.0}/s",
+                delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+            )?;
+        }
+        if let Some(l) = self.latency {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            let what = if self.delivered.is_some() {
+                "delivery"
+            } else {
+                "round trip"
+            };
+            write!(
+                f,
+                "; {what} p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
                 us(l.p50),
                 us(l.p90),
                 us(l.p99),
@@ -256,6 +289,8 @@ impl Progress {
 struct Outcome {
     messages: u64,
     bytes: u64,
+    /// Chat: messages from the others received.
+    delivered: u64,
     error: Option<Error>,
     latencies: Option<Histogram<u64>>,
 }
@@ -271,16 +306,27 @@ pub fn run_load(
     options.validate()?;
     let addrs = addr::resolve(host, port)?;
     let started = Instant::now();
+    let chat = options
+        .chat
+        .then(|| Arc::new(ChatRun::new(options.connections)));
     let threads: Vec<_> = (0..options.connections)
-        .map(|_| {
+        .map(|conn| {
             let options = options.clone();
             let addrs = addrs.clone();
             let progress = Arc::clone(progress);
+            let chat = chat.clone();
             thread::Builder::new()
                 .stack_size(256 * 1024)
-                .spawn(move || one_connection(&addrs, &options, &progress))
+                .spawn(move || match chat {
+                    Some(run) => chat_connection(&addrs, conn, &options, &run, &progress),
+                    None => one_connection(&addrs, &options, &progress),
+                })
         })
         .collect();
+    if let Some(run) = &chat {
+        // The start line waits for every connection: not for those whose thread didn't start.
+        run.absent(threads.iter().filter(|t| t.is_err()).count());
+    }
     let mut report = LoadReport {
         connections: options.connections,
         messages: 0,
@@ -289,6 +335,7 @@ pub fn run_load(
         errors: 0,
         first_error: None,
         latency: None,
+        delivered: chat.as_ref().map(|_| 0),
     };
     let mut latencies: Option<Histogram<u64>> = None;
     for thread in threads {
@@ -300,11 +347,15 @@ pub fn run_load(
             Err(error) => Outcome {
                 messages: 0,
                 bytes: 0,
+                delivered: 0,
                 error: Some(error),
                 latencies: None,
             },
         };
         report.messages += outcome.messages;
+        if let Some(delivered) = &mut report.delivered {
+            *delivered += outcome.delivered;
+        }
         report.bytes += outcome.bytes;
         if let Some(error) = outcome.error {
             report.errors += 1;
@@ -461,10 +512,39 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// One connection of a chat run (see [`fanout`]).
+fn chat_connection(
+    addrs: &Addrs,
+    conn: usize,
+    options: &LoadOptions,
+    run: &ChatRun,
+    progress: &Progress,
+) -> Outcome {
+    let task = ChatTask {
+        conn,
+        count: options.count,
+        interval: options.interval,
+        size: options.size,
+        connect_timeout: options.connect_timeout,
+        linger: options.linger,
+        send_timeout: options.send_timeout,
+        run,
+    };
+    let chat = fanout::chat_connection(addrs, &task, &progress.messages);
+    Outcome {
+        messages: chat.sent,
+        bytes: chat.bytes,
+        delivered: chat.delivered,
+        error: chat.error,
+        latencies: chat.latencies,
+    }
+}
+
 fn one_connection(addrs: &Addrs, options: &LoadOptions, progress: &Progress) -> Outcome {
     let mut outcome = Outcome {
         messages: 0,
         bytes: 0,
+        delivered: 0,
         error: None,
         latencies: None,
     };
@@ -736,12 +816,6 @@ fn round_trips(
     }
 }
 
-/// A histogram for round-trip times: nanoseconds from 1 ns to 100 s, three significant figures.
-/// (`None` only if those bounds were refused, which they are not.)
-fn latency_histogram() -> Option<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 100_000_000_000, 3).ok()
-}
-
 /// After a failed send: reads what the server still sent, for its reason (the last `error: `
 /// line).
 fn until_end(replies: &mut Receiver, mut reason: Option<String>) -> Option<String> {
@@ -821,10 +895,11 @@ mod tests {
                 p999: Duration::from_micros(80),
                 max: Duration::from_micros(90),
             }),
+            delivered: Some(10),
         };
         assert_eq!(
             report.to_json(),
-            "{\"connections\":2,\"messages\":10,\"bytes\":640,\"elapsed_s\":0.500000,\"messages_per_s\":20.0,\"mb_per_s\":0.001,\"errors\":0,\"latency_us\":{\"p50\":50.0,\"p90\":60.0,\"p99\":70.0,\"p999\":80.0,\"max\":90.0}}"
+            "{\"connections\":2,\"messages\":10,\"bytes\":640,\"elapsed_s\":0.500000,\"messages_per_s\":20.0,\"mb_per_s\":0.001,\"errors\":0,\"delivered\":10,\"latency_us\":{\"p50\":50.0,\"p90\":60.0,\"p99\":70.0,\"p999\":80.0,\"max\":90.0}}"
         );
     }
 }

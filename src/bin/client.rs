@@ -58,7 +58,7 @@ struct Cli {
     framing: FramingArg,
     /// Send each line typed or piped on standard input instead of numbered messages; at its end,
     /// half-close and wait (at most --linger) for the server to close.
-    #[arg(long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "json", "size"])]
+    #[arg(long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "chat", "json", "size"])]
     stdin: bool,
     /// Load mode: this many connections in parallel (1 to 100000), each sending --count
     /// messages; a summary (messages/s, MB/s, errors) goes to stderr. Nothing received is
@@ -74,6 +74,11 @@ struct Cli {
     /// summary adds latency percentiles.
     #[arg(long)]
     rtt: bool,
+    /// Load mode, against a chat server: every connection joins the room, then sends --count
+    /// messages and counts those of the others; the summary adds how many were delivered and
+    /// the delivery latency percentiles. A message missing is an error.
+    #[arg(long, conflicts_with = "rtt")]
+    chat: bool,
     /// Load mode: also print the summary as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -141,7 +146,7 @@ fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) ->
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.json {
+    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.chat || cli.json {
         return load(&cli);
     }
     if matches!(cli.framing, FramingArg::Line) && cli.message.contains('\n') {
@@ -401,6 +406,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         size: cli.size.unwrap_or(0),
         framing: cli.framing.into(),
         rtt: cli.rtt,
+        chat: cli.chat,
         connect_timeout: cli.connect_timeout,
         linger: cli.linger,
         send_timeout: cli.send_timeout,

@@ -93,3 +93,64 @@ fn rtt_needs_line_framing() {
     let client = support::run_client(&["--rtt", "--framing", "raw", "--port", "1"], TIMEOUT);
     client.assert_code(2).assert_no_panic();
 }
+
+/// `--chat` against a chat server: every connection gets every message of the others, and the
+/// summary says so, with delivery latencies; the server printed every message sent.
+#[test]
+fn chat_load_counts_every_delivery() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--chat",
+            "--connections",
+            "6",
+            "--count",
+            "50",
+            "--size",
+            "40",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    client.assert_code(0).assert_no_panic();
+    let json = client.stdout.trim();
+    assert_eq!(field(json, "messages"), 300.0, "{client}");
+    assert_eq!(field(json, "delivered"), (6 * 5 * 50) as f64, "{client}");
+    assert_eq!(field(json, "errors"), 0.0, "{client}");
+    assert!(json.contains("\"latency_us\""), "{client}");
+    assert!(client.stderr.contains("1500 delivered"), "{client}");
+    let out = server.stop();
+    out.assert_code(0);
+    assert_eq!(out.stdout.lines().count(), 300, "{out}");
+}
+
+/// Against a server that relays nothing (log mode), `--chat` gets none of the others' messages:
+/// each connection is an error saying how many were missing, and the client exits 1.
+#[test]
+fn chat_load_reports_missing_deliveries() {
+    let mut server = ServerProcess::start(&[]);
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--chat",
+            "--connections",
+            "3",
+            "--count",
+            "10",
+            "--linger",
+            "300ms",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    client.assert_code(1).assert_no_panic();
+    let json = client.stdout.trim();
+    assert_eq!(field(json, "delivered"), 0.0, "{client}");
+    assert_eq!(field(json, "errors"), 3.0, "{client}");
+    assert!(
+        client.error_lines()[0].contains("0 of the 20 messages from the other connections"),
+        "{client}"
+    );
+    server.stop().assert_code(0);
+}

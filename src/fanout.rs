@@ -1,0 +1,405 @@
+//! Load mode's chat workload (`--chat`): every connection joins the room, then sends its messages
+//! while it counts what arrives from the others and how long each took, from its send to its
+//! receipt. None of ncat, socat or tcpkali measures fan-out this way.
+//!
+//! A message is `chat CONN I T` padded with `.` to the size asked for, where `T` is when it was
+//! sent, in nanoseconds since the run began: all connections are in this one process, so one clock
+//! times both ends. The server relays it to the others as `PEER chat CONN I T...`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::addr::Addrs;
+use crate::error::Error;
+use crate::stream::{self, SendError};
+
+/// What the connections of one chat run share.
+pub(crate) struct ChatRun {
+    /// The clock of the timestamps in messages.
+    epoch: Instant,
+    /// Connections still to arrive at the start line: nobody sends before everyone who could
+    /// join has.
+    to_arrive: Mutex<usize>,
+    all_arrived: Condvar,
+    /// How many joined the room (read their greeting).
+    joined: AtomicUsize,
+}
+
+impl ChatRun {
+    pub(crate) fn new(connections: usize) -> ChatRun {
+        ChatRun {
+            epoch: Instant::now(),
+            to_arrive: Mutex::new(connections),
+            all_arrived: Condvar::new(),
+            joined: AtomicUsize::new(0),
+        }
+    }
+
+    /// Arrives at the start line (joined or failed) and waits for all the others.
+    fn arrive(&self) {
+        let mut left = self
+            .to_arrive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *left = left.saturating_sub(1);
+        self.all_arrived.notify_all();
+        while *left > 0 {
+            left = self
+                .all_arrived
+                .wait(left)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// `n` connections will never arrive (their threads could not start).
+    pub(crate) fn absent(&self, n: usize) {
+        let mut left = self
+            .to_arrive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *left = left.saturating_sub(n);
+        self.all_arrived.notify_all();
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// What a chat connection is asked to do.
+pub(crate) struct ChatTask<'a> {
+    pub(crate) conn: usize,
+    pub(crate) count: u64,
+    pub(crate) interval: Duration,
+    pub(crate) size: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) linger: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) run: &'a ChatRun,
+}
+
+/// What a chat connection did.
+pub(crate) struct ChatOutcome {
+    pub(crate) sent: u64,
+    pub(crate) bytes: u64,
+    pub(crate) delivered: u64,
+    pub(crate) latencies: Option<Histogram<u64>>,
+    pub(crate) error: Option<Error>,
+}
+
+/// Joins the room, sends, counts deliveries; arrives at the start line whatever happens, so
+/// that one connection's failure can't hold up the others.
+pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU64) -> ChatOutcome {
+    let mut outcome = ChatOutcome {
+        sent: 0,
+        bytes: 0,
+        delivered: 0,
+        latencies: None,
+        error: None,
+    };
+    let joined = addrs
+        .connect(task.connect_timeout)
+        .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer)));
+    let (stream, peer) = match joined {
+        Ok(joined) => {
+            task.run.joined.fetch_add(1, Ordering::AcqRel);
+            task.run.arrive();
+            joined
+        }
+        Err(error) => {
+            task.run.arrive();
+            outcome.error = Some(error);
+            return outcome;
+        }
+    };
+    let others = task.run.joined.load(Ordering::Acquire).saturating_sub(1) as u64;
+    if let Err(error) = exchange(stream, peer, task, others, sent, &mut outcome) {
+        outcome.error = Some(error);
+    }
+    outcome
+}
+
+/// Reads the greeting: once it has arrived the connection is in the room, and every line
+/// relayed after that reaches it.
+fn join(stream: TcpStream, peer: SocketAddr, linger: Duration) -> Result<TcpStream, Error> {
+    let broken = |source| Error::Connection { addr: peer, source };
+    stream.set_read_timeout(Some(linger)).map_err(broken)?;
+    let mut byte = [0u8; 1];
+    let mut line = Vec::new();
+    loop {
+        match (&stream).read(&mut byte) {
+            Ok(0) => return Err(broken(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if stream::is_timeout(&e) => {
+                return Err(Error::NoGreeting {
+                    addr: peer,
+                    waited: linger,
+                });
+            }
+            Err(e) => return Err(broken(e)),
+        }
+    }
+    if line.starts_with(b"error: ") {
+        return Err(Error::Ended {
+            addr: peer,
+            reason: String::from_utf8_lossy(&line).into_owned(),
+        });
+    }
+    stream.set_read_timeout(None).map_err(broken)?;
+    Ok(stream)
+}
+
+/// What the reading thread reports.
+enum Heard {
+    /// Every line expected from the others has arrived.
+    AllIn,
+    /// The server's side ended: `Ok` for a clean close.
+    End {
+        result: io::Result<()>,
+        reason: Option<String>,
+        latencies: Option<Histogram<u64>>,
+    },
+}
+
+/// Sends this connection's messages while a second thread reads what the others send; once
+/// all of theirs are in, half-closes and waits for the server's clean close.
+fn exchange(
+    stream: TcpStream,
+    peer: SocketAddr,
+    task: &ChatTask<'_>,
+    others: u64,
+    sent: &AtomicU64,
+    outcome: &mut ChatOutcome,
+) -> Result<(), Error> {
+    let broken = |source| Error::Connection { addr: peer, source };
+    let send_timeout = (!task.send_timeout.is_zero()).then_some(task.send_timeout);
+    stream
+        .set_write_timeout(send_timeout.map(stream::send_slice))
+        .map_err(broken)?;
+    let stream = Arc::new(stream);
+    let expected = others * task.count;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (heard_tx, heard) = mpsc::channel();
+    {
+        let stream = Arc::clone(&stream);
+        let delivered = Arc::clone(&delivered);
+        let epoch = task.run.epoch;
+        thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || listen(&stream, epoch, expected, &delivered, &heard_tx))
+            .map_err(Error::Thread)?;
+    }
+    let send = |bytes: &[u8]| -> Result<(), Error> {
+        let Some(timeout) = send_timeout else {
+            return (&*stream).write_all(bytes).map_err(broken);
+        };
+        stream::send_all(&stream, bytes, timeout, || false).map_err(|e| match e {
+            SendError::Failed(source) => broken(source),
+            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
+                addr: peer,
+                timeout,
+            },
+        })
+    };
+    let mut buf = Vec::with_capacity(128 * 1024);
+    let mut pending = 0;
+    for i in 0..task.count {
+        if i > 0 && !task.interval.is_zero() {
+            thread::sleep(task.interval); // pacing the load, as asked
+        }
+        message(&mut buf, task, i);
+        pending += 1;
+        if buf.len() >= 64 * 1024 || !task.interval.is_zero() || i + 1 == task.count {
+            send(&buf)?;
+            outcome.sent += pending;
+            outcome.bytes += buf.len() as u64;
+            sent.fetch_add(pending, Ordering::Relaxed);
+            buf.clear();
+            pending = 0;
+        }
+    }
+    // Every line from the others, each wait at most the linger since the last one came.
+    let mut counted = delivered.load(Ordering::Acquire);
+    let end = loop {
+        match heard.recv_timeout(task.linger) {
+            Ok(Heard::AllIn) => break None,
+            Ok(end @ Heard::End { .. }) => break Some(end),
+            Err(RecvTimeoutError::Timeout) => {
+                let now = delivered.load(Ordering::Acquire);
+                if now == counted {
+                    outcome.delivered = now;
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return Err(Error::Undelivered {
+                        addr: peer,
+                        received: now,
+                        expected,
+                        waited: task.linger,
+                    });
+                }
+                counted = now;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(broken(io::Error::other("its reader thread ended")));
+            }
+        }
+    };
+    let end = match end {
+        Some(end) => end,
+        None => {
+            stream.shutdown(Shutdown::Write).map_err(broken)?;
+            match heard.recv_timeout(task.linger) {
+                Ok(end) => end,
+                Err(_) => {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    outcome.delivered = delivered.load(Ordering::Acquire);
+                    return Err(Error::Unconfirmed {
+                        addr: peer,
+                        waited: task.linger,
+                    });
+                }
+            }
+        }
+    };
+    outcome.delivered = delivered.load(Ordering::Acquire);
+    let Heard::End {
+        result,
+        reason,
+        latencies,
+    } = end
+    else {
+        return Err(broken(io::Error::other("its reader thread ended")));
+    };
+    outcome.latencies = latencies;
+    match (result, reason) {
+        (Ok(()), _) if outcome.delivered < expected => Err(Error::Undelivered {
+            addr: peer,
+            received: outcome.delivered,
+            expected,
+            waited: Duration::ZERO,
+        }),
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(reason)) => Err(Error::Ended { addr: peer, reason }),
+        (Err(source), None) => Err(broken(source)),
+    }
+}
+
+/// Appends message `i` of this connection, stamped with the time, padded to the size asked for.
+fn message(buf: &mut Vec<u8>, task: &ChatTask<'_>, i: u64) {
+    let start = buf.len();
+    let _ = write!(buf, "chat {} {i} {}", task.conn, task.run.now_ns());
+    let len = buf.len() - start + 1;
+    if len < task.size {
+        buf.resize(buf.len() + task.size - len, b'.');
+    }
+    buf.push(b'\n');
+}
+
+/// The reading thread: counts the others' lines and records each one's delivery time, until the
+/// server's side ends.
+fn listen(
+    stream: &TcpStream,
+    epoch: Instant,
+    expected: u64,
+    delivered: &AtomicU64,
+    heard: &mpsc::Sender<Heard>,
+) {
+    let mut latencies = latency_histogram();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut kept = 0; // an unfinished line at the start of `buf`
+    let mut count = 0u64;
+    let mut reason = None;
+    let result = loop {
+        if kept == buf.len() {
+            buf.resize(buf.len() * 2, 0); // a line longer than the buffer
+        }
+        let n = match (&*stream).read(&mut buf[kept..]) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        };
+        let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let filled = kept + n;
+        let mut start = 0;
+        let before = count;
+        for end in memchr::memchr_iter(b'\n', &buf[kept..filled]).map(|at| kept + at) {
+            let line = &buf[start..end];
+            start = end + 1;
+            if line.starts_with(b"error: ") {
+                reason = Some(String::from_utf8_lossy(line).into_owned());
+                continue;
+            }
+            if let Some(sent) = sent_at(line) {
+                count += 1;
+                if let Some(latencies) = &mut latencies {
+                    let _ = latencies.record(now.saturating_sub(sent).max(1));
+                }
+            }
+        }
+        buf.copy_within(start..filled, 0);
+        kept = filled - start;
+        if count != before {
+            delivered.store(count, Ordering::Release);
+            if before < expected && count >= expected {
+                let _ = heard.send(Heard::AllIn);
+            }
+        }
+    };
+    let _ = heard.send(Heard::End {
+        result,
+        reason,
+        latencies,
+    });
+}
+
+/// The send time in a relayed line `PEER chat CONN I T...`. (`ncat --chat` puts its `<userN>`
+/// only before the first line of each chunk it relays, so the peer is optional.)
+fn sent_at(line: &[u8]) -> Option<u64> {
+    let body = match line.strip_prefix(b"chat ") {
+        Some(body) => body,
+        None => {
+            let space = memchr::memchr(b' ', line)?;
+            line[space + 1..].strip_prefix(b"chat ")?
+        }
+    };
+    let mut fields = body.splitn(3, |&b| b == b' ');
+    let (_conn, _i, stamp) = (fields.next()?, fields.next()?, fields.next()?);
+    let digits = stamp.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&stamp[..digits]).ok()?.parse().ok()
+}
+
+/// A histogram for latencies: nanoseconds from 1 ns to 100 s, three significant figures. (`None`
+/// only if those bounds were refused, which they are not.)
+pub(crate) fn latency_histogram() -> Option<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sent_at;
+
+    #[test]
+    fn the_send_time_is_read_with_or_without_a_peer() {
+        assert_eq!(
+            sent_at(b"127.0.0.1:5000 chat 3 17 123456....."),
+            Some(123_456)
+        );
+        assert_eq!(sent_at(b"<user5> chat 3 17 99"), Some(99));
+        assert_eq!(sent_at(b"chat 3 17 42.."), Some(42));
+        assert_eq!(sent_at(b"welcome to plugboard, 127.0.0.1:5000"), None);
+        assert_eq!(
+            sent_at(b"<announce> 127.0.0.1 is connected as <user5>."),
+            None
+        );
+        assert_eq!(sent_at(b"127.0.0.1:5000 chat 3 17 ..."), None);
+    }
+}
