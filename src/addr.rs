@@ -8,14 +8,15 @@ use crate::Error;
 
 /// The addresses a host resolved to: never none.
 #[derive(Clone, Debug)]
-pub struct Addrs {
+pub(crate) struct Addrs {
     first: SocketAddr,
     rest: Vec<SocketAddr>,
 }
 
 impl Addrs {
     /// Every address, in the order the resolver gave them.
-    pub fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         std::iter::once(self.first).chain(self.rest.iter().copied())
     }
 
@@ -45,7 +46,10 @@ impl Addrs {
                 TcpStream::connect_timeout(&addr, timeout)
             };
             let stream = attempt.map_err(|source| match source.kind() {
-                io::ErrorKind::TimedOut => Error::ConnectTimeout { addr, timeout },
+                // Ours, not the operating system's (with no timeout of ours, its reason says).
+                io::ErrorKind::TimedOut if !timeout.is_zero() => {
+                    Error::ConnectTimeout { addr, timeout }
+                }
                 _ => Error::Connect { addr, source },
             })?;
             Ok((stream, addr))
@@ -56,7 +60,7 @@ impl Addrs {
 /// Resolves `host` (an IPv4 or IPv6 address, bracketed or not, or a name) with `port`.
 ///
 /// No address is an [`Error::Resolve`].
-pub fn resolve(host: &str, port: u16) -> Result<Addrs, Error> {
+pub(crate) fn resolve(host: &str, port: u16) -> Result<Addrs, Error> {
     // Accept `[::1]` as well as `::1`, since that is how IPv6 hosts are written next to a port.
     let bare = host
         .strip_prefix('[')

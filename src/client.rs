@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::framing::{Batch, Decoder, Framing};
-use crate::stream::{self, SendError};
+use crate::send::{self, SendError};
 use crate::{Error, addr};
 
 /// The longest line a [`Receiver`] accepts before giving up on the connection.
-pub const RECEIVE_MAX_LINE: usize = 1024 * 1024;
+pub(crate) const RECEIVE_MAX_LINE: usize = 1024 * 1024;
 
 /// A connection to a server.
 ///
@@ -65,7 +65,7 @@ impl Client {
     pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         let timeout = timeout.filter(|t| !t.is_zero());
         self.stream
-            .set_write_timeout(timeout.map(stream::send_slice))
+            .set_write_timeout(timeout.map(send::send_slice))
             .map_err(|e| self.failed(e))?;
         self.send_timeout = timeout;
         Ok(())
@@ -76,7 +76,7 @@ impl Client {
         let Some(timeout) = self.send_timeout else {
             return (&*self.stream).write_all(bytes).map_err(|e| self.failed(e));
         };
-        stream::send_all(&self.stream, bytes, timeout, || false).map_err(|e| match e {
+        send::send_all(&self.stream, bytes, timeout, || false).map_err(|e| match e {
             SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
                 addr: self.peer,
                 timeout,
@@ -159,7 +159,8 @@ impl Client {
 
     /// An iterator over the messages the server sends, ending when the server closes.
     ///
-    /// It shares this client's socket, so it can run on its own thread while this one sends.
+    /// It shares this client's socket, so it can run on its own thread while this one sends. In
+    /// line framing a line longer than 1 MiB ends it with an error.
     pub fn receiver(&self) -> Receiver {
         Receiver {
             stream: Arc::clone(&self.stream),

@@ -13,7 +13,8 @@ use crate::context::Context;
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::options::Mode;
 use crate::room::Seat;
-use crate::stream::{LINGER_AFTER_ERROR, SendError, Stream, is_timeout};
+use crate::send::{SendError, is_timeout};
+use crate::stream::{LINGER_AFTER_ERROR, Stream};
 
 /// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
 /// allows) until the client goes quiet, so an idle client costs little and a streaming one gets

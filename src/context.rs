@@ -81,7 +81,9 @@ impl Context {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Marks the server stopping; returns when, the first time only.
+    /// Marks the server stopping; returns when, the first time only. For the server's stop alone
+    /// (`Shared::stop`, which also cuts the connections): a connection that wants the server
+    /// stopped calls [`output_failed`](Context::output_failed), which asks the server.
     pub(crate) fn begin_stop(&self) -> Option<Instant> {
         if self.stopping.swap(true, Ordering::AcqRel) {
             return None;
@@ -96,7 +98,7 @@ impl Context {
         self.stopped_at.get().copied()
     }
 
-    /// From now on, threads that end after a stop park (see `Server::wait`).
+    /// From now on, threads that end after a stop park (see `Server::wait`). For the server.
     pub(crate) fn set_exit_follows(&self) {
         self.exit_follows.store(true, Ordering::Release);
     }
@@ -153,7 +155,8 @@ impl Context {
         (self.request_stop)();
     }
 
-    /// The output's failure, if it failed (taken: the second call returns `None`).
+    /// The output's failure, if it failed (taken: the second call returns `None`). For the
+    /// server's result.
     pub(crate) fn take_output_error(&self) -> Option<io::Error> {
         self.output_error
             .lock()

@@ -108,6 +108,8 @@ pub enum Error {
     Output(io::Error),
     /// The operating system refused to start a thread.
     Thread(io::Error),
+    /// A thread of the library's own panicked (a bug): what it was doing is lost.
+    Panicked(&'static str),
     /// An option that makes no sense (see [`ServerOptions::validate`](crate::ServerOptions::validate)).
     Options {
         /// The option's name, as its setter is called.
@@ -184,6 +186,7 @@ impl fmt::Display for Error {
             ),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
+            Error::Panicked(what) => write!(f, "{what} panicked"),
             Error::Options { option, problem } => write!(f, "invalid {option}: {problem}"),
         }
     }
@@ -206,6 +209,7 @@ impl std::error::Error for Error {
             | Error::NoEcho { .. }
             | Error::NoGreeting { .. }
             | Error::Undelivered { .. }
+            | Error::Panicked(_)
             | Error::Options { .. } => None,
         }
     }

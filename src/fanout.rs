@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 
 use crate::addr::Addrs;
 use crate::error::Error;
-use crate::stream::{self, SendError};
+use crate::send::{self, SendError};
 
 /// What the connections of one chat run share.
 pub(crate) struct ChatRun {
@@ -139,7 +139,7 @@ fn join(stream: TcpStream, peer: SocketAddr, linger: Duration) -> Result<TcpStre
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if stream::is_timeout(&e) => {
+            Err(e) if send::is_timeout(&e) => {
                 return Err(Error::NoGreeting {
                     addr: peer,
                     waited: linger,
@@ -183,7 +183,7 @@ fn exchange(
     let broken = |source| Error::Connection { addr: peer, source };
     let send_timeout = (!task.send_timeout.is_zero()).then_some(task.send_timeout);
     stream
-        .set_write_timeout(send_timeout.map(stream::send_slice))
+        .set_write_timeout(send_timeout.map(send::send_slice))
         .map_err(broken)?;
     let stream = Arc::new(stream);
     let expected = others * task.count;
@@ -202,7 +202,7 @@ fn exchange(
         let Some(timeout) = send_timeout else {
             return (&*stream).write_all(bytes).map_err(broken);
         };
-        stream::send_all(&stream, bytes, timeout, || false).map_err(|e| match e {
+        send::send_all(&stream, bytes, timeout, || false).map_err(|e| match e {
             SendError::Failed(source) => broken(source),
             SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
                 addr: peer,

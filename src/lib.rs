@@ -58,6 +58,7 @@ mod load;
 mod options;
 mod room;
 mod scan;
+mod send;
 mod server;
 mod sink;
 mod stream;
@@ -73,15 +74,11 @@ pub use server::{Server, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, stdout};
 
 /// Internals that the benchmarks, examples and tests reach for: the decoder, the formatting and
-/// escaping of output lines, address resolution, limits and sizes. Not part of the stable API:
-/// they change when the implementation does.
+/// escaping of output lines, the descriptor reservation. Not part of the stable API: they change
+/// when the implementation does.
 #[doc(hidden)]
 pub mod unstable {
-    pub use crate::addr::resolve;
-    pub use crate::client::RECEIVE_MAX_LINE;
     pub use crate::framing::{Decoder, LineTooLong, escape_into, needs_escape};
-    pub use crate::limits::{reserve_descriptors, thread_room};
-    pub use crate::options::CONNECTION_STACK;
-    pub use crate::room::OUTBOX_BYTES;
+    pub use crate::limits::reserve_descriptors;
     pub use crate::sink::format_batch;
 }

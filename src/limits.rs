@@ -93,7 +93,7 @@ const MAPS_PER_THREAD: usize = 4;
 /// Past that limit a new thread can't set up its signal stack, and Rust's runtime aborts the
 /// whole process (a failure it has no way to report): so the server refuses a client rather than
 /// start a thread beyond it. `None` where there is no such limit to read (off Linux).
-pub fn thread_room(spare: usize) -> Option<usize> {
+pub(crate) fn thread_room(spare: usize) -> Option<usize> {
     #[cfg(target_os = "linux")]
     {
         let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")

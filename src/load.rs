@@ -15,7 +15,7 @@ use crate::client::{Client, Receiver};
 use crate::error::{self, Error};
 use crate::fanout::{self, ChatRun, ChatTask, latency_histogram};
 use crate::framing::Framing;
-use crate::stream::{self, SendError};
+use crate::send::{self, SendError};
 
 /// What a load run does.
 #[derive(Clone, Debug)]
@@ -339,10 +339,10 @@ pub fn run_load(
     };
     let mut latencies: Option<Histogram<u64>> = None;
     for thread in threads {
-        let outcome = match thread.map_err(Error::Thread).and_then(|t| {
-            t.join()
-                .map_err(|_| Error::Thread(io::Error::other("a load thread panicked")))
-        }) {
+        let outcome = match thread
+            .map_err(Error::Thread)
+            .and_then(|t| t.join().map_err(|_| Error::Panicked("a load thread")))
+        {
             Ok(outcome) => outcome,
             Err(error) => Outcome {
                 messages: 0,
@@ -644,13 +644,13 @@ fn stream_messages(
     let broken = |source| Error::Connection { addr: peer, source };
     let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
     stream
-        .set_write_timeout(send_timeout.map(stream::send_slice))
+        .set_write_timeout(send_timeout.map(send::send_slice))
         .map_err(broken)?;
     let send = |stream: &TcpStream, bytes: &[u8]| -> Result<(), Error> {
         let Some(timeout) = send_timeout else {
             return (&*stream).write_all(bytes).map_err(broken);
         };
-        stream::send_all(stream, bytes, timeout, || false).map_err(|e| match e {
+        send::send_all(stream, bytes, timeout, || false).map_err(|e| match e {
             SendError::Failed(source) => broken(source),
             SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
                 addr: peer,

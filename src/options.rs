@@ -15,7 +15,7 @@ pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
 
 /// Stack size of each connection thread. The reader needs little (its buffers live on the heap),
 /// and only the pages it touches count against memory: about 8 KiB in practice.
-pub const CONNECTION_STACK: usize = 64 * 1024;
+pub(crate) const CONNECTION_STACK: usize = 64 * 1024;
 
 /// The default for [`ServerOptions::buffer_budget`].
 pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;

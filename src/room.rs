@@ -12,11 +12,12 @@ use tracing::{debug, warn};
 
 use crate::framing::{Batch, LARGE_BUFFER};
 use crate::options::CONNECTION_STACK;
+use crate::send::{SendError, deadline_in};
 use crate::sink::format_batch;
-use crate::stream::{SendError, Stream, deadline_in};
+use crate::stream::Stream;
 
 /// Most bytes waiting to be sent to one client; a sender waits for room beyond that.
-pub const OUTBOX_BYTES: usize = 1024 * 1024;
+pub(crate) const OUTBOX_BYTES: usize = 1024 * 1024;
 
 /// What is waiting to be written to one client.
 #[derive(Debug)]

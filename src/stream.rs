@@ -15,9 +15,13 @@
 //! reader ([`read`](Stream::read)), greetings, echo replies and the chat writer
 //! ([`send`](Stream::send)), the last words ([`tell_now`](Stream::tell_now),
 //! [`refuse`](Stream::refuse)), the end ([`close_cleanly`](Stream::close_cleanly)) and the
-//! stop's wake-up ([`cut`](Stream::cut)). Framing, the sink, the room and the server see only
-//! these, so a TLS session can be put under every connection by changing this file alone. For
-//! that, what it is built to allow:
+//! stop's wake-up ([`cut`](Stream::cut)). Framing, the sink, the room and the connection's logic
+//! see only these, so a TLS session goes under every connection here, without touching them. Its
+//! configuration would come with the options, to where the server makes each `Stream`
+//! (`Stream::new`), and its handshake would run in [`prepare`](Stream::prepare), whose failure
+//! already ends the connection before the greeting. (The client's sockets are another matter:
+//! the client and load mode use [`send`](crate::send) directly.) What this type is built to
+//! allow:
 //!
 //! - Two threads use one `Stream` at once: the connection's reader, and a sender (its own
 //!   thread's echo replies, or its chat writer). A TLS session has one state machine for both
@@ -40,6 +44,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use crate::send::{SendError, send_all, send_slice};
+
 /// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
 /// closing is noticed after about two minutes even with no idle timeout.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -48,9 +54,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a client cut off with a reason (`error: ...`) has to read it before the reset, at
 /// accept (`turnaway`) and later ([`Stream::refuse`]).
 pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
-
-/// A blocked send wakes this often to see whether it should give up (a stop, an eviction).
-const SEND_SLICE: Duration = Duration::from_millis(100);
 
 /// One client's socket, shared by its connection thread, its chat writer, the registry and the
 /// chat room.
@@ -64,17 +67,6 @@ pub(crate) struct Stream {
     /// Set just before the server shuts the read side to wake the reader (stop, eviction): an end
     /// of stream after that is the server's doing, not the client's.
     cut: AtomicBool,
-}
-
-/// Why a send did not finish.
-#[derive(Debug)]
-pub(crate) enum SendError {
-    /// The client took nothing for the whole send timeout.
-    NotReading,
-    /// The caller's `give_up` said to stop (the server is stopping, the client was evicted).
-    GaveUp,
-    /// The connection failed (reset, ...).
-    Failed(io::Error),
 }
 
 impl Stream {
@@ -203,65 +195,6 @@ impl Stream {
         let _ = SockRef::from(&self.tcp).set_linger(None);
         let _ = self.tcp.shutdown(Shutdown::Write);
     }
-}
-
-/// The socket send timeout (`SO_SNDTIMEO`) for sends with [`send_all`] under `timeout`: a short
-/// slice, so that a blocked send wakes to check how long nothing has been taken, and whether to
-/// give up.
-pub(crate) fn send_slice(timeout: Duration) -> Duration {
-    timeout.clamp(Duration::from_millis(1), SEND_SLICE)
-}
-
-/// Sends all of `buf` on `tcp`, whose send timeout is [`send_slice`]`(timeout)`. Gives up when the
-/// peer takes nothing for `timeout` (to within a slice), or when `give_up` says so (asked whenever
-/// the send has waited a slice). A plain socket timeout won't do: a send that took part of the
-/// data and then waited the whole timeout for the rest returns the part, which looks like
-/// progress, so "nothing taken for 3s" came after 9 s.
-pub(crate) fn send_all(
-    tcp: &TcpStream,
-    buf: &[u8],
-    timeout: Duration,
-    give_up: impl Fn() -> bool,
-) -> Result<(), SendError> {
-    let mut rest = buf;
-    // Only read the clock once a send has had to wait: the usual send doesn't.
-    let mut waiting_since: Option<Instant> = None;
-    while !rest.is_empty() {
-        match (&*tcp).write(rest) {
-            Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
-            Ok(n) => {
-                rest = &rest[n..];
-                waiting_since = None;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                if give_up() {
-                    return Err(SendError::GaveUp);
-                }
-                let since = *waiting_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout {
-                    return Err(SendError::NotReading);
-                }
-            }
-            Err(e) => return Err(SendError::Failed(e)),
-        }
-    }
-    Ok(())
-}
-
-/// The instant `timeout` from now; a timeout too long for the clock (centuries) is a century.
-pub(crate) fn deadline_in(timeout: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    let now = Instant::now();
-    now.checked_add(timeout).unwrap_or_else(|| now + CENTURY)
-}
-
-/// A socket call that gave up waiting: `WouldBlock` on Unix, `TimedOut` on Windows.
-pub(crate) fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 /// Refuses a connection that never became a client (queued when the server stopped, a thread

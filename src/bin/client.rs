@@ -433,10 +433,12 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         let _ = writeln!(io::stdout(), "{}", report.to_json());
     }
     if let Some(error) = report.first_error {
-        return Err(anyhow::Error::new(error).context(format!(
-            "{} of {} connections failed; first",
-            report.errors, report.connections
-        )));
+        bail!(
+            "{} of {} connections failed; first: {:#}",
+            report.errors,
+            report.connections,
+            anyhow::Error::new(error)
+        );
     }
     Ok(())
 }
