@@ -460,21 +460,8 @@ impl Relay {
                 Relay::Log
             });
         }
-        let parks = {
-            let ctx = Arc::clone(ctx);
-            move || ctx.parks_after_stop()
-        };
-        match Seat::take(&ctx.room, id, stream, greeting, options.send_timeout, parks) {
-            Ok(seat) => Ok(Relay::Chat(seat)),
-            Err(e) => {
-                warn!(
-                    "{}: cannot start its writer thread: {e}; closing",
-                    stream.peer()
-                );
-                stream.tell_now("server busy");
-                Err(End::Failed(e))
-            }
-        }
+        let seat = Seat::take(&ctx.room, id, stream, greeting, options.send_timeout);
+        Ok(Relay::Chat(seat))
     }
 
     /// Leaves the chat room. If `drain`, what is queued for the client is sent first (it closed

@@ -1,5 +1,13 @@
-//! Chat mode: the room of connected clients, each with a bounded outbound queue drained by its own
-//! writer thread, so that no slow reader can stall the others for long.
+//! Chat mode: the room of connected clients, and each one's seat in it.
+//!
+//! A line is relayed on the sender's own thread: for each other member, one write of the whole
+//! batch, straight to its socket and never blocking (`MSG_DONTWAIT`). Only a member whose socket
+//! can't take it all at once gets a queue, its outbox, and a thread that drains it with blocking
+//! sends for as long as it is behind; while it is, senders only add to the queue, so what each
+//! member receives stays in order. So a fast room costs one system call per recipient per batch,
+//! with no lock held by anyone but the sender and no thread to wake, and a slow reader delays only
+//! itself: its queue is bounded (a sender waits for room at most `--send-timeout` in all, however
+//! many are full), and a member that takes nothing for `--send-timeout` is cut off.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -19,41 +27,54 @@ use crate::stream::Stream;
 /// Most bytes waiting to be sent to one client; a sender waits for room beyond that.
 pub(crate) const OUTBOX_BYTES: usize = 1024 * 1024;
 
-/// What is waiting to be written to one client.
+/// What is waiting to be written to one client, and who sends it.
 #[derive(Debug)]
 struct Outbox {
     queue: Mutex<Queue>,
-    /// Signalled when something is queued or the outbox closes (the writer waits on it).
-    ready: Condvar,
-    /// Signalled when the writer takes what was queued (senders wait on it).
+    /// Signalled when the drainer takes what was queued or stops draining (senders, and a
+    /// leaving seat, wait on it).
     space: Condvar,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     payloads: VecDeque<Arc<[u8]>>,
+    /// Of the first payload, the bytes a direct write already sent.
+    first_sent: usize,
     bytes: usize,
+    /// A drainer owns sending to this client: senders only queue.
+    draining: bool,
     closed: bool,
-    /// Closed with what was queued dropped: the writer stops at once.
+    /// Closed with what was queued dropped: the drainer stops at once.
     abandoned: bool,
-    /// The writer has finished (see [`Outbox::writer_done`]).
-    writer_done: bool,
 }
 
-/// Why a payload could not be queued.
-#[derive(Debug, PartialEq, Eq)]
+/// Why a payload could not be delivered.
+#[derive(Debug)]
 enum Refused {
     /// Still full at the deadline: the client is not reading.
     Full,
     /// The client is leaving.
     Closed,
+    /// The connection failed.
+    Failed(io::Error),
+}
+
+/// What became of a delivered payload.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivered {
+    /// Written to the socket.
+    Sent,
+    /// Queued behind what a drainer is sending.
+    Queued,
+    /// The socket took part of it or none: queued, and a drainer must be started.
+    Behind,
 }
 
 impl Outbox {
     fn new() -> Outbox {
         Outbox {
             queue: Mutex::new(Queue::default()),
-            ready: Condvar::new(),
             space: Condvar::new(),
         }
     }
@@ -62,21 +83,43 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `payload`, waiting until `deadline` at most for room (backpressure on the sender;
-    /// `None`: no waiting).
-    fn push(&self, payload: Arc<[u8]>, deadline: Option<Instant>) -> Result<(), Refused> {
+    /// Delivers `payload` to `stream`: written at once if nothing is queued and the socket takes
+    /// it, queued otherwise, waiting until `deadline` at most for room (backpressure on the
+    /// sender). Under the outbox's lock, so that writes to one client never interleave.
+    fn deliver(
+        &self,
+        stream: &Stream,
+        payload: &Arc<[u8]>,
+        deadline: Instant,
+    ) -> Result<Delivered, Refused> {
         let mut queue = self.lock();
         loop {
             if queue.closed {
                 return Err(Refused::Closed);
             }
+            if !queue.draining {
+                let sent = match stream.try_send(payload) {
+                    Ok(sent) => sent,
+                    Err(e) if crate::send::is_timeout(&e) => 0,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                    Err(e) => return Err(Refused::Failed(e)),
+                };
+                if sent == payload.len() {
+                    return Ok(Delivered::Sent);
+                }
+                queue.first_sent = sent;
+                queue.bytes = payload.len() - sent;
+                queue.payloads.push_back(Arc::clone(payload));
+                queue.draining = true;
+                return Ok(Delivered::Behind);
+            }
             // An empty outbox takes anything, so one large payload can't wait forever.
             if queue.bytes == 0 || queue.bytes + payload.len() <= OUTBOX_BYTES {
-                break;
+                queue.bytes += payload.len();
+                queue.payloads.push_back(Arc::clone(payload));
+                return Ok(Delivered::Queued);
             }
-            let left = deadline.map_or(Duration::ZERO, |deadline| {
-                deadline.saturating_duration_since(Instant::now())
-            });
+            let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Refused::Full);
             }
@@ -86,28 +129,29 @@ impl Outbox {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        queue.bytes += payload.len();
-        queue.payloads.push_back(payload);
-        drop(queue);
-        self.ready.notify_one();
-        Ok(())
     }
 
-    /// Moves everything queued into `out`, waiting until there is something; false once the
-    /// outbox is closed and empty, or abandoned.
+    /// Queues `payload` for a drainer that is to run next (the greeting, before the seat joins).
+    fn queue_first(&self, payload: Arc<[u8]>) {
+        let mut queue = self.lock();
+        queue.bytes += payload.len();
+        queue.payloads.push_back(payload);
+        queue.draining = true;
+    }
+
+    /// For the drainer: moves everything queued into `out`; false (and no longer draining) once
+    /// nothing is, or the outbox was abandoned.
     fn take_all(&self, out: &mut Vec<u8>) -> bool {
         let mut queue = self.lock();
-        while queue.payloads.is_empty() {
-            if queue.closed {
-                return false;
-            }
-            queue = self
-                .ready
-                .wait(queue)
-                .unwrap_or_else(PoisonError::into_inner);
+        if queue.payloads.is_empty() || queue.abandoned {
+            queue.draining = false;
+            drop(queue);
+            self.space.notify_all();
+            return false;
         }
-        for payload in queue.payloads.drain(..) {
-            out.extend_from_slice(&payload);
+        let skip = std::mem::take(&mut queue.first_sent);
+        for (n, payload) in queue.payloads.drain(..).enumerate() {
+            out.extend_from_slice(if n == 0 { &payload[skip..] } else { &payload });
         }
         queue.bytes = 0;
         drop(queue);
@@ -115,23 +159,22 @@ impl Outbox {
         true
     }
 
-    /// No more payloads; the writer sends what is queued, then ends.
+    /// No more payloads; a drainer still sends what is queued.
     fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_all();
         self.space.notify_all();
     }
 
-    /// No more payloads, and what is queued is dropped: the writer ends at once.
+    /// No more payloads, and what is queued is dropped: a drainer ends at once.
     fn abandon(&self) {
         {
             let mut queue = self.lock();
             queue.closed = true;
             queue.abandoned = true;
             queue.payloads.clear();
+            queue.first_sent = 0;
             queue.bytes = 0;
         }
-        self.ready.notify_all();
         self.space.notify_all();
     }
 
@@ -139,19 +182,11 @@ impl Outbox {
         self.lock().abandoned
     }
 
-    /// The writer has finished its work: what [`wait_for_writer`](Outbox::wait_for_writer)
-    /// waits for. (Its thread may not have exited yet: after a stop it doesn't, see
-    /// `Server::wait`.)
-    fn writer_done(&self) {
-        self.lock().writer_done = true;
-        self.space.notify_all();
-    }
-
-    /// Waits until the writer has finished: after [`close`](Outbox::close), once it has sent
-    /// what was queued or failed; after [`abandon`](Outbox::abandon), within a send slice.
-    fn wait_for_writer(&self) {
+    /// Waits until no drainer is sending: after [`close`](Outbox::close), once what was queued
+    /// is sent or the send failed; after [`abandon`](Outbox::abandon), within a send slice.
+    fn wait_until_drained(&self) {
         let mut queue = self.lock();
-        while !queue.writer_done {
+        while queue.draining {
             queue = self
                 .space
                 .wait(queue)
@@ -160,7 +195,7 @@ impl Outbox {
     }
 }
 
-/// A client's place in the chat room: its outbox and the writer thread that drains it.
+/// A client's place in the chat room: its outbox.
 pub(crate) struct Seat {
     id: u64,
     outbox: Arc<Outbox>,
@@ -169,54 +204,27 @@ pub(crate) struct Seat {
 }
 
 impl Seat {
-    /// Joins the room as `id`, with `greeting` queued first, and starts the writer thread, which
-    /// parks when done if `parks` says so (the process exits next: see `Server::wait`).
+    /// Sends `greeting` and joins the room as `id`. The greeting is queued before the seat
+    /// joins and sent by this thread before it returns, with whatever was relayed meanwhile
+    /// behind it: no relayed line comes before the greeting, and once greeted the client
+    /// receives every line relayed after that.
     pub(crate) fn take(
         room: &Room,
         id: u64,
         stream: &Arc<Stream>,
         greeting: Option<String>,
         send_timeout: Duration,
-        parks: impl Fn() -> bool + Send + 'static,
-    ) -> io::Result<Seat> {
-        // The greeting goes through the outbox, so no relayed line can come before it; and the
-        // client joins the room before its writer starts, so once it is greeted it receives
-        // every line relayed after that.
+    ) -> Seat {
         let outbox = Arc::new(Outbox::new());
         if let Some(greeting) = greeting {
-            let _ = outbox.push(greeting.into_bytes().into(), None);
+            outbox.queue_first(greeting.into_bytes().into());
         }
         room.join(id, Arc::clone(stream), Arc::clone(&outbox));
-        let writer = {
-            let outbox = Arc::clone(&outbox);
-            let stream = Arc::clone(stream);
-            thread::Builder::new()
-                .stack_size(CONNECTION_STACK)
-                .spawn(move || {
-                    {
-                        // Done even if the loop panics: the connection waits for it.
-                        let _done = WriterDone(&outbox);
-                        write_loop(&outbox, &stream, send_timeout);
-                    }
-                    drop((outbox, stream));
-                    if parks() {
-                        // As connection threads do: ended with the process, not on its own.
-                        loop {
-                            thread::park();
-                        }
-                    }
-                })
-        };
-        match writer {
-            Ok(_detached) => Ok(Seat {
-                id,
-                outbox,
-                lines: Vec::new(),
-            }),
-            Err(e) => {
-                room.leave(id);
-                Err(e)
-            }
+        drain(&outbox, stream, send_timeout);
+        Seat {
+            id,
+            outbox,
+            lines: Vec::new(),
         }
     }
 
@@ -238,7 +246,7 @@ impl Seat {
     }
 
     /// Leaves the room. If `drain`, what is queued for the client is sent first (it closed its
-    /// side cleanly); otherwise it is dropped. Returns once the writer is done.
+    /// side cleanly); otherwise it is dropped. Returns once nothing is sending to it any more.
     pub(crate) fn leave(self, room: &Room, drain: bool) {
         room.leave(self.id);
         if drain {
@@ -246,48 +254,63 @@ impl Seat {
         } else {
             self.outbox.abandon();
         }
-        self.outbox.wait_for_writer();
+        self.outbox.wait_until_drained();
     }
 }
 
-/// Tells the seat its writer is done when dropped, even by a panic.
-struct WriterDone<'a>(&'a Outbox);
-
-impl Drop for WriterDone<'_> {
-    fn drop(&mut self) {
-        self.0.writer_done();
-    }
-}
-
-/// A writer thread's work: send what the outbox holds until it closes or the client fails. A
-/// client that takes nothing for `send_timeout` is not reading: it is cut off, and its reader
-/// woken to end the connection.
-fn write_loop(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
+/// A drainer's work: send what the outbox holds until it is empty, or the client fails. A client
+/// that takes nothing for `send_timeout` is not reading: it is cut off, and its reader woken to
+/// end the connection.
+fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
     let mut buf = Vec::new();
     while outbox.take_all(&mut buf) {
-        match stream.send(&buf, send_timeout, || outbox.is_abandoned()) {
-            Ok(()) => {}
-            Err(SendError::GaveUp) => return,
+        let failure = match stream.send(&buf, send_timeout, || outbox.is_abandoned()) {
+            Ok(()) => None,
+            Err(SendError::GaveUp) => Some(None),
             Err(SendError::NotReading) => {
                 warn!(
                     "{} disconnected: not reading (nothing could be sent within the send timeout)",
                     stream.peer()
                 );
-                outbox.abandon();
-                stream.cut();
-                return;
+                Some(Some(()))
             }
             Err(SendError::Failed(e)) => {
                 debug!("{}: cannot send: {e}", stream.peer());
-                outbox.abandon();
-                stream.cut();
-                return;
+                Some(Some(()))
             }
+        };
+        if let Some(cut) = failure {
+            outbox.abandon();
+            if cut.is_some() {
+                stream.cut();
+            }
+            let _ = outbox.take_all(&mut buf); // no longer draining
+            return;
         }
         buf.clear();
         if buf.capacity() > OUTBOX_BYTES {
-            buf = Vec::new(); // a burst's buffer is not kept for an idle client
+            buf = Vec::new(); // a burst's buffer is not kept
         }
+    }
+}
+
+/// Starts a thread that drains `outbox`; a client nothing can be sent to is cut off.
+fn start_drainer(stream: &Arc<Stream>, outbox: &Arc<Outbox>, send_timeout: Duration) {
+    let spawned = {
+        let stream = Arc::clone(stream);
+        let outbox = Arc::clone(outbox);
+        thread::Builder::new()
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || drain(&outbox, &stream, send_timeout))
+    };
+    if let Err(e) = spawned {
+        warn!(
+            "{} disconnected: cannot start a thread to send to it: {e}",
+            stream.peer()
+        );
+        outbox.abandon();
+        let _ = outbox.take_all(&mut Vec::new()); // no longer draining
+        stream.cut();
     }
 }
 
@@ -345,9 +368,9 @@ impl Room {
         }
     }
 
-    /// Queues `payload` for every member but `from`, waiting for full outboxes at most `timeout`
-    /// in all, however many there are. A member whose outbox is still full then is not reading:
-    /// it is disconnected, and the room carries on.
+    /// Delivers `payload` to every member but `from`, waiting for full outboxes at most
+    /// `timeout` in all, however many there are. A member whose outbox is still full then is not
+    /// reading: it is disconnected, and the room carries on.
     pub(crate) fn broadcast(&self, from: u64, payload: &Arc<[u8]>, timeout: Duration) {
         let others: Vec<(Arc<Stream>, Arc<Outbox>)> = {
             let members = self.lock();
@@ -363,14 +386,23 @@ impl Room {
         };
         let deadline = deadline_in(timeout);
         for (stream, outbox) in others {
-            if outbox.push(Arc::clone(payload), Some(deadline)) == Err(Refused::Full) {
-                warn!(
-                    "{} disconnected: not reading (outbound queue full for {})",
-                    stream.peer(),
-                    humantime::format_duration(timeout)
-                );
-                outbox.abandon();
-                stream.cut();
+            match outbox.deliver(&stream, payload, deadline) {
+                Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
+                Ok(Delivered::Behind) => start_drainer(&stream, &outbox, timeout),
+                Err(Refused::Full) => {
+                    warn!(
+                        "{} disconnected: not reading (outbound queue full for {})",
+                        stream.peer(),
+                        humantime::format_duration(timeout)
+                    );
+                    outbox.abandon();
+                    stream.cut();
+                }
+                Err(Refused::Failed(e)) => {
+                    debug!("{}: cannot send: {e}", stream.peer());
+                    outbox.abandon();
+                    stream.cut();
+                }
             }
         }
     }
@@ -378,48 +410,94 @@ impl Room {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
     use super::*;
 
-    fn payload(bytes: usize) -> Arc<[u8]> {
-        vec![b'x'; bytes].into()
+    /// A served socket and the client's end of it, on loopback.
+    fn pair() -> (Arc<Stream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (served, peer) = listener.accept().expect("accept");
+        let stream = Arc::new(Stream::new(served, peer, 0));
+        stream
+            .prepare(Duration::from_secs(5), true)
+            .expect("prepare");
+        (stream, client)
+    }
+
+    fn payload(bytes: usize, byte: u8) -> Arc<[u8]> {
+        vec![byte; bytes].into()
     }
 
     #[test]
-    fn a_full_outbox_refuses_after_the_timeout_and_a_closed_one_at_once() {
+    fn a_reading_client_gets_each_payload_at_once_and_in_order() {
+        let (stream, mut client) = pair();
         let outbox = Outbox::new();
-        outbox.push(payload(OUTBOX_BYTES), None).expect("fits");
-        let started = Instant::now();
-        assert_eq!(
-            outbox.push(payload(1), Some(started + Duration::from_millis(50))),
-            Err(Refused::Full)
-        );
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        outbox.close();
-        assert_eq!(
-            outbox.push(payload(1), Some(Instant::now() + Duration::from_secs(10))),
-            Err(Refused::Closed)
-        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for byte in [b'a', b'b', b'c'] {
+            let delivered = outbox.deliver(&stream, &payload(10, byte), deadline);
+            assert_eq!(delivered.expect("delivered"), Delivered::Sent);
+        }
+        let mut got = [0; 30];
+        client.read_exact(&mut got).expect("read");
+        assert_eq!(&got[..], [[b'a'; 10], [b'b'; 10], [b'c'; 10]].concat());
     }
 
     #[test]
-    fn the_writer_side_frees_room_and_drains_after_close() {
+    fn a_client_behind_gets_a_queue_bounded_by_the_deadline_then_everything_in_order() {
+        let (stream, mut client) = pair();
         let outbox = Arc::new(Outbox::new());
-        outbox.push(payload(OUTBOX_BYTES), None).expect("fits");
-        let taker = Arc::clone(&outbox);
-        let writer = std::thread::spawn(move || {
-            let mut total = 0;
-            let mut buf = Vec::new();
-            while taker.take_all(&mut buf) {
-                total += buf.len();
-                buf.clear();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        // More than any socket buffer takes: the first payloads go straight out, then one is
+        // left behind and the rest queue, until the queue is full.
+        let mut sent = Vec::new();
+        let mut behind = false;
+        for n in 0.. {
+            let chunk = payload(256 * 1024, b'a' + (n % 26) as u8);
+            match outbox.deliver(&stream, &chunk, deadline) {
+                Ok(Delivered::Sent) => assert!(!behind, "sent straight after falling behind"),
+                Ok(Delivered::Behind) => {
+                    assert!(!behind, "behind twice");
+                    behind = true;
+                }
+                Ok(Delivered::Queued) => assert!(behind, "queued while not behind"),
+                Err(Refused::Full) => break,
+                Err(other) => panic!("{other:?}"),
             }
-            total
+            sent.extend_from_slice(&chunk);
+        }
+        assert!(behind);
+        assert!(Instant::now() >= deadline, "refused before the deadline");
+        let reader = thread::spawn(move || {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).map(|_| got)
         });
-        // Waits (bounded) until the writer has taken the first payload.
-        outbox
-            .push(payload(10), Some(Instant::now() + Duration::from_secs(10)))
-            .expect("room freed");
+        let drainer = Arc::clone(&outbox);
+        let sender = Arc::clone(&stream);
+        thread::spawn(move || drain(&drainer, &sender, Duration::from_secs(5)));
         outbox.close();
-        assert_eq!(writer.join().expect("writer"), OUTBOX_BYTES + 10);
+        outbox.wait_until_drained();
+        stream.close_cleanly();
+        drop(stream);
+        let got = reader.join().expect("reader").expect("read");
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes out of order");
+    }
+
+    #[test]
+    fn a_closed_outbox_refuses_at_once() {
+        let (stream, _client) = pair();
+        let outbox = Outbox::new();
+        outbox.close();
+        assert!(matches!(
+            outbox.deliver(
+                &stream,
+                &payload(1, b'x'),
+                Instant::now() + Duration::from_secs(5)
+            ),
+            Err(Refused::Closed)
+        ));
     }
 }

@@ -150,6 +150,22 @@ impl Stream {
         send_all(&self.tcp, buf, timeout, give_up)
     }
 
+    /// Sends what the socket takes of `buf` at once, never waiting: how many bytes
+    /// (`WouldBlock` for none). Where that can't be done without also making the reader's
+    /// receives non-blocking (Windows), it takes none: the caller queues.
+    pub(crate) fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        #[cfg(unix)]
+        {
+            use rustix::net::{SendFlags, send};
+            send(&self.tcp, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(Into::into)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = buf;
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
     /// Sends `error: REASON` if the socket takes it at once, never waiting: for ends where the
     /// client must not hold anything up (a stop, an eviction). The reset follows when the socket
     /// is closed.
