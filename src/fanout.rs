@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,32 +24,89 @@ use crate::send::{self, SendError};
 pub(crate) struct ChatRun {
     /// The clock of the timestamps in messages.
     epoch: Instant,
+    /// Whose turn it is to join: one after another, as a room fills in life (and as `ncat
+    /// --chat` needs: a burst of connects makes it quit).
+    turns: Mutex<Turns>,
+    turn_over: Condvar,
     /// Connections still to arrive at the start line: nobody sends before everyone who could
     /// join has.
     to_arrive: Mutex<usize>,
     all_arrived: Condvar,
+    /// When the last one arrived: the run's throughput counts from then.
+    started: OnceLock<Instant>,
     /// How many joined the room (read their greeting).
     joined: AtomicUsize,
+}
+
+/// Whose turn it is to join.
+struct Turns {
+    next: usize,
+    /// Connections whose thread never started: their turn is skipped.
+    absent: Vec<bool>,
+}
+
+impl Turns {
+    fn skip_absent(&mut self) {
+        while self.absent.get(self.next) == Some(&true) {
+            self.next += 1;
+        }
+    }
 }
 
 impl ChatRun {
     pub(crate) fn new(connections: usize) -> ChatRun {
         ChatRun {
             epoch: Instant::now(),
+            turns: Mutex::new(Turns {
+                next: 0,
+                absent: vec![false; connections],
+            }),
+            turn_over: Condvar::new(),
             to_arrive: Mutex::new(connections),
             all_arrived: Condvar::new(),
+            started: OnceLock::new(),
             joined: AtomicUsize::new(0),
         }
     }
 
-    /// Arrives at the start line (joined or failed) and waits for all the others.
-    fn arrive(&self) {
+    /// Waits for connection `conn`'s turn to join.
+    fn my_turn(&self, conn: usize) {
+        let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+        while turns.next < conn {
+            turns = self
+                .turn_over
+                .wait(turns)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Connection `conn` has joined, or failed to: the next one's turn.
+    fn turn_done(&self, conn: usize) {
+        {
+            let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+            turns.next = turns.next.max(conn + 1);
+            turns.skip_absent();
+        }
+        self.turn_over.notify_all();
+    }
+
+    /// One more connection at the start line (or never coming).
+    fn one_arrived(&self) -> MutexGuard<'_, usize> {
         let mut left = self
             .to_arrive
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *left = left.saturating_sub(1);
+        if *left == 0 {
+            let _ = self.started.set(Instant::now());
+        }
         self.all_arrived.notify_all();
+        left
+    }
+
+    /// Arrives at the start line (joined or failed) and waits for all the others.
+    fn arrive(&self) {
+        let mut left = self.one_arrived();
         while *left > 0 {
             left = self
                 .all_arrived
@@ -58,14 +115,22 @@ impl ChatRun {
         }
     }
 
-    /// `n` connections will never arrive (their threads could not start).
-    pub(crate) fn absent(&self, n: usize) {
-        let mut left = self
-            .to_arrive
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *left = left.saturating_sub(n);
-        self.all_arrived.notify_all();
+    /// Connection `conn` will never arrive (its thread could not start).
+    pub(crate) fn absent(&self, conn: usize) {
+        {
+            let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(absent) = turns.absent.get_mut(conn) {
+                *absent = true;
+            }
+            turns.skip_absent();
+        }
+        self.turn_over.notify_all();
+        drop(self.one_arrived());
+    }
+
+    /// When every connection had arrived at the start line, if they all have.
+    pub(crate) fn started(&self) -> Option<Instant> {
+        self.started.get().copied()
     }
 
     fn now_ns(&self) -> u64 {
@@ -104,9 +169,11 @@ pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU
         latencies: None,
         error: None,
     };
+    task.run.my_turn(task.conn);
     let joined = addrs
         .connect(task.connect_timeout)
         .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer)));
+    task.run.turn_done(task.conn);
     let (stream, peer) = match joined {
         Ok(joined) => {
             task.run.joined.fetch_add(1, Ordering::AcqRel);

@@ -153,7 +153,8 @@ pub struct LoadReport {
     pub messages: u64,
     /// Bytes sent.
     pub bytes: u64,
-    /// From the first connect to the last connection's close.
+    /// From the first connect to the last connection's close (with `chat`, from the moment all
+    /// had joined).
     pub elapsed: Duration,
     /// Connections that failed (connect, send or receive).
     pub errors: usize,
@@ -324,8 +325,11 @@ pub fn run_load(
         })
         .collect();
     if let Some(run) = &chat {
-        // The start line waits for every connection: not for those whose thread didn't start.
-        run.absent(threads.iter().filter(|t| t.is_err()).count());
+        // Joins take turns, and the start line waits for every connection: not for those whose
+        // thread didn't start.
+        for (conn, _) in threads.iter().enumerate().filter(|(_, t)| t.is_err()) {
+            run.absent(conn);
+        }
     }
     let mut report = LoadReport {
         connections: options.connections,
@@ -370,6 +374,8 @@ pub fn run_load(
             }
         }
     }
+    // A chat run counts from its start line: the joins, one after another, are not the load.
+    let started = chat.and_then(|run| run.started()).unwrap_or(started);
     report.elapsed = started.elapsed();
     report.latency = latencies.filter(|h| !h.is_empty()).map(|h| {
         let at = |q: f64| Duration::from_nanos(h.value_at_quantile(q));
