@@ -314,7 +314,9 @@ fn start_drainer(stream: &Arc<Stream>, outbox: &Arc<Outbox>, send_timeout: Durat
     }
 }
 
+#[derive(Clone)]
 struct Member {
+    id: u64,
     stream: Arc<Stream>,
     outbox: Arc<Outbox>,
 }
@@ -328,6 +330,9 @@ pub(crate) struct Room {
 #[derive(Default)]
 struct Members {
     all: HashMap<u64, Member>,
+    /// Everyone in `all`, as of the last broadcast since a join or leave: a broadcast takes the
+    /// list with one reference count, not one per member.
+    snapshot: Option<Arc<[Member]>>,
     /// After a stop: nothing more is relayed.
     closed: bool,
 }
@@ -344,11 +349,14 @@ impl Room {
             outbox.abandon();
             return;
         }
-        members.all.insert(id, Member { stream, outbox });
+        members.all.insert(id, Member { id, stream, outbox });
+        members.snapshot = None;
     }
 
     fn leave(&self, id: u64) {
-        self.lock().all.remove(&id);
+        let mut members = self.lock();
+        members.all.remove(&id);
+        members.snapshot = None;
     }
 
     /// The server is stopping: nothing more is relayed, what is queued is dropped, and no sender
@@ -372,23 +380,27 @@ impl Room {
     /// `timeout` in all, however many there are. A member whose outbox is still full then is not
     /// reading: it is disconnected, and the room carries on.
     pub(crate) fn broadcast(&self, from: u64, payload: &Arc<[u8]>, timeout: Duration) {
-        let others: Vec<(Arc<Stream>, Arc<Outbox>)> = {
-            let members = self.lock();
+        let everyone = {
+            let mut members = self.lock();
             if members.closed {
                 return;
             }
-            members
-                .all
-                .iter()
-                .filter(|(id, _)| **id != from)
-                .map(|(_, m)| (Arc::clone(&m.stream), Arc::clone(&m.outbox)))
-                .collect()
+            let members = &mut *members;
+            let all = &members.all;
+            Arc::clone(
+                members
+                    .snapshot
+                    .get_or_insert_with(|| all.values().cloned().collect()),
+            )
         };
         let deadline = deadline_in(timeout);
-        for (stream, outbox) in others {
-            match outbox.deliver(&stream, payload, deadline) {
+        for Member { id, stream, outbox } in everyone.iter() {
+            if *id == from {
+                continue;
+            }
+            match outbox.deliver(stream, payload, deadline) {
                 Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
-                Ok(Delivered::Behind) => start_drainer(&stream, &outbox, timeout),
+                Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout),
                 Err(Refused::Full) => {
                     warn!(
                         "{} disconnected: not reading (outbound queue full for {})",
