@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use crate::connection;
 use crate::context::{Context, DRAIN_TIME};
 use crate::limits;
-use crate::options::{CONNECTION_STACK, Mode, ServerOptions};
+use crate::options::{CONNECTION_STACK, ServerOptions};
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
 use crate::turnaway::Turnaway;
@@ -116,11 +116,11 @@ impl Server {
             addr: local_addr,
             source,
         })?;
-        let threads_per_client = if options.mode == Mode::Chat { 2 } else { 1 };
         // Maps kept for everything but connection threads: the large buffers the budget allows,
         // the output's, the heap's, the libraries'.
         let spare = 1024 + options.buffer_budget / crate::framing::LARGE_BUFFER;
-        let client_room = limits::thread_room(spare).map(|threads| threads / threads_per_client);
+        // One thread a client in every mode (a chat client's drainer is only for while it is behind).
+        let client_room = limits::thread_room(spare);
         if let Some(room) = client_room
             && room < options.max_clients
         {
