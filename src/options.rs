@@ -70,6 +70,9 @@ pub struct ServerOptions {
     pub(crate) mode: Mode,
     pub(crate) send_timeout: Duration,
     pub(crate) buffer_budget: usize,
+    /// For tests: connection threads after which every start fails, as if the system had no
+    /// more (see [`ServerOptions::fail_threads_after`]).
+    pub(crate) thread_limit: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -85,6 +88,7 @@ impl Default for ServerOptions {
             mode: Mode::Log,
             send_timeout: Duration::from_secs(5),
             buffer_budget: DEFAULT_BUFFER_BUDGET,
+            thread_limit: None,
         }
     }
 }
@@ -157,6 +161,15 @@ impl ServerOptions {
     /// Default [`DEFAULT_BUFFER_BUDGET`].
     pub fn buffer_budget(mut self, bytes: usize) -> ServerOptions {
         self.buffer_budget = bytes;
+        self
+    }
+
+    /// Fault injection for tests: after `threads` connection threads have started, starting
+    /// one fails as if the system had no more threads (or memory for their stacks) to give, so
+    /// that a test can see what the server does then without exhausting the machine.
+    #[doc(hidden)]
+    pub fn fail_threads_after(mut self, threads: usize) -> ServerOptions {
+        self.thread_limit = Some(threads);
         self
     }
 

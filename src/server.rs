@@ -125,7 +125,7 @@ impl Server {
             && room < options.max_clients
         {
             warn!(
-                "vm.max_map_count leaves room for about {room} clients' threads here, fewer than --max-clients {}: clients beyond are refused (server busy)",
+                "vm.max_map_count leaves room for about {room} clients' threads here, fewer than --max-clients {}: clients beyond are refused (server full)",
                 options.max_clients
             );
         }
@@ -584,8 +584,8 @@ impl Shared {
         let live = registry.live.len();
         if self.client_room.is_some_and(|room| live >= room) {
             drop(registry);
-            warn!("{peer} refused: no room for another thread (vm.max_map_count)");
-            return self.turnaway.refuse(tcp, "server busy");
+            warn!("{peer} refused: server full: no room for another thread (vm.max_map_count)");
+            return self.turnaway.refuse(tcp, "server full");
         }
         if live >= self.ctx.options.max_clients {
             drop(registry);
@@ -605,9 +605,16 @@ impl Shared {
         // client).
         info!("{peer} connected");
         // Unnamed: naming costs each new thread a system call, on the path of every connect.
-        let spawned = thread::Builder::new()
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
+        let injected = self
+            .ctx
+            .options
+            .thread_limit
+            .is_some_and(|limit| self.connections.load(Ordering::Relaxed) >= limit as u64);
+        let builder = thread::Builder::new();
+        let spawned = if injected {
+            Err(io::Error::other("no more threads (injected by a test)"))
+        } else {
+            builder.stack_size(CONNECTION_STACK).spawn(move || {
                 let park = Cell::new(false);
                 {
                     let _deregister = Deregister {
@@ -624,7 +631,8 @@ impl Shared {
                         thread::park();
                     }
                 }
-            });
+            })
+        };
         match spawned {
             Ok(thread) => {
                 self.connections.fetch_add(1, Ordering::Relaxed);
@@ -640,8 +648,9 @@ impl Shared {
             }
             Err(e) => {
                 drop(registry);
-                error!("{peer} refused: cannot start a connection thread: {e}");
-                stream.tell_now("server busy");
+                // Never an abort: the client is told, everyone else carries on.
+                error!("{peer} refused: server full: cannot start a connection thread: {e}");
+                stream.tell_now("server full");
             }
         }
     }

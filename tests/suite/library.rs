@@ -290,3 +290,38 @@ fn errors_name_the_address() {
     );
     assert_eq!(refused.to_string(), format!("cannot connect to {addr}"));
 }
+
+/// When the system has no more threads to give, the client that needed one is told `error:
+/// server full` and reset; the server neither aborts nor stops serving the others. (Thread
+/// creation is made to fail through the library: as root, `ulimit -u` is not enforced here.)
+#[test]
+fn no_thread_to_be_had_refuses_that_client_and_serves_the_others() {
+    let (server, collector) = server(ServerOptions::default().fail_threads_after(2));
+    let served: Vec<Client> = (0..2).map(|_| connect(&server)).collect();
+    let mut receivers: Vec<_> = served.iter().map(Client::receiver).collect();
+    for receiver in &mut receivers {
+        let greeting = receiver.next().expect("greeting").expect("ok");
+        assert!(greeting.starts_with(support::greeting_prefix()), "{greeting}");
+    }
+    let refused = connect(&server);
+    let told: Vec<_> = bounded("refusal", {
+        let mut receiver = refused.receiver();
+        move || receiver.by_ref().collect()
+    });
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(told[0].as_deref().ok(), Some("error: server full"));
+    assert!(
+        matches!(&told[1], Err(Error::Connection { source, .. }) if source.kind() == io::ErrorKind::ConnectionReset),
+        "{told:?}"
+    );
+    // The others carry on: heard, printed, confirmed.
+    for (i, (client, mut receiver)) in served.iter().zip(receivers).enumerate() {
+        client.send(&format!("still here {i}")).expect("send");
+        client.finish().expect("finish");
+        assert!(bounded("confirmation", move || receiver.next().is_none()));
+    }
+    assert_eq!(collector.messages().len(), 2);
+    server.stop();
+    let summary = bounded("join", move || server.join()).expect("join");
+    assert_eq!(summary.connections, 2);
+}
