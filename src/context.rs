@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info};
 
+use crate::limits::ThreadRoom;
 use crate::options::ServerOptions;
 use crate::room::Room;
 use crate::sink::Sink;
@@ -52,13 +53,14 @@ impl Context {
     pub(crate) fn new(
         options: ServerOptions,
         sink: Arc<dyn Sink>,
+        threads: Arc<ThreadRoom>,
         request_stop: Box<dyn Fn() + Send + Sync>,
     ) -> Context {
         Context {
             budget: Budget::new(options.buffer_budget),
             options,
             sink,
-            room: Room::default(),
+            room: Room::new(threads),
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             exit_follows: AtomicBool::new(false),

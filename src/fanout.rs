@@ -36,6 +36,23 @@ pub(crate) struct ChatRun {
     started: OnceLock<Instant>,
     /// How many joined the room (read their greeting).
     joined: AtomicUsize,
+    /// Set when a connection got no greeting: the server sends none, so the others don't wait.
+    no_greeting: OnceLock<NoGreeting>,
+}
+
+/// What the first connection without a greeting found.
+struct NoGreeting {
+    addr: SocketAddr,
+    waited: Duration,
+}
+
+impl NoGreeting {
+    fn clone_for_another(&self) -> Error {
+        Error::NoGreeting {
+            addr: self.addr,
+            waited: self.waited,
+        }
+    }
 }
 
 /// Whose turn it is to join.
@@ -66,6 +83,7 @@ impl ChatRun {
             all_arrived: Condvar::new(),
             started: OnceLock::new(),
             joined: AtomicUsize::new(0),
+            no_greeting: OnceLock::new(),
         }
     }
 
@@ -170,9 +188,19 @@ pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU
         error: None,
     };
     task.run.my_turn(task.conn);
-    let joined = addrs
-        .connect(task.connect_timeout)
-        .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer)));
+    let joined = match task.run.no_greeting.get() {
+        // Found out already: no one waits for a greeting that won't come.
+        Some(error) => Err(error.clone_for_another()),
+        None => addrs
+            .connect(task.connect_timeout)
+            .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer))),
+    };
+    if let Err(Error::NoGreeting { addr, waited }) = &joined {
+        let _ = task.run.no_greeting.set(NoGreeting {
+            addr: *addr,
+            waited: *waited,
+        });
+    }
     task.run.turn_done(task.conn);
     let (stream, peer) = match joined {
         Ok(joined) => {
@@ -254,6 +282,7 @@ fn exchange(
         .map_err(broken)?;
     let stream = Arc::new(stream);
     let expected = others * task.count;
+    let conn = task.conn;
     let delivered = Arc::new(AtomicU64::new(0));
     let (heard_tx, heard) = mpsc::channel();
     {
@@ -262,7 +291,7 @@ fn exchange(
         let epoch = task.run.epoch;
         thread::Builder::new()
             .stack_size(128 * 1024)
-            .spawn(move || listen(&stream, epoch, expected, &delivered, &heard_tx))
+            .spawn(move || listen(&stream, epoch, conn, expected, &delivered, &heard_tx))
             .map_err(Error::Thread)?;
     }
     let send = |bytes: &[u8]| -> Result<(), Error> {
@@ -375,11 +404,17 @@ fn message(buf: &mut Vec<u8>, task: &ChatTask<'_>, i: u64) {
 fn listen(
     stream: &TcpStream,
     epoch: Instant,
+    conn: usize,
     expected: u64,
     delivered: &AtomicU64,
     heard: &mpsc::Sender<Heard>,
 ) {
     let mut latencies = latency_histogram();
+    if expected == 0 {
+        let _ = heard.send(Heard::AllIn); // nothing to wait for
+    }
+    // This connection's own lines, should the server send them back: not deliveries.
+    let own = format!("{conn} ");
     let mut buf = vec![0u8; 64 * 1024];
     let mut kept = 0; // an unfinished line at the start of `buf`
     let mut count = 0u64;
@@ -405,7 +440,8 @@ fn listen(
                 reason = Some(String::from_utf8_lossy(line).into_owned());
                 continue;
             }
-            let Some(body) = chat_body(line) else {
+            let Some(body) = chat_body(line).filter(|body| !body.starts_with(own.as_bytes()))
+            else {
                 continue;
             };
             // Every line is counted; one in LATENCY_SAMPLE is timed, which keeps the client's

@@ -83,6 +83,39 @@ impl fmt::Display for Range {
     }
 }
 
+/// The threads the server may still start: connection threads and chat drainers draw on it, so
+/// that together they never pass the kernel's limit on memory maps (see [`thread_room`]), past
+/// which a new thread aborts the whole process.
+#[derive(Debug)]
+pub(crate) struct ThreadRoom {
+    /// `None`: no limit known (off Linux).
+    left: Option<std::sync::atomic::AtomicUsize>,
+}
+
+impl ThreadRoom {
+    pub(crate) fn new(room: Option<usize>) -> ThreadRoom {
+        ThreadRoom {
+            left: room.map(std::sync::atomic::AtomicUsize::new),
+        }
+    }
+
+    /// Takes room for one thread, if there is any left: give it back when the thread ends.
+    pub(crate) fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left.as_ref().is_none_or(|left| {
+            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        })
+    }
+
+    /// Gives back what [`take`](ThreadRoom::take) took.
+    pub(crate) fn give_back(&self) {
+        if let Some(left) = &self.left {
+            left.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
 /// Memory maps a thread takes: its stack and guard page, and the signal stack Rust gives it and
 /// that one's guard page.
 #[cfg(target_os = "linux")]
@@ -153,6 +186,19 @@ pub fn reserve_descriptors(count: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::ThreadRoom;
+
+    #[test]
+    fn the_thread_room_is_taken_and_given_back() {
+        let room = ThreadRoom::new(Some(2));
+        assert!(room.take() && room.take());
+        assert!(!room.take(), "a third thread beyond the room");
+        room.give_back();
+        assert!(room.take());
+        let unlimited = ThreadRoom::new(None);
+        assert!((0..10_000).all(|_| unlimited.take()));
+    }
+
     use super::*;
 
     fn range(text: &str) -> Range {

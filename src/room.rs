@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::framing::{Batch, LARGE_BUFFER};
+use crate::limits::ThreadRoom;
 use crate::options::CONNECTION_STACK;
 use crate::send::{SendError, deadline_in};
 use crate::sink::format_batch;
@@ -139,9 +140,11 @@ impl Outbox {
         queue.draining = true;
     }
 
-    /// For the drainer: moves everything queued into `out`; false (and no longer draining) once
-    /// nothing is, or the outbox was abandoned.
-    fn take_all(&self, out: &mut Vec<u8>) -> bool {
+    /// For the drainer: moves everything queued into `out` (the payloads themselves, shared with
+    /// the other recipients' queues, not copies), and into `skip` how much of the first was sent
+    /// already; false (and no longer draining) once nothing is queued, or the outbox was
+    /// abandoned.
+    fn take_all(&self, out: &mut Vec<Arc<[u8]>>, skip: &mut usize) -> bool {
         let mut queue = self.lock();
         if queue.payloads.is_empty() || queue.abandoned {
             queue.draining = false;
@@ -149,10 +152,8 @@ impl Outbox {
             self.space.notify_all();
             return false;
         }
-        let skip = std::mem::take(&mut queue.first_sent);
-        for (n, payload) in queue.payloads.drain(..).enumerate() {
-            out.extend_from_slice(if n == 0 { &payload[skip..] } else { &payload });
-        }
+        *skip = std::mem::take(&mut queue.first_sent);
+        out.extend(queue.payloads.drain(..));
         queue.bytes = 0;
         drop(queue);
         self.space.notify_all();
@@ -262,9 +263,24 @@ impl Seat {
 /// that takes nothing for `send_timeout` is not reading: it is cut off, and its reader woken to
 /// end the connection.
 fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
-    let mut buf = Vec::new();
-    while outbox.take_all(&mut buf) {
-        let failure = match stream.send(&buf, send_timeout, || outbox.is_abandoned()) {
+    let mut taken: Vec<Arc<[u8]>> = Vec::new();
+    let mut skip = 0;
+    while outbox.take_all(&mut taken, &mut skip) {
+        let bufs: Vec<&[u8]> = taken
+            .iter()
+            .enumerate()
+            .map(|(n, payload)| {
+                if n == 0 {
+                    &payload[skip..]
+                } else {
+                    &payload[..]
+                }
+            })
+            .collect();
+        let sent = stream.send_vectored(&bufs, send_timeout, || outbox.is_abandoned());
+        drop(bufs);
+        taken.clear();
+        let failure = match sent {
             Ok(()) => None,
             Err(SendError::GaveUp) => Some(None),
             Err(SendError::NotReading) => {
@@ -284,24 +300,37 @@ fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
             if cut.is_some() {
                 stream.cut();
             }
-            let _ = outbox.take_all(&mut buf); // no longer draining
+            let _ = outbox.take_all(&mut taken, &mut skip); // no longer draining
             return;
-        }
-        buf.clear();
-        if buf.capacity() > OUTBOX_BYTES {
-            buf = Vec::new(); // a burst's buffer is not kept
         }
     }
 }
 
 /// Starts a thread that drains `outbox`; a client nothing can be sent to is cut off.
-fn start_drainer(stream: &Arc<Stream>, outbox: &Arc<Outbox>, send_timeout: Duration) {
-    let spawned = {
+fn start_drainer(
+    stream: &Arc<Stream>,
+    outbox: &Arc<Outbox>,
+    send_timeout: Duration,
+    threads: &Arc<ThreadRoom>,
+) {
+    let spawned = if threads.take() {
         let stream = Arc::clone(stream);
         let outbox = Arc::clone(outbox);
-        thread::Builder::new()
+        let room = Arc::clone(threads);
+        let spawned = thread::Builder::new()
             .stack_size(CONNECTION_STACK)
-            .spawn(move || drain(&outbox, &stream, send_timeout))
+            .spawn(move || {
+                drain(&outbox, &stream, send_timeout);
+                room.give_back();
+            });
+        if spawned.is_err() {
+            threads.give_back();
+        }
+        spawned.map(drop)
+    } else {
+        Err(io::Error::other(
+            "no room for another thread (vm.max_map_count)",
+        ))
     };
     if let Err(e) = spawned {
         warn!(
@@ -309,7 +338,7 @@ fn start_drainer(stream: &Arc<Stream>, outbox: &Arc<Outbox>, send_timeout: Durat
             stream.peer()
         );
         outbox.abandon();
-        let _ = outbox.take_all(&mut Vec::new()); // no longer draining
+        let _ = outbox.take_all(&mut Vec::new(), &mut 0); // no longer draining
         stream.cut();
     }
 }
@@ -322,9 +351,10 @@ struct Member {
 }
 
 /// Everyone connected to a chat server.
-#[derive(Default)]
 pub(crate) struct Room {
     members: Mutex<Members>,
+    /// What drainer threads draw on, with the connections' threads.
+    threads: Arc<ThreadRoom>,
 }
 
 #[derive(Default)]
@@ -338,6 +368,13 @@ struct Members {
 }
 
 impl Room {
+    pub(crate) fn new(threads: Arc<ThreadRoom>) -> Room {
+        Room {
+            members: Mutex::default(),
+            threads,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -400,7 +437,7 @@ impl Room {
             }
             match outbox.deliver(stream, payload, deadline) {
                 Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
-                Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout),
+                Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout, &self.threads),
                 Err(Refused::Full) => {
                     warn!(
                         "{} disconnected: not reading (outbound queue full for {})",

@@ -67,6 +67,59 @@ pub(crate) fn send_all(
     Ok(())
 }
 
+/// [`send_all`] for several buffers, back to back, with vectored writes: for sending what is
+/// queued without first copying it into one buffer.
+pub(crate) fn send_all_vectored(
+    tcp: &TcpStream,
+    bufs: &[&[u8]],
+    timeout: Duration,
+    give_up: impl Fn() -> bool,
+) -> Result<(), SendError> {
+    /// At most this many buffers per write (well under any system's `IOV_MAX`).
+    const BATCH: usize = 64;
+    let (mut next, mut offset) = (0, 0);
+    let mut waiting_since: Option<Instant> = None;
+    while next < bufs.len() {
+        if offset == bufs[next].len() {
+            (next, offset) = (next + 1, 0);
+            continue;
+        }
+        let end = (next + BATCH).min(bufs.len());
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[next][offset..])
+            .chain(bufs[next + 1..end].iter().copied())
+            .map(io::IoSlice::new)
+            .collect();
+        match (&*tcp).write_vectored(&slices) {
+            Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
+            Ok(mut n) => {
+                waiting_since = None;
+                while n > 0 {
+                    let left = bufs[next].len() - offset;
+                    if n < left {
+                        offset += n;
+                        n = 0;
+                    } else {
+                        n -= left;
+                        (next, offset) = (next + 1, 0);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                if give_up() {
+                    return Err(SendError::GaveUp);
+                }
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= timeout {
+                    return Err(SendError::NotReading);
+                }
+            }
+            Err(e) => return Err(SendError::Failed(e)),
+        }
+    }
+    Ok(())
+}
+
 /// The instant `timeout` from now; a timeout too long for the clock (centuries) is a century.
 pub(crate) fn deadline_in(timeout: Duration) -> Instant {
     const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);

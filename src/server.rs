@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::connection;
 use crate::context::{Context, DRAIN_TIME};
-use crate::limits;
+use crate::limits::{self, ThreadRoom};
 use crate::options::{CONNECTION_STACK, ServerOptions};
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
@@ -119,16 +119,18 @@ impl Server {
         // Maps kept for everything but connection threads: the large buffers the budget allows,
         // the output's, the heap's, the libraries'.
         let spare = 1024 + options.buffer_budget / crate::framing::LARGE_BUFFER;
-        // One thread a client in every mode (a chat client's drainer is only for while it is behind).
-        let client_room = limits::thread_room(spare);
-        if let Some(room) = client_room
+        // One thread a client in every mode, and in chat one more for each client while it is
+        // behind (its drainer): both draw on the same room.
+        let room = limits::thread_room(spare);
+        if let Some(room) = room
             && room < options.max_clients
         {
             warn!(
-                "vm.max_map_count leaves room for about {room} clients' threads here, fewer than --max-clients {}: clients beyond are refused (server full)",
+                "vm.max_map_count leaves room for about {room} threads here, fewer than --max-clients {}: clients beyond are refused (server full)",
                 options.max_clients
             );
         }
+        let threads = Arc::new(ThreadRoom::new(room));
         let shared = Arc::new_cyclic(|shared: &Weak<Shared>| {
             let shared = Weak::clone(shared);
             // A failed output stops the whole server.
@@ -138,10 +140,15 @@ impl Server {
                 }
             });
             Shared {
-                ctx: Arc::new(Context::new(options, sink, request_stop)),
+                ctx: Arc::new(Context::new(
+                    options,
+                    sink,
+                    Arc::clone(&threads),
+                    request_stop,
+                )),
                 #[cfg(target_os = "linux")]
                 listener_to_shut,
-                client_room,
+                threads,
                 local_addr,
                 registry: Mutex::new(Registry::default()),
                 idle: Condvar::new(),
@@ -397,9 +404,10 @@ struct Shared {
     /// connections still queued, where a wake-up connect can be late on a loaded machine.
     #[cfg(target_os = "linux")]
     listener_to_shut: TcpListener,
-    /// How many clients' threads the process can start before the kernel's limit on memory maps
-    /// would make the next one abort it (see [`limits::thread_room`]).
-    client_room: Option<usize>,
+    /// The threads the process can still start before the kernel's limit on memory maps would
+    /// make the next one abort it (see [`limits::thread_room`]), shared with the chat room's
+    /// drainers.
+    threads: Arc<ThreadRoom>,
     registry: Mutex<Registry>,
     /// Signalled when the last live connection ends, and at the stop.
     idle: Condvar,
@@ -582,11 +590,6 @@ impl Shared {
             return stream::turn_away_now(&tcp, "server stopping");
         }
         let live = registry.live.len();
-        if self.client_room.is_some_and(|room| live >= room) {
-            drop(registry);
-            warn!("{peer} refused: server full: no room for another thread (vm.max_map_count)");
-            return self.turnaway.refuse(tcp, "server full");
-        }
         if live >= self.ctx.options.max_clients {
             drop(registry);
             let max = self.ctx.options.max_clients;
@@ -613,8 +616,13 @@ impl Shared {
         let builder = thread::Builder::new();
         let spawned = if injected {
             Err(io::Error::other("no more threads (injected by a test)"))
+        } else if !self.threads.take() {
+            Err(io::Error::other(
+                "no room for another thread (vm.max_map_count)",
+            ))
         } else {
-            builder.stack_size(CONNECTION_STACK).spawn(move || {
+            let threads = Arc::clone(&self.threads);
+            let spawned = builder.stack_size(CONNECTION_STACK).spawn(move || {
                 let park = Cell::new(false);
                 {
                     let _deregister = Deregister {
@@ -626,12 +634,18 @@ impl Shared {
                 }
                 drop(thread_stream);
                 if park.get() {
-                    // After a stop, with the process exiting next: ended with it, not on its own.
+                    // After a stop, with the process exiting next: ended with it, not on its own
+                    // (its room is not given back: it is still there).
                     loop {
                         thread::park();
                     }
                 }
-            })
+                threads.give_back();
+            });
+            if spawned.is_err() {
+                self.threads.give_back();
+            }
+            spawned
         };
         match spawned {
             Ok(thread) => {

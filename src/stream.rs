@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::send::{SendError, send_all, send_slice};
+use crate::send::{SendError, send_all, send_all_vectored, send_slice};
 
 /// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
 /// closing is noticed after about two minutes even with no idle timeout.
@@ -148,6 +148,16 @@ impl Stream {
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
         send_all(&self.tcp, buf, timeout, give_up)
+    }
+
+    /// [`send`](Stream::send) for several buffers back to back, without copying them into one.
+    pub(crate) fn send_vectored(
+        &self,
+        bufs: &[&[u8]],
+        timeout: Duration,
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), SendError> {
+        send_all_vectored(&self.tcp, bufs, timeout, give_up)
     }
 
     /// Sends what the socket takes of `buf` at once, never waiting: how many bytes

@@ -301,7 +301,10 @@ fn no_thread_to_be_had_refuses_that_client_and_serves_the_others() {
     let mut receivers: Vec<_> = served.iter().map(Client::receiver).collect();
     for receiver in &mut receivers {
         let greeting = receiver.next().expect("greeting").expect("ok");
-        assert!(greeting.starts_with(support::greeting_prefix()), "{greeting}");
+        assert!(
+            greeting.starts_with(support::greeting_prefix()),
+            "{greeting}"
+        );
     }
     let refused = connect(&server);
     let told: Vec<_> = bounded("refusal", {

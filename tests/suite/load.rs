@@ -154,3 +154,70 @@ fn chat_load_reports_missing_deliveries() {
     );
     server.stop().assert_code(0);
 }
+
+/// `--chat` with no one else to hear from (one connection, or no messages) has nothing to wait
+/// for: it confirms and exits 0 at once, not after --linger.
+#[test]
+fn chat_load_with_nothing_to_hear_is_done_at_once() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    for args in [
+        &[
+            "--chat",
+            "--connections",
+            "1",
+            "--count",
+            "10",
+            "--linger",
+            "5s",
+        ][..],
+        &[
+            "--chat",
+            "--connections",
+            "2",
+            "--count",
+            "0",
+            "--linger",
+            "5s",
+        ],
+    ] {
+        let started = std::time::Instant::now();
+        let client = run_client_to(server.addr, args, TIMEOUT);
+        client.assert_code(0).assert_no_panic();
+        let took = client.exited_at.duration_since(started);
+        assert!(
+            took < Duration::from_secs(3),
+            "{args:?} took {took:?}\n{client}"
+        );
+    }
+    server.stop().assert_code(0);
+}
+
+/// Against a server without a greeting, the first connection to find none says so, and the
+/// others, joining after it, don't each wait --linger for one.
+#[test]
+fn chat_load_without_a_greeting_fails_once_not_per_connection() {
+    let mut server = ServerProcess::start(&["--mode", "chat", "--greeting", ""]);
+    let started = std::time::Instant::now();
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--chat",
+            "--connections",
+            "8",
+            "--count",
+            "1",
+            "--linger",
+            "500ms",
+        ],
+        TIMEOUT,
+    );
+    client.assert_code(1).assert_no_panic();
+    let took = client.exited_at.duration_since(started);
+    // One wait of 0.5 s, where one per connection took 4 s.
+    assert!(took < Duration::from_secs(2), "took {took:?}\n{client}");
+    assert!(
+        client.error_lines()[0].contains("8 of 8 connections failed; first: no greeting"),
+        "{client}"
+    );
+    server.stop().assert_code(0);
+}
