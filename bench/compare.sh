@@ -118,7 +118,7 @@ for run in $(seq "$runs"); do
 done
 chat_scale=${SKIP_SCALE:+skipped}; [ -n "$chat_scale" ] || chat_scale=$(cargo test --release --quiet --test suite scale::ten_thousand_chat -- --ignored --nocapture 2>/dev/null | grep 'chat clients: ' || true)
 
-scale=${SKIP_SCALE:+skipped}; [ -n "$scale" ] || scale=$(cargo test --release --quiet --test suite scale::ten_thousand -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
+scale=${SKIP_SCALE:+skipped}; [ -n "$scale" ] || scale=$(cargo test --release --quiet --test suite scale::ten_thousand_clients -- --ignored --nocapture 2>/dev/null | grep 'clients: ' || true)
 
 ip=$(median <"$tmp/ingest.plugboard"); in=$(median <"$tmp/ingest.ncat")
 rp=$(median <"$tmp/rtt.plugboard"); rf=$(median <"$tmp/rtt.floor")
