@@ -1,13 +1,13 @@
 //! The blocking client: connect with a timeout, send messages, receive messages.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::framing::{Batch, Decoder, Framing};
-use crate::send::{self, SendError};
+use crate::send;
 use crate::{Error, addr};
 
 /// The longest line a [`Receiver`] accepts before giving up on the connection.
@@ -72,16 +72,7 @@ impl Client {
 
     /// Writes all of `bytes`, within the send timeout if there is one.
     fn write_all(&self, bytes: &[u8]) -> Result<(), Error> {
-        let Some(timeout) = self.send_timeout else {
-            return (&*self.stream).write_all(bytes).map_err(|e| self.failed(e));
-        };
-        send::send_all(&self.stream, bytes, timeout, || false).map_err(|e| match e {
-            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
-                addr: self.peer,
-                timeout,
-            },
-            SendError::Failed(source) => self.failed(source),
-        })
+        send::send_to(&self.stream, self.peer, bytes, self.send_timeout)
     }
 
     /// Writes bytes exactly as they are, whatever the framing: no `\n` is added, and what they

@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 
 use crate::addr::Addrs;
 use crate::error::Error;
-use crate::send::{self, SendError};
+use crate::send;
 
 /// What the connections of one chat run share.
 pub(crate) struct ChatRun {
@@ -294,18 +294,7 @@ fn exchange(
             .spawn(move || listen(&stream, epoch, conn, expected, &delivered, &heard_tx))
             .map_err(Error::Thread)?;
     }
-    let send = |bytes: &[u8]| -> Result<(), Error> {
-        let Some(timeout) = send_timeout else {
-            return (&*stream).write_all(bytes).map_err(broken);
-        };
-        send::send_all(&stream, bytes, timeout, || false).map_err(|e| match e {
-            SendError::Failed(source) => broken(source),
-            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
-                addr: peer,
-                timeout,
-            },
-        })
-    };
+    let send = |bytes: &[u8]| send::send_to(&stream, peer, bytes, send_timeout);
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0;
     for i in 0..task.count {

@@ -1,6 +1,6 @@
 //! The client's load mode: many connections in parallel, throughput and round-trip latency.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +15,7 @@ use crate::client::{Client, Receiver};
 use crate::error::{self, Error};
 use crate::fanout::{self, ChatRun, ChatTask, latency_histogram};
 use crate::framing::Framing;
-use crate::send::{self, SendError};
+use crate::send;
 
 /// What a load run does.
 #[derive(Clone, Debug)]
@@ -652,18 +652,7 @@ fn stream_messages(
     stream
         .set_write_timeout(send_timeout.map(send::send_slice))
         .map_err(broken)?;
-    let send = |stream: &TcpStream, bytes: &[u8]| -> Result<(), Error> {
-        let Some(timeout) = send_timeout else {
-            return (&*stream).write_all(bytes).map_err(broken);
-        };
-        send::send_all(stream, bytes, timeout, || false).map_err(|e| match e {
-            SendError::Failed(source) => broken(source),
-            SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
-                addr: peer,
-                timeout,
-            },
-        })
-    };
+    let send = |stream: &TcpStream, bytes: &[u8]| send::send_to(stream, peer, bytes, send_timeout);
     let stream = Arc::new(stream);
     let (closed_tx, closed) = mpsc::channel();
     let drain_stream = Arc::clone(&stream);

@@ -6,8 +6,10 @@
 //! [`Stream`]: crate::stream::Stream
 
 use std::io::{self, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+
+use crate::error::Error;
 
 /// A blocked send wakes this often to see whether it should give up (a stop, an eviction).
 const SEND_SLICE: Duration = Duration::from_millis(100);
@@ -41,30 +43,78 @@ pub(crate) fn send_all(
     timeout: Duration,
     give_up: impl Fn() -> bool,
 ) -> Result<(), SendError> {
+    let mut wait = Wait::new(timeout);
     let mut rest = buf;
-    // Only read the clock once a send has had to wait: the usual send doesn't.
-    let mut waiting_since: Option<Instant> = None;
     while !rest.is_empty() {
-        match (&*tcp).write(rest) {
-            Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
-            Ok(n) => {
-                rest = &rest[n..];
-                waiting_since = None;
+        let sent = wait.after((&*tcp).write(rest), &give_up)?;
+        rest = &rest[sent..];
+    }
+    Ok(())
+}
+
+/// How long a send has waited: what both kinds of send do after each write.
+struct Wait {
+    timeout: Duration,
+    /// Since when nothing was taken; the clock is read only once a send has had to wait (the
+    /// usual send doesn't).
+    since: Option<Instant>,
+}
+
+impl Wait {
+    fn new(timeout: Duration) -> Wait {
+        Wait {
+            timeout,
+            since: None,
+        }
+    }
+
+    /// How much a write sent (nothing, to try again), or why to stop.
+    fn after(
+        &mut self,
+        written: io::Result<usize>,
+        give_up: &impl Fn() -> bool,
+    ) -> Result<usize, SendError> {
+        match written {
+            Ok(0) => Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
+            Ok(sent) => {
+                self.since = None;
+                Ok(sent)
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
             Err(e) if is_timeout(&e) => {
                 if give_up() {
                     return Err(SendError::GaveUp);
                 }
-                let since = *waiting_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout {
+                if self.since.get_or_insert_with(Instant::now).elapsed() >= self.timeout {
                     return Err(SendError::NotReading);
                 }
+                Ok(0)
             }
-            Err(e) => return Err(SendError::Failed(e)),
+            Err(e) => Err(SendError::Failed(e)),
         }
     }
-    Ok(())
+}
+
+/// A client's send of all of `bytes` to `peer`: with a `timeout`, giving up when the server takes
+/// nothing for that long ([`Error::SendTimeout`]; the socket's send timeout must be
+/// [`send_slice`]`(timeout)`), and without one, waiting as long as the system does.
+pub(crate) fn send_to(
+    tcp: &TcpStream,
+    peer: SocketAddr,
+    bytes: &[u8],
+    timeout: Option<Duration>,
+) -> Result<(), Error> {
+    let broken = |source| Error::Connection { addr: peer, source };
+    let Some(timeout) = timeout else {
+        return (&*tcp).write_all(bytes).map_err(broken);
+    };
+    send_all(tcp, bytes, timeout, || false).map_err(|e| match e {
+        SendError::Failed(source) => broken(source),
+        SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
+            addr: peer,
+            timeout,
+        },
+    })
 }
 
 /// [`send_all`] for several buffers, back to back, with vectored writes: for sending what is
@@ -76,45 +126,30 @@ pub(crate) fn send_all_vectored(
     give_up: impl Fn() -> bool,
 ) -> Result<(), SendError> {
     /// At most this many buffers per write (well under any system's `IOV_MAX`).
-    const BATCH: usize = 64;
+    const BATCH: usize = 16;
+    let mut wait = Wait::new(timeout);
     let (mut next, mut offset) = (0, 0);
-    let mut waiting_since: Option<Instant> = None;
     while next < bufs.len() {
         if offset == bufs[next].len() {
             (next, offset) = (next + 1, 0);
             continue;
         }
         let end = (next + BATCH).min(bufs.len());
-        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[next][offset..])
-            .chain(bufs[next + 1..end].iter().copied())
-            .map(io::IoSlice::new)
-            .collect();
-        match (&*tcp).write_vectored(&slices) {
-            Ok(0) => return Err(SendError::Failed(io::ErrorKind::WriteZero.into())),
-            Ok(mut n) => {
-                waiting_since = None;
-                while n > 0 {
-                    let left = bufs[next].len() - offset;
-                    if n < left {
-                        offset += n;
-                        n = 0;
-                    } else {
-                        n -= left;
-                        (next, offset) = (next + 1, 0);
-                    }
-                }
+        let mut slices = [io::IoSlice::new(&[]); BATCH];
+        slices[0] = io::IoSlice::new(&bufs[next][offset..]);
+        for (slice, buf) in slices[1..].iter_mut().zip(&bufs[next + 1..end]) {
+            *slice = io::IoSlice::new(buf);
+        }
+        let mut sent = wait.after((&*tcp).write_vectored(&slices[..end - next]), &give_up)?;
+        while sent > 0 {
+            let left = bufs[next].len() - offset;
+            if sent < left {
+                offset += sent;
+                sent = 0;
+            } else {
+                sent -= left;
+                (next, offset) = (next + 1, 0);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                if give_up() {
-                    return Err(SendError::GaveUp);
-                }
-                let since = *waiting_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout {
-                    return Err(SendError::NotReading);
-                }
-            }
-            Err(e) => return Err(SendError::Failed(e)),
         }
     }
     Ok(())

@@ -115,6 +115,26 @@ fn ten_thousand_clients() {
     report(&figures);
 }
 
+/// `clients` chat clients, connected one after another, each having read its greeting (so each
+/// is in the room).
+fn join_chat(addr: std::net::SocketAddr, clients: usize) -> Vec<TcpStream> {
+    (0..clients)
+        .map(|c| {
+            let stream = TcpStream::connect_timeout(&addr, EXIT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("client {c}: {e}"));
+            stream
+                .set_read_timeout(Some(EXIT_TIMEOUT))
+                .expect("timeout");
+            let first = read_line(&stream).unwrap_or_else(|e| panic!("client {c}: {e}"));
+            assert!(
+                first.starts_with(greeting_prefix()),
+                "client {c}: {first:?}"
+            );
+            stream
+        })
+        .collect()
+}
+
 /// Thousands of chat clients that each send a line and never read keep every thread busy
 /// relaying; a stop still ends the server within its bound. (It once took 30 s, and outlived a
 /// second SIGTERM, with each thread's exit queued behind thousands of others'. Measured once, in
@@ -125,21 +145,7 @@ fn a_crowded_chat_room_still_stops_within_the_bound() {
     plugboard::raise_fd_limit().expect("raise this test's open file limit");
     let mut server = ServerProcess::start(&["--mode", "chat"]);
     // All in the room first, then all speak at once: every line goes to thousands.
-    let clients: Vec<TcpStream> = (0..CLIENTS)
-        .map(|c| {
-            let stream = TcpStream::connect_timeout(&server.addr, EXIT_TIMEOUT)
-                .unwrap_or_else(|e| panic!("client {c}: {e}"));
-            stream
-                .set_read_timeout(Some(EXIT_TIMEOUT))
-                .expect("timeout");
-            let first = read_line(&stream).expect("greeting");
-            assert!(
-                first.starts_with(greeting_prefix()),
-                "client {c}: {first:?}"
-            );
-            stream
-        })
-        .collect();
+    let clients = join_chat(server.addr, CLIENTS);
     for (c, stream) in clients.iter().enumerate() {
         (&*stream)
             .write_all(format!("line from {c}\n").as_bytes())
@@ -169,21 +175,7 @@ fn chat_room(clients: usize) -> (f64, Duration) {
     let mut server =
         ServerProcess::start(&["--mode", "chat", "--max-clients", &clients.to_string()]);
     let baseline_kib = rss_kib(server.pid());
-    let streams: Vec<TcpStream> = (0..clients)
-        .map(|c| {
-            let stream = TcpStream::connect_timeout(&server.addr, EXIT_TIMEOUT)
-                .unwrap_or_else(|e| panic!("client {c}: {e}"));
-            stream
-                .set_read_timeout(Some(EXIT_TIMEOUT))
-                .expect("timeout");
-            let first = read_line(&stream).unwrap_or_else(|e| panic!("client {c}: {e}"));
-            assert!(
-                first.starts_with(greeting_prefix()),
-                "client {c}: {first:?}"
-            );
-            stream
-        })
-        .collect();
+    let streams = join_chat(server.addr, clients);
     let per_client = rss_kib(server.pid()).saturating_sub(baseline_kib) as f64 / clients as f64;
     let sender = streams[0].local_addr().expect("addr");
     let started = Instant::now();
