@@ -598,6 +598,22 @@ impl Shared {
                 .turnaway
                 .refuse(tcp, &format!("server full ({max} clients)"));
         }
+        // No thread to be had: told why, with the time to read it that every refusal gets.
+        let injected = self
+            .ctx
+            .options
+            .thread_limit
+            .is_some_and(|limit| self.connections.load(Ordering::Relaxed) >= limit as u64);
+        if injected || !self.threads.take() {
+            drop(registry);
+            let cause = if injected {
+                "no more threads (injected by a test)"
+            } else {
+                "no room for another thread (vm.max_map_count)"
+            };
+            error!("{peer} refused: server full: cannot start a connection thread: {cause}");
+            return self.turnaway.refuse(tcp, "server full");
+        }
         let stream = Arc::new(Stream::new(tcp, peer, self.ctx.now_ms()));
         let id = registry.next_id;
         registry.next_id += 1;
@@ -608,21 +624,10 @@ impl Shared {
         // client).
         info!("{peer} connected");
         // Unnamed: naming costs each new thread a system call, on the path of every connect.
-        let injected = self
-            .ctx
-            .options
-            .thread_limit
-            .is_some_and(|limit| self.connections.load(Ordering::Relaxed) >= limit as u64);
-        let builder = thread::Builder::new();
-        let spawned = if injected {
-            Err(io::Error::other("no more threads (injected by a test)"))
-        } else if !self.threads.take() {
-            Err(io::Error::other(
-                "no room for another thread (vm.max_map_count)",
-            ))
-        } else {
-            let threads = Arc::clone(&self.threads);
-            let spawned = builder.stack_size(CONNECTION_STACK).spawn(move || {
+        let threads = Arc::clone(&self.threads);
+        let spawned = thread::Builder::new()
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
                 let park = Cell::new(false);
                 {
                     let _deregister = Deregister {
@@ -642,11 +647,6 @@ impl Shared {
                 }
                 threads.give_back();
             });
-            if spawned.is_err() {
-                self.threads.give_back();
-            }
-            spawned
-        };
         match spawned {
             Ok(thread) => {
                 self.connections.fetch_add(1, Ordering::Relaxed);
@@ -662,9 +662,13 @@ impl Shared {
             }
             Err(e) => {
                 drop(registry);
+                self.threads.give_back();
                 // Never an abort: the client is told, everyone else carries on.
                 error!("{peer} refused: server full: cannot start a connection thread: {e}");
-                stream.tell_now("server full");
+                match Arc::try_unwrap(stream) {
+                    Ok(stream) => self.turnaway.refuse(stream.into_tcp(), "server full"),
+                    Err(stream) => stream.tell_now("server full"),
+                }
             }
         }
     }

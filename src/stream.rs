@@ -79,6 +79,12 @@ impl Stream {
         }
     }
 
+    /// The socket, for a connection that was never served after all (its thread could not
+    /// start): refused as at accept.
+    pub(crate) fn into_tcp(self) -> TcpStream {
+        self.tcp
+    }
+
     /// The client's address.
     pub(crate) fn peer(&self) -> SocketAddr {
         self.peer
