@@ -156,7 +156,7 @@ fn log_end(peer: SocketAddr, end: &End, counts: &Counts) {
         End::Closed => info!("{peer} disconnected {counted}"),
         // Debug: at a stop, thousands of these would only slow the exit; the summary counts them.
         End::Stopped => debug!("{peer} cut off by the server stop {counted}"),
-        // The room or its writer has logged why.
+        // The room or its drainer has logged why.
         End::Evicted => debug!("{peer} disconnected: not reading; {counted}"),
         End::Failed(e) => warn!("{peer} disconnected: {e}; {counted}"),
         End::Idle => info!("{peer} cut off: idle timeout; {counted}"),

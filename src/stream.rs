@@ -12,8 +12,9 @@
 //! # The transport seam
 //!
 //! [`Stream`] is the only way the server reads or writes a client's bytes once it serves it: the
-//! reader ([`read`](Stream::read)), greetings, echo replies and the chat writer
-//! ([`send`](Stream::send)), the last words ([`tell_now`](Stream::tell_now),
+//! reader ([`read`](Stream::read)), greetings, echo replies and chat deliveries
+//! ([`send`](Stream::send), [`send_vectored`](Stream::send_vectored), and the chat senders'
+//! non-blocking [`try_send`](Stream::try_send)), the last words ([`tell_now`](Stream::tell_now),
 //! [`refuse`](Stream::refuse)), the end ([`close_cleanly`](Stream::close_cleanly)) and the
 //! stop's wake-up ([`cut`](Stream::cut)). Framing, the sink, the room and the connection's logic
 //! see only these, so a TLS session goes under every connection here, without touching them. Its
@@ -24,11 +25,13 @@
 //! allow:
 //!
 //! - Two threads use one `Stream` at once: the connection's reader, and a sender (its own
-//!   thread's echo replies, or its chat writer). A TLS session has one state machine for both
-//!   directions, so it would sit behind a lock, held only to decrypt what was read or to encrypt
+//!   thread's echo replies, or chat lines from other clients' threads and its drainer). A TLS
+//!   session has one state machine for both directions, so it would sit behind a lock, held only to decrypt what was read or to encrypt
 //!   what is to be sent, never across a blocking socket call: the reader reads ciphertext from the
 //!   socket unlocked, then locks to feed it to the session. Sends would hold a second lock from
-//!   encrypting to the last byte sent, so records leave in the order they were made.
+//!   encrypting to the last byte sent, so records leave in the order they were made; a
+//!   `try_send` that the socket takes only part of would keep the rest of the record for the
+//!   next send (the room already queues what is left and sends it before anything newer).
 //! - A stop must wake a blocked reader: [`cut`](Stream::cut) shuts the socket's read side,
 //!   below any session, so the blocked `read` returns whatever sits above it.
 //! - A clean close would send TLS's `close_notify` before the FIN; every failure path stays a
@@ -55,8 +58,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// accept (`turnaway`) and later ([`Stream::refuse`]).
 pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 
-/// One client's socket, shared by its connection thread, its chat writer, the registry and the
-/// chat room.
+/// One client's socket, shared by its connection thread, chat senders and its drainer, the
+/// registry and the chat room.
 #[derive(Debug)]
 pub(crate) struct Stream {
     tcp: TcpStream,
