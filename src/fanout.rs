@@ -36,23 +36,9 @@ pub(crate) struct ChatRun {
     started: OnceLock<Instant>,
     /// How many joined the room (read their greeting).
     joined: AtomicUsize,
-    /// Set when a connection got no greeting: the server sends none, so the others don't wait.
-    no_greeting: OnceLock<NoGreeting>,
-}
-
-/// What the first connection without a greeting found.
-struct NoGreeting {
-    addr: SocketAddr,
-    waited: Duration,
-}
-
-impl NoGreeting {
-    fn clone_for_another(&self) -> Error {
-        Error::NoGreeting {
-            addr: self.addr,
-            waited: self.waited,
-        }
-    }
+    /// Where and how long the first connection waited for a greeting that didn't come: the
+    /// server sends none, so the others don't wait.
+    no_greeting: OnceLock<(SocketAddr, Duration)>,
 }
 
 /// Whose turn it is to join.
@@ -190,16 +176,13 @@ pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU
     task.run.my_turn(task.conn);
     let joined = match task.run.no_greeting.get() {
         // Found out already: no one waits for a greeting that won't come.
-        Some(error) => Err(error.clone_for_another()),
+        Some(&(addr, waited)) => Err(Error::NoGreeting { addr, waited }),
         None => addrs
             .connect(task.connect_timeout)
             .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer))),
     };
     if let Err(Error::NoGreeting { addr, waited }) = &joined {
-        let _ = task.run.no_greeting.set(NoGreeting {
-            addr: *addr,
-            waited: *waited,
-        });
+        let _ = task.run.no_greeting.set((*addr, *waited));
     }
     task.run.turn_done(task.conn);
     let (stream, peer) = match joined {
