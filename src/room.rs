@@ -179,6 +179,13 @@ impl Outbox {
         self.space.notify_all();
     }
 
+    /// For a drainer that fails, or one that can't start: abandoned, and no longer draining.
+    fn give_up_draining(&self) {
+        self.abandon();
+        self.lock().draining = false;
+        self.space.notify_all();
+    }
+
     fn is_abandoned(&self) -> bool {
         self.lock().abandoned
     }
@@ -280,29 +287,27 @@ fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
         let sent = stream.send_vectored(&bufs, send_timeout, || outbox.is_abandoned());
         drop(bufs);
         taken.clear();
-        let failure = match sent {
-            Ok(()) => None,
-            Err(SendError::GaveUp) => Some(None),
+        // Given up on: by its seat or a stop (nothing more to do), or the client failed.
+        let cut = match sent {
+            Ok(()) => continue,
+            Err(SendError::GaveUp) => false,
             Err(SendError::NotReading) => {
                 warn!(
                     "{} disconnected: not reading (nothing could be sent within the send timeout)",
                     stream.peer()
                 );
-                Some(Some(()))
+                true
             }
             Err(SendError::Failed(e)) => {
                 debug!("{}: cannot send: {e}", stream.peer());
-                Some(Some(()))
+                true
             }
         };
-        if let Some(cut) = failure {
-            outbox.abandon();
-            if cut.is_some() {
-                stream.cut();
-            }
-            let _ = outbox.take_all(&mut taken, &mut skip); // no longer draining
-            return;
+        outbox.give_up_draining();
+        if cut {
+            stream.cut();
         }
+        return;
     }
 }
 
@@ -337,8 +342,7 @@ fn start_drainer(
             "{} disconnected: cannot start a thread to send to it: {e}",
             stream.peer()
         );
-        outbox.abandon();
-        let _ = outbox.take_all(&mut Vec::new(), &mut 0); // no longer draining
+        outbox.give_up_draining();
         stream.cut();
     }
 }
