@@ -52,6 +52,7 @@ impl Addrs {
                 }
                 _ => Error::Connect { addr, source },
             })?;
+            crate::send::reset_unless_finished(&stream);
             Ok((stream, addr))
         })
     }

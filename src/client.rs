@@ -51,6 +51,7 @@ impl Client {
     }
 
     fn new(stream: TcpStream, peer: SocketAddr) -> Client {
+        send::reset_unless_finished(&stream);
         Client {
             stream: Arc::new(stream),
             peer,
@@ -137,9 +138,7 @@ impl Client {
     /// Half-closes the connection: tells the server nothing more will be sent. Receiving goes on
     /// until the server closes its side.
     pub fn finish(&self) -> Result<(), Error> {
-        self.stream
-            .shutdown(Shutdown::Write)
-            .map_err(|e| self.failed(e))
+        send::finish_sending(&self.stream).map_err(|e| self.failed(e))
     }
 
     /// Closes both directions at once; a [`Receiver`] blocked on another thread wakes and ends.

@@ -323,7 +323,7 @@ fn exchange(
     let end = match end {
         Some(end) => end,
         None => {
-            stream.shutdown(Shutdown::Write).map_err(broken)?;
+            send::finish_sending(&stream).map_err(broken)?;
             match heard.recv_timeout(task.linger) {
                 Ok(end) => end,
                 Err(_) => {

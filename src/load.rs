@@ -696,9 +696,7 @@ fn stream_messages(
     }
     // Asked before our own close: after it, the server's close is the confirmation.
     let early = crate::client::closed_early(&stream);
-    stream
-        .shutdown(Shutdown::Write)
-        .map_err(|source| send_failed(broken(source)))?;
+    send::finish_sending(&stream).map_err(|source| send_failed(broken(source)))?;
     match closed.recv_timeout(options.linger) {
         Ok(Drained { result: Ok(()), .. }) if early => Err(Error::ClosedEarly { addr: peer }),
         Ok(drained) => drained.result(peer),

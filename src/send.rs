@@ -155,6 +155,20 @@ pub(crate) fn send_all_vectored(
     Ok(())
 }
 
+/// Makes a client's connection end in a reset if it is closed before [`finish_sending`]: a client
+/// killed in the middle of a line then can't have the server take that half line for a last
+/// message, as it would after a clean close. (The server's sockets do the same, see `stream`.)
+/// Best effort: a socket that can't be set still works.
+pub(crate) fn reset_unless_finished(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+/// The client's end of sending: its clean close from now on, then the half-close.
+pub(crate) fn finish_sending(tcp: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(tcp).set_linger(None)?;
+    tcp.shutdown(std::net::Shutdown::Write)
+}
+
 /// The instant `timeout` from now; a timeout too long for the clock (centuries) is a century.
 pub(crate) fn deadline_in(timeout: Duration) -> Instant {
     const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
