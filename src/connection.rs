@@ -254,7 +254,12 @@ impl<'a> Reading<'a> {
             self.shrunk = false;
             counts.bytes += n as u64;
             ctx.add_totals(0, 0, n as u64);
-            let decoded = self.decoder.decode_read(n, &mut self.batch);
+            let filled = n == self.read_size;
+            let mut decoded = self.decoder.decode_read(n, &mut self.batch);
+            let mut failed = None;
+            if filled && decoded.is_ok() && self.grow() {
+                (decoded, failed) = self.gather(n, counts);
+            }
             if !self.batch.is_empty() {
                 self.reader.last_message = Instant::now();
             }
@@ -264,15 +269,59 @@ impl<'a> Reading<'a> {
             if let Err(too_long) = decoded {
                 return End::TooLong(too_long);
             }
-            // Large reads if the budget can take what they may hold.
-            if n == self.read_size && self.read_size < MAX_READ && ctx.budget.left() >= MAX_READ * 8
-            {
-                self.read_size = MAX_READ;
+            if let Some(e) = failed {
+                return End::Failed(e);
             }
             if let Err(end) = self.settle() {
                 return end;
             }
         }
+    }
+
+    /// After a read that filled its room: large reads from now on, if the budget can take what
+    /// they may hold.
+    fn grow(&mut self) -> bool {
+        if self.read_size < MAX_READ && self.ctx.budget.left() >= MAX_READ * 8 {
+            self.read_size = MAX_READ;
+        }
+        self.read_size == MAX_READ
+    }
+
+    /// Adds to the batch what else has already arrived, up to [`MAX_READ`] bytes in all, without
+    /// waiting: so a burst that came faster than the first read's size is handled in one go
+    /// (one write to each chat recipient, not one per read). `read` bytes are in the batch
+    /// already. A read failing here ends the connection once the batch is handled.
+    fn gather(
+        &mut self,
+        mut read: usize,
+        counts: &mut Counts,
+    ) -> (Result<(), LineTooLong>, Option<io::Error>) {
+        while read < MAX_READ {
+            let room = self.decoder.read_room(&mut self.batch, MAX_READ - read);
+            let size = room.len();
+            let n = match self.stream.try_read(room) {
+                // The end of stream stays for the next read to find.
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    break;
+                }
+                Err(e) => return (Ok(()), Some(e)),
+            };
+            read += n;
+            counts.bytes += n as u64;
+            self.ctx.add_totals(0, 0, n as u64);
+            if let Err(too_long) = self.decoder.decode_read(n, &mut self.batch) {
+                return (Err(too_long), None);
+            }
+            if n < size {
+                break;
+            }
+        }
+        (Ok(()), None)
     }
 
     /// The server cut the connection: a stop, or (chat) an eviction.

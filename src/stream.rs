@@ -169,6 +169,24 @@ impl Stream {
         send_all_vectored(&self.tcp, bufs, timeout, give_up)
     }
 
+    /// Reads what has already arrived into `buf`, never waiting (`WouldBlock` for nothing yet).
+    /// Where that can't be done without making the socket non-blocking (Windows), it reads
+    /// nothing: `WouldBlock`.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(unix)]
+        {
+            use rustix::net::{RecvFlags, recv};
+            recv(&self.tcp, buf, RecvFlags::DONTWAIT)
+                .map(|(n, _)| n)
+                .map_err(Into::into)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = buf;
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
     /// Sends what the socket takes of `buf` at once, never waiting: how many bytes
     /// (`WouldBlock` for none). Where that can't be done without also making the reader's
     /// receives non-blocking (Windows), it takes none: the caller queues.
