@@ -8,11 +8,17 @@
 //! with no lock held by anyone but the sender and no thread to wake, and a slow reader delays only
 //! itself: its queue is bounded (a sender waits for room at most `--send-timeout` in all, however
 //! many are full), and a member that takes nothing for `--send-timeout` is cut off.
+//!
+//! A few senders relay at a time (two a core, see `Gate`), each going round the room from its
+//! own place and leaving for the end a member another is writing to, or whose queue is full:
+//! when thousands speak at once, the others wait asleep instead of thousands of threads all
+//! ready to run, which left the server's stop waiting seconds for its turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -93,7 +99,32 @@ impl Outbox {
         payload: &Arc<[u8]>,
         deadline: Instant,
     ) -> Result<Delivered, Refused> {
-        let mut queue = self.lock();
+        self.deliver_locked(self.lock(), stream, payload, deadline)
+    }
+
+    /// [`deliver`](Outbox::deliver) if no other sender is delivering to this client right now;
+    /// `None` (and nothing done) if one is.
+    fn try_deliver(
+        &self,
+        stream: &Stream,
+        payload: &Arc<[u8]>,
+        deadline: Instant,
+    ) -> Option<Result<Delivered, Refused>> {
+        let queue = match self.queue.try_lock() {
+            Ok(queue) => queue,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(self.deliver_locked(queue, stream, payload, deadline))
+    }
+
+    fn deliver_locked(
+        &self,
+        mut queue: MutexGuard<'_, Queue>,
+        stream: &Stream,
+        payload: &Arc<[u8]>,
+        deadline: Instant,
+    ) -> Result<Delivered, Refused> {
         loop {
             if queue.closed {
                 return Err(Refused::Closed);
@@ -357,8 +388,53 @@ struct Member {
 /// Everyone connected to a chat server.
 pub(crate) struct Room {
     members: Mutex<Members>,
+    /// After a stop: nothing more is relayed. Also in `members`, under its lock, for joins; here
+    /// for broadcasts to see at each member without a lock.
+    closed: AtomicBool,
+    /// Senders relaying at once, at most: see [`Gate`].
+    gate: Gate,
     /// What drainer threads draw on, with the connections' threads.
     threads: Arc<ThreadRoom>,
+}
+
+/// Lets a few threads at a time do the relaying, a loop over every member that never waits, so
+/// that however many clients speak at once only a few threads are ready to run: with thousands
+/// ready, the scheduler gives each a turn in thousands, and a thread with more than a moment's
+/// work to do (the one stopping the server, say) waits seconds between its turns.
+struct Gate {
+    open: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Gate {
+    fn new(slots: usize) -> Gate {
+        Gate {
+            open: Mutex::new(slots.max(1)),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn enter(&self) -> Pass<'_> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        while *open == 0 {
+            open = self
+                .freed
+                .wait(open)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *open -= 1;
+        Pass(self)
+    }
+}
+
+/// A place in the [`Gate`], given back when dropped.
+struct Pass<'a>(&'a Gate);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 #[derive(Default)]
@@ -373,8 +449,12 @@ struct Members {
 
 impl Room {
     pub(crate) fn new(threads: Arc<ThreadRoom>) -> Room {
+        // Two a core: one can be in a system call while the other runs.
+        let cores = thread::available_parallelism().map_or(2, usize::from);
         Room {
             members: Mutex::default(),
+            closed: AtomicBool::new(false),
+            gate: Gate::new(cores.saturating_mul(2)),
             threads,
         }
     }
@@ -403,6 +483,8 @@ impl Room {
     /// The server is stopping: nothing more is relayed, what is queued is dropped, and no sender
     /// waits for a full outbox any more.
     pub(crate) fn close(&self) {
+        // First, so that senders relaying right now stop at their next member.
+        self.closed.store(true, Ordering::Release);
         let outboxes: Vec<Arc<Outbox>> = {
             let mut members = self.lock();
             members.closed = true;
@@ -434,28 +516,58 @@ impl Room {
                     .get_or_insert_with(|| all.values().cloned().collect()),
             )
         };
-        let deadline = deadline_in(timeout);
-        for Member { id, stream, outbox } in everyone.iter() {
-            if *id == from {
-                continue;
+        // Senders on other threads go round the room from other places, and a member another
+        // sender is writing to right now, or whose queue is full, is come back to at the end
+        // rather than waited for: so two senders rarely want the same member at once, and
+        // while in the gate a sender never waits.
+        let others = everyone.len();
+        let start = usize::try_from(from).unwrap_or(0) % others.max(1);
+        let mut later = Vec::new();
+        {
+            let _pass = self.gate.enter();
+            let now = Instant::now();
+            for member in everyone[start..].iter().chain(&everyone[..start]) {
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if member.id == from {
+                    continue;
+                }
+                match member.outbox.try_deliver(&member.stream, payload, now) {
+                    None | Some(Err(Refused::Full)) => later.push(member),
+                    Some(outcome) => self.delivered(member, outcome, timeout),
+                }
             }
-            match outbox.deliver(stream, payload, deadline) {
-                Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
-                Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout, &self.threads),
-                Err(Refused::Full) => {
-                    warn!(
-                        "{} disconnected: not reading (outbound queue full for {})",
-                        stream.peer(),
-                        humantime::format_duration(timeout)
-                    );
-                    outbox.abandon();
-                    stream.cut();
-                }
-                Err(Refused::Failed(e)) => {
-                    debug!("{}: cannot send: {e}", stream.peer());
-                    outbox.abandon();
-                    stream.cut();
-                }
+        }
+        let deadline = deadline_in(timeout);
+        for member in later {
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let outcome = member.outbox.deliver(&member.stream, payload, deadline);
+            self.delivered(member, outcome, timeout);
+        }
+    }
+
+    /// Acts on what became of a delivery to `member`.
+    fn delivered(&self, member: &Member, outcome: Result<Delivered, Refused>, timeout: Duration) {
+        let Member { stream, outbox, .. } = member;
+        match outcome {
+            Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
+            Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout, &self.threads),
+            Err(Refused::Full) => {
+                warn!(
+                    "{} disconnected: not reading (outbound queue full for {})",
+                    stream.peer(),
+                    humantime::format_duration(timeout)
+                );
+                outbox.abandon();
+                stream.cut();
+            }
+            Err(Refused::Failed(e)) => {
+                debug!("{}: cannot send: {e}", stream.peer());
+                outbox.abandon();
+                stream.cut();
             }
         }
     }
