@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use memchr::memmem;
 
 use crate::addr::Addrs;
 use crate::error::Error;
@@ -381,16 +382,12 @@ fn listen(
     delivered: &AtomicU64,
     heard: &mpsc::Sender<Heard>,
 ) {
-    let mut latencies = latency_histogram();
+    let mut tally = Tally::new(conn);
     if expected == 0 {
         let _ = heard.send(Heard::AllIn); // nothing to wait for
     }
-    // This connection's own lines, should the server send them back: not deliveries.
-    let own = format!("{conn} ");
     let mut buf = vec![0u8; 64 * 1024];
     let mut kept = 0; // an unfinished line at the start of `buf`
-    let mut count = 0u64;
-    let mut reason = None;
     let result = loop {
         if kept == buf.len() {
             buf.resize(buf.len() * 2, 0); // a line longer than the buffer
@@ -403,47 +400,119 @@ fn listen(
         };
         let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let filled = kept + n;
-        let mut start = 0;
-        let before = count;
-        for end in memchr::memchr_iter(b'\n', &buf[kept..filled]).map(|at| kept + at) {
-            let line = &buf[start..end];
-            start = end + 1;
-            if line.starts_with(b"error: ") {
-                reason = Some(String::from_utf8_lossy(line).into_owned());
-                continue;
-            }
-            let Some(body) = chat_body(line).filter(|body| !body.starts_with(own.as_bytes()))
-            else {
-                continue;
-            };
-            // Every line is counted; one in LATENCY_SAMPLE is timed, which keeps the client's
-            // cost per line at a few nanoseconds so it measures the server, not itself.
-            if count.is_multiple_of(LATENCY_SAMPLE)
-                && let Some(sent) = stamp(body)
-                && let Some(latencies) = &mut latencies
-            {
-                let _ = latencies.record(now.saturating_sub(sent).max(1));
-            }
-            count += 1;
-        }
-        buf.copy_within(start..filled, 0);
-        kept = filled - start;
-        if count != before {
-            delivered.store(count, Ordering::Release);
-            if before < expected && count >= expected {
+        // Only the new bytes can end a line: what was kept has no newline.
+        let Some(last) = memchr::memrchr(b'\n', &buf[kept..filled]) else {
+            kept = filled;
+            continue;
+        };
+        let complete = kept + last + 1;
+        let before = tally.count;
+        tally.lines(&buf[..complete], now);
+        buf.copy_within(complete..filled, 0);
+        kept = filled - complete;
+        if tally.count != before {
+            delivered.store(tally.count, Ordering::Release);
+            if before < expected && tally.count >= expected {
                 let _ = heard.send(Heard::AllIn);
             }
         }
     };
     let _ = heard.send(Heard::End {
         result,
-        reason,
-        latencies,
+        reason: tally.reason,
+        latencies: tally.latencies,
     });
 }
 
+/// What one connection has heard from the others.
+struct Tally {
+    /// Lines from the others.
+    count: u64,
+    /// From a send to its receipt, for one line in [`LATENCY_SAMPLE`].
+    latencies: Option<Histogram<u64>>,
+    /// The server's `error: REASON` line, if it sent one.
+    reason: Option<String>,
+    /// Marks this connection's own lines, should the server send them back (not deliveries):
+    /// `chat CONN `.
+    own: memmem::Finder<'static>,
+    error: memmem::Finder<'static>,
+}
+
+impl Tally {
+    fn new(conn: usize) -> Tally {
+        Tally {
+            count: 0,
+            latencies: latency_histogram(),
+            reason: None,
+            own: memmem::Finder::new(format!("chat {conn} ").as_bytes()).into_owned(),
+            error: memmem::Finder::new(b"error: ").into_owned(),
+        }
+    }
+
+    /// Counts the complete lines in `text`, received at `now`.
+    ///
+    /// This is the client's cost per line, and it must stay well below the server's, or a run
+    /// measures the client. Going line by line costs more than the server's relaying does
+    /// (about 30 ns a line), so `text` is first checked whole, at a few bytes a nanosecond: if
+    /// it holds none of this connection's own lines and no `error: `, and as many `h` as lines
+    /// (each message has one, in `chat`; a peer as servers write it, an address or `<user5>`,
+    /// has none), every line is taken for another connection's message, and they are counted
+    /// at once, one in [`LATENCY_SAMPLE`] found by its place to be timed. Anything else (a
+    /// notice from the server, two messages run together, a peer with an `h`) is read line by
+    /// line. Only a notice and two messages run together in one read would balance and pass:
+    /// the load client counts, it does not audit the server's framing.
+    fn lines(&mut self, text: &[u8], now: u64) {
+        let lines = memchr::memchr_iter(b'\n', text).count();
+        let messages_only = memchr::memchr_iter(b'h', text).count() == lines
+            && self.own.find(text).is_none()
+            && self.error.find(text).is_none();
+        if !messages_only {
+            self.one_by_one(text, now);
+            return;
+        }
+        // The lines about every `stride` bytes, from the middle of the first stride on.
+        let sampled = lines.div_ceil(LATENCY_SAMPLE);
+        let stride = (text.len() / sampled).max(1);
+        for at in (stride / 2..text.len()).step_by(stride).take(sampled) {
+            let start = memchr::memrchr(b'\n', &text[..at]).map_or(0, |nl| nl + 1);
+            let end = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |nl| at + nl);
+            self.time(&text[start..end], now);
+        }
+        self.count += lines as u64;
+    }
+
+    /// Counts the lines in `text` one by one: the others' messages, and the server's reason.
+    fn one_by_one(&mut self, text: &[u8], now: u64) {
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', text) {
+            let line = &text[start..end];
+            start = end + 1;
+            if line.starts_with(b"error: ") {
+                self.reason = Some(String::from_utf8_lossy(line).into_owned());
+                continue;
+            }
+            if chat_body(line).is_none() || self.own.find(line).is_some() {
+                continue;
+            }
+            if self.count.is_multiple_of(LATENCY_SAMPLE as u64) {
+                self.time(line, now);
+            }
+            self.count += 1;
+        }
+    }
+
+    /// Records how long `line` took from its send to `now`, if it says when it was sent.
+    fn time(&mut self, line: &[u8], now: u64) {
+        if let Some(sent) = chat_body(line).and_then(stamp)
+            && let Some(latencies) = &mut self.latencies
+        {
+            let _ = latencies.record(now.saturating_sub(sent).max(1));
+        }
+    }
+}
+
 /// Of each connection's lines from the others, one in this many is timed.
-const LATENCY_SAMPLE: u64 = 8;
+const LATENCY_SAMPLE: usize = 64;
 
 /// What follows `chat ` in a relayed line `PEER chat CONN I T...`: `CONN I T...`. (`ncat --chat`
 /// puts its `<userN>` only before the first line of each chunk it relays, so the peer is
@@ -482,7 +551,58 @@ pub(crate) fn latency_histogram() -> Option<Histogram<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::sent_at;
+    use super::{Tally, sent_at};
+
+    /// Counts `text` as one read, and line by line: both must agree.
+    fn counted(conn: usize, text: &str) -> (u64, u64, Option<String>) {
+        let mut at_once = Tally::new(conn);
+        at_once.lines(text.as_bytes(), 1_000);
+        let mut by_line = Tally::new(conn);
+        by_line.one_by_one(text.as_bytes(), 1_000);
+        assert_eq!(at_once.reason, by_line.reason);
+        (at_once.count, by_line.count, at_once.reason)
+    }
+
+    #[test]
+    fn only_the_others_messages_are_deliveries_however_they_are_counted() {
+        let others = "127.0.0.1:5000 chat 1 0 10....\n127.0.0.1:5001 chat 2 0 20....\n";
+        assert_eq!(counted(3, others), (2, 2, None));
+        // ncat's form: its `<userN>` only before a chunk's first line.
+        assert_eq!(
+            counted(3, "<user5> chat 1 0 10\nchat 1 1 11\nchat 2 0 12\n"),
+            (3, 3, None)
+        );
+        // Its own lines sent back, notices, and a peer with an `h` are read line by line.
+        let own = "127.0.0.1:5000 chat 1 0 10\n127.0.0.1:5003 chat 3 0 10\n";
+        assert_eq!(counted(3, own), (1, 1, None));
+        let notice = "<announce> <user4> is disconnected.\nchat 1 0 10\n";
+        assert_eq!(counted(3, notice), (1, 1, None));
+        let host = "host:5000 chat 1 0 10\nhost:5000 chat 1 1 10\n";
+        assert_eq!(counted(3, host), (2, 2, None));
+        // Two messages run together are one line. (With a notice in the same read, the counts
+        // of `h` and lines would balance: that is left to the tests of the server itself.)
+        let merged = "127.0.0.1:5000 chat 1 0 10127.0.0.1:5000 chat 1 1 10\nchat 2 0 1\n";
+        assert_eq!(counted(3, merged), (2, 2, None));
+        let error = "127.0.0.1:5000 chat 1 0 10\nerror: server stopping\n";
+        assert_eq!(
+            counted(3, error),
+            (1, 1, Some("error: server stopping".to_owned()))
+        );
+    }
+
+    #[test]
+    fn lines_counted_at_once_are_timed_too() {
+        let mut tally = Tally::new(0);
+        let text: String = (0..200)
+            .map(|i| format!("127.0.0.1:5000 chat 1 {i} 400........\n"))
+            .collect();
+        tally.lines(text.as_bytes(), 1_000);
+        assert_eq!(tally.count, 200);
+        let latencies = tally.latencies.expect("a histogram");
+        // One in 64 of 200 lines: 4 timed, each sent at 400 ns and received at 1,000.
+        assert_eq!(latencies.len(), 4);
+        assert_eq!(latencies.max(), 600);
+    }
 
     #[test]
     fn the_send_time_is_read_with_or_without_a_peer() {
