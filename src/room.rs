@@ -9,17 +9,20 @@
 //! itself: its queue is bounded (a sender waits for room at most `--send-timeout` in all, however
 //! many are full), and a member that takes nothing for `--send-timeout` is cut off.
 //!
-//! A few senders relay at a time (two a core, see `Gate`), each going round the room from its
-//! own place and leaving for the end a member another is writing to, or whose queue is full:
-//! when thousands speak at once, the others wait asleep instead of thousands of threads all
-//! ready to run, which left the server's stop waiting seconds for its turn.
+//! A few senders relay at a time (two a core, see `Relays`); one that finds no place free leaves
+//! its payload and sleeps, and the next to relay takes the waiting payloads with its own and
+//! writes them to each member as one. So when many speak at once a member gets one write a round,
+//! not one a sender, and only a few threads are ready to run (with thousands ready, the server's
+//! stop once waited seconds for its turn). Relayers go round the room from different places and
+//! leave for the end a member another is writing to, or whose queue is full: holding a place,
+//! nobody waits.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
-use std::thread;
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -391,49 +394,154 @@ pub(crate) struct Room {
     /// After a stop: nothing more is relayed. Also in `members`, under its lock, for joins; here
     /// for broadcasts to see at each member without a lock.
     closed: AtomicBool,
-    /// Senders relaying at once, at most: see [`Gate`].
-    gate: Gate,
+    /// Who relays: see [`Relays`].
+    relays: Relays,
     /// What drainer threads draw on, with the connections' threads.
     threads: Arc<ThreadRoom>,
 }
 
-/// Lets a few threads at a time do the relaying, a loop over every member that never waits, so
-/// that however many clients speak at once only a few threads are ready to run: with thousands
-/// ready, the scheduler gives each a turn in thousands, and a thread with more than a moment's
-/// work to do (the one stopping the server, say) waits seconds between its turns.
-struct Gate {
-    open: Mutex<usize>,
-    freed: Condvar,
+/// Lets a few senders at a time relay (two a core), and has the others' payloads relayed by
+/// them: a sender that finds every place taken leaves its payload and sleeps, and whoever
+/// relays next takes the waiting payloads with its own, writing them to each member as one (a
+/// member that sent one of them gets the others one by one). So when many speak at once each
+/// member gets one write per round instead of one per sender, and only a few threads are ready
+/// to run: with thousands ready, the scheduler gives each a turn in thousands, and a thread with
+/// more than a moment's work (the one stopping the server, say) waits seconds between turns.
+struct Relays {
+    state: Mutex<RelayState>,
 }
 
-impl Gate {
-    fn new(slots: usize) -> Gate {
-        Gate {
-            open: Mutex::new(slots.max(1)),
-            freed: Condvar::new(),
-        }
-    }
+struct RelayState {
+    /// Places free: a sender that finds one relays.
+    open: usize,
+    /// Payloads waiting for someone to relay them, in the order they came.
+    waiting: VecDeque<Waiting>,
+}
 
-    fn enter(&self) -> Pass<'_> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        while *open == 0 {
-            open = self
-                .freed
-                .wait(open)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        *open -= 1;
-        Pass(self)
+struct Waiting {
+    from: u64,
+    payload: Arc<[u8]>,
+    turn: Arc<Turn>,
+}
+
+/// A waiting sender's state, and how to wake it.
+struct Turn {
+    state: AtomicU8,
+    thread: Thread,
+}
+
+/// Waiting for its payload to be relayed.
+const WAITING: u8 = 0;
+/// Given a place: it relays its payload, and others', itself.
+const LEAD: u8 = 1;
+/// Its payload was relayed (or the room closed).
+const DONE: u8 = 2;
+
+/// Payloads one sender relays at once, at most, and their bytes (beyond the first).
+const ROUND_PAYLOADS: usize = 256;
+const ROUND_BYTES: usize = 256 * 1024;
+
+impl Turn {
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
-/// A place in the [`Gate`], given back when dropped.
-struct Pass<'a>(&'a Gate);
+/// A place in [`Relays`], given back when dropped (panics included).
+struct Place<'a>(&'a Relays);
 
-impl Drop for Pass<'_> {
+impl Drop for Place<'_> {
     fn drop(&mut self) {
-        *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.0.freed.notify_one();
+        self.0.give_back();
+    }
+}
+
+/// The payloads of one round, and the senders to tell when it is done (whatever happens,
+/// panics included: when dropped).
+struct Round {
+    payloads: Vec<(u64, Arc<[u8]>)>,
+    turns: Vec<Arc<Turn>>,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        for turn in self.turns.drain(..) {
+            turn.set(DONE);
+        }
+    }
+}
+
+impl Relays {
+    fn new(places: usize) -> Relays {
+        Relays {
+            state: Mutex::new(RelayState {
+                open: places.max(1),
+                waiting: VecDeque::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RelayState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Returns once this sender holds a place (`Some`: it relays `payload` itself) or its payload
+    /// was relayed by another (`None`).
+    fn take_place(&self, from: u64, payload: &Arc<[u8]>) -> Option<Round> {
+        let turn = {
+            let mut state = self.lock();
+            if state.open > 0 {
+                state.open -= 1;
+                None
+            } else {
+                let turn = Arc::new(Turn {
+                    state: AtomicU8::new(WAITING),
+                    thread: thread::current(),
+                });
+                state.waiting.push_back(Waiting {
+                    from,
+                    payload: Arc::clone(payload),
+                    turn: Arc::clone(&turn),
+                });
+                Some(turn)
+            }
+        };
+        if let Some(turn) = turn {
+            loop {
+                match turn.state.load(Ordering::Acquire) {
+                    DONE => return None,
+                    LEAD => break,
+                    _ => thread::park(),
+                }
+            }
+        }
+        let mut round = Round {
+            payloads: vec![(from, Arc::clone(payload))],
+            turns: Vec::new(),
+        };
+        let mut state = self.lock();
+        let mut bytes = 0;
+        while round.payloads.len() < ROUND_PAYLOADS
+            && let Some(next) = state.waiting.front()
+            && bytes + next.payload.len() <= ROUND_BYTES
+        {
+            bytes += next.payload.len();
+            if let Some(next) = state.waiting.pop_front() {
+                round.payloads.push((next.from, next.payload));
+                round.turns.push(next.turn);
+            }
+        }
+        Some(round)
+    }
+
+    /// Gives a place back: to the first sender waiting, if any, who then relays.
+    fn give_back(&self) {
+        let mut state = self.lock();
+        match state.waiting.pop_front() {
+            Some(next) => next.turn.set(LEAD),
+            None => state.open += 1,
+        }
     }
 }
 
@@ -454,7 +562,7 @@ impl Room {
         Room {
             members: Mutex::default(),
             closed: AtomicBool::new(false),
-            gate: Gate::new(cores.saturating_mul(2)),
+            relays: Relays::new(cores.saturating_mul(2)),
             threads,
         }
     }
@@ -501,8 +609,20 @@ impl Room {
 
     /// Delivers `payload` to every member but `from`, waiting for full outboxes at most
     /// `timeout` in all, however many there are. A member whose outbox is still full then is not
-    /// reading: it is disconnected, and the room carries on.
+    /// reading: it is disconnected, and the room carries on. Returns once `payload` was handed
+    /// to every member's socket or queue, by this thread or by another (see [`Relays`]).
     pub(crate) fn broadcast(&self, from: u64, payload: &Arc<[u8]>, timeout: Duration) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(round) = self.relays.take_place(from, payload) {
+            self.relay(&round, timeout);
+        }
+    }
+
+    /// Relays a round of payloads while holding a place, then gives the place back.
+    fn relay(&self, round: &Round, timeout: Duration) {
+        let place = Place(&self.relays);
         let everyone = {
             let mut members = self.lock();
             if members.closed {
@@ -516,31 +636,47 @@ impl Room {
                     .get_or_insert_with(|| all.values().cloned().collect()),
             )
         };
-        // Senders on other threads go round the room from other places, and a member another
-        // sender is writing to right now, or whose queue is full, is come back to at the end
-        // rather than waited for: so two senders rarely want the same member at once, and
-        // while in the gate a sender never waits.
-        let others = everyone.len();
-        let start = usize::try_from(from).unwrap_or(0) % others.max(1);
-        let mut later = Vec::new();
-        {
-            let _pass = self.gate.enter();
-            let now = Instant::now();
-            for member in everyone[start..].iter().chain(&everyone[..start]) {
-                if self.closed.load(Ordering::Acquire) {
-                    return;
+        // Everyone's payloads as one, for the members that sent none of them.
+        let joined: Arc<[u8]> = match &round.payloads[..] {
+            [(_, payload)] => Arc::clone(payload),
+            payloads => {
+                let mut all = Vec::with_capacity(payloads.iter().map(|(_, p)| p.len()).sum());
+                for (_, payload) in payloads {
+                    all.extend_from_slice(payload);
                 }
-                if member.id == from {
-                    continue;
-                }
-                match member.outbox.try_deliver(&member.stream, payload, now) {
-                    None | Some(Err(Refused::Full)) => later.push(member),
+                all.into()
+            }
+        };
+        let mut senders: Vec<u64> = round.payloads.iter().map(|(from, _)| *from).collect();
+        senders.sort_unstable();
+        // Relayers go round the room from different places, and a member another relayer is
+        // writing to right now, or whose queue is full, is come back to after the place is
+        // given back rather than waited for: while holding a place, nobody waits.
+        let start = usize::try_from(round.payloads[0].0).unwrap_or(0) % everyone.len().max(1);
+        let mut later: Vec<(&Member, &Arc<[u8]>)> = Vec::new();
+        let now = Instant::now();
+        for member in everyone[start..].iter().chain(&everyone[..start]) {
+            if self.closed.load(Ordering::Acquire) {
+                break;
+            }
+            let mut deliver =
+                |payload| match member.outbox.try_deliver(&member.stream, payload, now) {
+                    None | Some(Err(Refused::Full)) => later.push((member, payload)),
                     Some(outcome) => self.delivered(member, outcome, timeout),
+                };
+            if senders.binary_search(&member.id).is_err() {
+                deliver(&joined);
+            } else {
+                for (from, payload) in &round.payloads {
+                    if *from != member.id {
+                        deliver(payload);
+                    }
                 }
             }
         }
+        drop(place);
         let deadline = deadline_in(timeout);
-        for member in later {
+        for (member, payload) in later {
             if self.closed.load(Ordering::Acquire) {
                 return;
             }
@@ -649,6 +785,65 @@ mod tests {
         let got = reader.join().expect("reader").expect("read");
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "bytes out of order");
+    }
+
+    #[test]
+    fn many_senders_at_once_reach_every_other_member_in_order_and_never_themselves() {
+        const MEMBERS: u64 = 24;
+        const LINES: usize = 200;
+        let room = Arc::new(Room::new(Arc::new(ThreadRoom::new(None))));
+        let mut clients = Vec::new();
+        for id in 0..MEMBERS {
+            let (stream, client) = pair();
+            room.join(id, Arc::clone(&stream), Arc::new(Outbox::new()));
+            clients.push((stream, client));
+        }
+        // Every member reads all it gets until the room closes its socket.
+        let readers: Vec<_> = clients
+            .iter()
+            .map(|(_, client)| {
+                let mut client = client.try_clone().expect("clone");
+                thread::spawn(move || {
+                    let mut got = String::new();
+                    client.read_to_string(&mut got).map(|_| got)
+                })
+            })
+            .collect();
+        // All at once: far more senders than relaying places, so payloads are relayed in rounds
+        // by whoever holds a place.
+        let senders: Vec<_> = (0..MEMBERS)
+            .map(|id| {
+                let room = Arc::clone(&room);
+                thread::spawn(move || {
+                    for line in 0..LINES {
+                        let payload: Arc<[u8]> = format!("{id} {line}\n").into_bytes().into();
+                        room.broadcast(id, &payload, Duration::from_secs(10));
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().expect("sender");
+        }
+        for (stream, _) in &clients {
+            stream.close_cleanly();
+        }
+        for (id, reader) in readers.into_iter().enumerate() {
+            let got = reader.join().expect("reader").expect("read");
+            let mut next = vec![0usize; MEMBERS as usize];
+            for line in got.lines() {
+                let (from, n) = line.split_once(' ').expect("FROM N");
+                let (from, n): (usize, usize) =
+                    (from.parse().expect("from"), n.parse().expect("n"));
+                assert_ne!(from, id, "member {id} got its own line");
+                assert_eq!(n, next[from], "member {id}: from {from} out of order");
+                next[from] += 1;
+            }
+            for (from, count) in next.iter().enumerate() {
+                let expected = if from == id { 0 } else { LINES };
+                assert_eq!(*count, expected, "member {id}: lines from {from}");
+            }
+        }
     }
 
     #[test]
