@@ -365,6 +365,7 @@ impl<'a> Reading<'a> {
         };
         let delivered = ctx.sink.deliver(peer, batch);
         let len = batch.len() as u64;
+        ctx.add_handed(len);
         batch.clear();
         if let Err(e) = delivered {
             counts.refused += len;

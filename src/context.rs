@@ -33,6 +33,10 @@ pub(crate) struct Context {
     exit_follows: AtomicBool,
     stopped_at: OnceLock<Instant>,
     messages: AtomicU64,
+    /// Messages handed to the sink (printed, queued, or refused): read but not yet handed (a
+    /// connection given up on at the stop's bound, still relaying or waiting for the sink's
+    /// queue) is not printed either.
+    handed: AtomicU64,
     /// Messages read that the sink refused (it had failed, or the stop gave up waiting for it).
     refused_messages: AtomicU64,
     bytes: AtomicU64,
@@ -66,6 +70,7 @@ impl Context {
             exit_follows: AtomicBool::new(false),
             stopped_at: OnceLock::new(),
             messages: AtomicU64::new(0),
+            handed: AtomicU64::new(0),
             refused_messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             output_error: Mutex::new(None),
@@ -126,10 +131,21 @@ impl Context {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// `messages` more were handed to the sink, whatever it made of them.
+    pub(crate) fn add_handed(&self, messages: u64) {
+        self.handed.fetch_add(messages, Ordering::Relaxed);
+    }
+
     pub(crate) fn totals(&self) -> Totals {
+        let messages = self.messages.load(Ordering::Relaxed);
+        let not_handed = messages.saturating_sub(self.handed.load(Ordering::Relaxed));
+        // An upper bound ("up to"): a thread given up on while writing for the sink has its
+        // batch both not handed and unwritten.
+        let unprinted =
+            not_handed + self.refused_messages.load(Ordering::Relaxed) + self.sink.unwritten();
         Totals {
-            messages: self.messages.load(Ordering::Relaxed),
-            unprinted: self.refused_messages.load(Ordering::Relaxed) + self.sink.unwritten(),
+            messages,
+            unprinted: unprinted.min(messages),
             bytes: self.bytes.load(Ordering::Relaxed),
         }
     }

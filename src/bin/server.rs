@@ -154,7 +154,7 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
             if summary.unprinted > 0 {
                 // A batch the output was still writing counts whole: "up to".
                 anyhow::bail!(
-                    "cannot write output: up to {} of the {} messages received on {addr} were not printed (stdout blocked)",
+                    "cannot write output: up to {} of the {} messages received on {addr} were not printed before the stop's bound ran out (stdout too slow, or the chat room too busy)",
                     summary.unprinted,
                     summary.messages
                 );
