@@ -263,8 +263,10 @@ impl Server {
             while !thread.is_finished() && Instant::now() < bound {
                 thread::sleep(Duration::from_millis(5));
             }
-            if thread.is_finished() {
+            if connections && thread.is_finished() {
                 let _ = thread.join();
+            } else {
+                let_go(thread, connections);
             }
         }
         let finished = {
@@ -280,7 +282,9 @@ impl Server {
                         humantime::format_duration(STOP_BOUND)
                     );
                     for live in registry.live.values_mut() {
-                        drop(live.thread.take()); // detached
+                        if let Some(thread) = live.thread.take() {
+                            let_go(thread, connections);
+                        }
                     }
                     break;
                 }
@@ -293,11 +297,25 @@ impl Server {
             }
             std::mem::take(&mut registry.finished)
         };
-        if connections {
-            for thread in finished {
+        for thread in finished {
+            if connections {
                 let _ = thread.join();
+            } else {
+                let_go(thread, connections);
             }
         }
+    }
+}
+
+/// Lets a thread go without joining it: detached, or if the process exits next (`!joining`),
+/// not even that. Freeing a finished thread's stack, which a join or a detach does, takes a lock
+/// of the C library's that every thread exiting takes too: with thousands exiting at once after
+/// a stop, `Server::wait` waited seconds on it, for memory the exit frees anyway.
+fn let_go(thread: JoinHandle<()>, joining: bool) {
+    if joining {
+        drop(thread);
+    } else {
+        std::mem::forget(thread);
     }
 }
 
