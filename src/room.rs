@@ -200,24 +200,31 @@ impl Outbox {
         self.space.notify_all();
     }
 
-    /// No more payloads, and what is queued is dropped: a drainer ends at once.
-    fn abandon(&self) {
-        {
+    /// No more payloads, and what is queued is dropped: a drainer ends at once. Returns whether
+    /// this call abandoned it (not an earlier one): of several senders finding the same client
+    /// not reading, one says so.
+    fn abandon(&self) -> bool {
+        let first = {
             let mut queue = self.lock();
+            let first = !queue.abandoned;
             queue.closed = true;
             queue.abandoned = true;
             queue.payloads.clear();
             queue.first_sent = 0;
             queue.bytes = 0;
-        }
+            first
+        };
         self.space.notify_all();
+        first
     }
 
     /// For a drainer that fails, or one that can't start: abandoned, and no longer draining.
-    fn give_up_draining(&self) {
-        self.abandon();
+    /// Returns whether this call abandoned it (see [`abandon`](Outbox::abandon)).
+    fn give_up_draining(&self) -> bool {
+        let first = self.abandon();
         self.lock().draining = false;
         self.space.notify_all();
+        first
     }
 
     fn is_abandoned(&self) -> bool {
@@ -321,26 +328,22 @@ fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
         let sent = stream.send_vectored(&bufs, send_timeout, || outbox.is_abandoned());
         drop(bufs);
         taken.clear();
-        // Given up on: by its seat or a stop (nothing more to do), or the client failed.
-        let cut = match sent {
-            Ok(()) => continue,
-            Err(SendError::GaveUp) => false,
-            Err(SendError::NotReading) => {
-                warn!(
-                    "{} disconnected: not reading (nothing could be sent within the send timeout)",
-                    stream.peer()
-                );
-                true
-            }
-            Err(SendError::Failed(e)) => {
-                debug!("{}: cannot send: {e}", stream.peer());
-                true
-            }
+        let Err(error) = sent else {
+            continue;
         };
-        outbox.give_up_draining();
-        if cut {
-            stream.cut();
+        // Given up on: by its seat or a stop (nothing more to do), or the client failed. Said
+        // only if no sender found it first.
+        let first = outbox.give_up_draining();
+        match error {
+            SendError::GaveUp => return,
+            SendError::NotReading if first => warn!(
+                "{} disconnected: not reading (nothing could be sent within the send timeout)",
+                stream.peer()
+            ),
+            SendError::Failed(e) if first => debug!("{}: cannot send: {e}", stream.peer()),
+            SendError::NotReading | SendError::Failed(_) => {}
         }
+        stream.cut();
         return;
     }
 }
@@ -692,17 +695,19 @@ impl Room {
             Ok(Delivered::Sent | Delivered::Queued) | Err(Refused::Closed) => {}
             Ok(Delivered::Behind) => start_drainer(stream, outbox, timeout, &self.threads),
             Err(Refused::Full) => {
-                warn!(
-                    "{} disconnected: not reading (outbound queue full for {})",
-                    stream.peer(),
-                    humantime::format_duration(timeout)
-                );
-                outbox.abandon();
+                if outbox.abandon() {
+                    warn!(
+                        "{} disconnected: not reading (outbound queue full for {})",
+                        stream.peer(),
+                        humantime::format_duration(timeout)
+                    );
+                }
                 stream.cut();
             }
             Err(Refused::Failed(e)) => {
-                debug!("{}: cannot send: {e}", stream.peer());
-                outbox.abandon();
+                if outbox.abandon() {
+                    debug!("{}: cannot send: {e}", stream.peer());
+                }
                 stream.cut();
             }
         }
