@@ -104,6 +104,16 @@ pub enum Error {
         /// the connection first.
         waited: Duration,
     },
+    /// Load mode, chat: more lines arrived from the others than they sent. Someone else is
+    /// talking in the room, and the count can't tell their lines from this run's.
+    Overheard {
+        /// The server.
+        addr: SocketAddr,
+        /// Lines from the others that arrived.
+        received: u64,
+        /// Messages the others sent.
+        expected: u64,
+    },
     /// Received messages could not be written out (for the server binary: stdout).
     Output(io::Error),
     /// The operating system refused to start a thread.
@@ -184,6 +194,14 @@ impl fmt::Display for Error {
                 "{addr}: {received} of the {expected} messages from the other connections arrived, then none for {}",
                 humantime::format_duration(*waited)
             ),
+            Error::Overheard {
+                addr,
+                received,
+                expected,
+            } => write!(
+                f,
+                "{addr}: {received} lines arrived from the other connections, which sent {expected}: someone else is talking in the room, so deliveries can't be counted"
+            ),
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
             Error::Panicked(what) => write!(f, "{what} panicked"),
@@ -209,6 +227,7 @@ impl std::error::Error for Error {
             | Error::NoEcho { .. }
             | Error::NoGreeting { .. }
             | Error::Undelivered { .. }
+            | Error::Overheard { .. }
             | Error::Panicked(_)
             | Error::Options { .. } => None,
         }

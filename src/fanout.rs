@@ -355,6 +355,11 @@ fn exchange(
             expected,
             waited: Duration::ZERO,
         }),
+        (Ok(()), _) if outcome.delivered > expected => Err(Error::Overheard {
+            addr: peer,
+            received: outcome.delivered,
+            expected,
+        }),
         (Ok(()), _) => Ok(()),
         (Err(_), Some(reason)) => Err(Error::Ended { addr: peer, reason }),
         (Err(source), None) => Err(broken(source)),

@@ -221,3 +221,47 @@ fn chat_load_without_a_greeting_fails_once_not_per_connection() {
     );
     server.stop().assert_code(0);
 }
+
+/// A room where someone else talks too (here a stand-in server that sends each connection three
+/// lines from a stranger, connection 7, where the other connection sent one): more lines than the
+/// others sent can't be told apart, so the run is an error, not a count inflated by the stranger.
+#[test]
+fn chat_load_overhearing_a_stranger_is_an_error() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let room = std::thread::spawn(move || {
+        let members: Vec<_> = (0..2)
+            .map(|_| {
+                let (mut stream, peer) = listener.accept().expect("accept");
+                stream.write_all(b"welcome\n").expect("greet");
+                std::thread::spawn(move || {
+                    for i in 0..3 {
+                        let line = format!("127.0.0.1:1 chat 7 {i} 5\n");
+                        stream.write_all(line.as_bytes()).expect("relay");
+                    }
+                    // Read to the client's end, then close cleanly: its confirmation.
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest);
+                    peer
+                })
+            })
+            .collect();
+        for member in members {
+            member.join().expect("member");
+        }
+    });
+    let client = run_client_to(
+        addr,
+        &["--chat", "--connections", "2", "--count", "1", "--json"],
+        TIMEOUT,
+    );
+    room.join().expect("room");
+    client.assert_code(1).assert_no_panic();
+    assert!(
+        client.error_lines()[0].contains(
+            "3 lines arrived from the other connections, which sent 1: someone else is talking"
+        ),
+        "{client}"
+    );
+}
