@@ -32,16 +32,19 @@ exec 3<>"$tmp/never" # read by ncat, written by nobody, held open by this script
 
 # start NAME CMD...: runs CMD with stderr to a file and waits for its `listening on ADDR` line.
 start() {
-    local name=$1; shift
-    "$@" >/dev/null 2>"$tmp/$name.err" &
+    local name=$1 err; shift
+    # A new file each start: reusing one, this loop could read the last server's port before
+    # the new process's redirection had emptied it.
+    err=$(mktemp "$tmp/$name.XXXXXX")
+    "$@" >/dev/null 2>"$err" &
     pids+=($!)
     for _ in $(seq 200); do
         # Only whole lines: the log line may be caught half written.
-        port=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\)$/\1/p' "$tmp/$name.err" 2>/dev/null | head -1) || true
-        [ -n "$port" ] && [ -z "$(tail -c1 "$tmp/$name.err")" ] && return 0
+        port=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\)$/\1/p' "$err" 2>/dev/null | head -1) || true
+        [ -n "$port" ] && [ -z "$(tail -c1 "$err")" ] && return 0
         sleep 0.05
     done
-    echo "$name did not start" >&2; cat "$tmp/$name.err" >&2; exit 1
+    echo "$name did not start" >&2; cat "$err" >&2; exit 1
 }
 stop_last() { kill "${pids[-1]}" 2>/dev/null || true; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
