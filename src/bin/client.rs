@@ -6,7 +6,7 @@ use std::io::{self, BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -194,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // The connection has failed; the reader will say how.
                 debug!("half-close: {e:#}");
             }
+            let printed = PRINTED.load(Ordering::Acquire);
             let ending = if closed_early {
                 None // the reader has ended already
             } else {
@@ -205,8 +206,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(ending) => ending,
                 None => {
                     client.close();
-                    if PRINTING.load(Ordering::Acquire) {
-                        // The reader is stuck writing what came before the close, if any.
+                    // Stuck writing what came before the close, if any: not if it printed on
+                    // meanwhile (a chat room still talking), where the close just didn't come.
+                    if PRINTING.load(Ordering::Acquire)
+                        && PRINTED.load(Ordering::Acquire) == printed
+                    {
                         bail!(
                             "cannot write to stdout: blocked for {} or more, so {server}'s confirmation could not be read",
                             humantime::format_duration(cli.linger)
@@ -352,6 +356,8 @@ fn forward_stdin(client: &Client) -> anyhow::Result<()> {
 
 /// Set while the reader writes to stdout: if that blocks, it can't read on.
 static PRINTING: AtomicBool = AtomicBool::new(false);
+/// Messages the reader has written to stdout so far.
+static PRINTED: AtomicU64 = AtomicU64::new(0);
 
 /// Prints every message as it arrives: a line per message, or raw chunks as they are. Says how
 /// the server's side ended, with its reason if the last line was an `error: ` line.
@@ -376,6 +382,7 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
         let written = written.and_then(|()| out.flush());
         drop(out);
         PRINTING.store(false, Ordering::Release);
+        PRINTED.fetch_add(1, Ordering::AcqRel);
         match written {
             Ok(()) => {}
             // Nobody reads our output any more; keep draining the connection quietly.
