@@ -63,11 +63,8 @@ impl Client {
     /// Gives up a send when the server takes nothing of it for `timeout` (`None`: waits for
     /// ever), with [`Error::SendTimeout`]. Clones made afterwards share the setting.
     pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
-        let timeout = timeout.filter(|t| !t.is_zero());
-        self.stream
-            .set_write_timeout(timeout.map(send::send_slice))
-            .map_err(|e| self.failed(e))?;
-        self.send_timeout = timeout;
+        self.send_timeout =
+            send::set_send_timeout(&self.stream, timeout).map_err(|e| self.failed(e))?;
         Ok(())
     }
 

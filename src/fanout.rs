@@ -260,10 +260,7 @@ fn exchange(
     outcome: &mut ChatOutcome,
 ) -> Result<(), Error> {
     let broken = |source| Error::Connection { addr: peer, source };
-    let send_timeout = (!task.send_timeout.is_zero()).then_some(task.send_timeout);
-    stream
-        .set_write_timeout(send_timeout.map(send::send_slice))
-        .map_err(broken)?;
+    let send_timeout = send::set_send_timeout(&stream, Some(task.send_timeout)).map_err(broken)?;
     let stream = Arc::new(stream);
     let expected = others * task.count;
     let conn = task.conn;

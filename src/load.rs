@@ -648,10 +648,8 @@ fn stream_messages(
     outcome: &mut Outcome,
 ) -> Result<(), Error> {
     let broken = |source| Error::Connection { addr: peer, source };
-    let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
-    stream
-        .set_write_timeout(send_timeout.map(send::send_slice))
-        .map_err(broken)?;
+    let send_timeout =
+        send::set_send_timeout(&stream, Some(options.send_timeout)).map_err(broken)?;
     let send = |stream: &TcpStream, bytes: &[u8]| send::send_to(stream, peer, bytes, send_timeout);
     let stream = Arc::new(stream);
     let (closed_tx, closed) = mpsc::channel();

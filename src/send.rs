@@ -32,6 +32,17 @@ pub(crate) fn send_slice(timeout: Duration) -> Duration {
     timeout.clamp(Duration::from_millis(1), SEND_SLICE)
 }
 
+/// Prepares `tcp` for sends that give up after `timeout` without progress (zero or `None`:
+/// never): its socket timeout becomes a [`send_slice`]. Returns the timeout to pass to the sends.
+pub(crate) fn set_send_timeout(
+    tcp: &TcpStream,
+    timeout: Option<Duration>,
+) -> io::Result<Option<Duration>> {
+    let timeout = timeout.filter(|t| !t.is_zero());
+    tcp.set_write_timeout(timeout.map(send_slice))?;
+    Ok(timeout)
+}
+
 /// Sends all of `buf` on `tcp`, whose send timeout is [`send_slice`]`(timeout)`. Gives up when the
 /// peer takes nothing for `timeout` (to within a slice), or when `give_up` says so (asked whenever
 /// the send has waited a slice). A plain socket timeout won't do: a send that took part of the
