@@ -492,37 +492,36 @@ impl Relays {
     /// Returns once this sender holds a place (`Some`: it relays `payload` itself) or its payload
     /// was relayed by another (`None`).
     fn take_place(&self, from: u64, payload: &Arc<[u8]>) -> Option<Round> {
-        let turn = {
-            let mut state = self.lock();
-            if state.open > 0 {
-                state.open -= 1;
-                None
-            } else {
-                let turn = Arc::new(Turn {
-                    state: AtomicU8::new(WAITING),
-                    thread: thread::current(),
-                });
-                state.waiting.push_back(Waiting {
-                    from,
-                    payload: Arc::clone(payload),
-                    turn: Arc::clone(&turn),
-                });
-                Some(turn)
-            }
-        };
-        if let Some(turn) = turn {
-            loop {
-                match turn.state.load(Ordering::Acquire) {
-                    DONE => return None,
-                    LEAD => break,
-                    _ => thread::park(),
-                }
-            }
-        }
         let mut round = Round {
             payloads: vec![(from, Arc::clone(payload))],
             turns: Vec::new(),
         };
+        let turn = {
+            let mut state = self.lock();
+            if state.open > 0 {
+                // Nobody is waiting (a place given back goes to the first waiting): relay alone.
+                state.open -= 1;
+                return Some(round);
+            }
+            let turn = Arc::new(Turn {
+                state: AtomicU8::new(WAITING),
+                thread: thread::current(),
+            });
+            state.waiting.push_back(Waiting {
+                from,
+                payload: Arc::clone(payload),
+                turn: Arc::clone(&turn),
+            });
+            turn
+        };
+        loop {
+            match turn.state.load(Ordering::Acquire) {
+                DONE => return None,
+                LEAD => break,
+                _ => thread::park(),
+            }
+        }
+        // Given a place: the others waiting come along.
         let mut state = self.lock();
         let mut bytes = 0;
         while round.payloads.len() < ROUND_PAYLOADS
