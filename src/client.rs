@@ -1,13 +1,15 @@
 //! The blocking client: connect with a timeout, send messages, receive messages.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::framing::{Batch, Decoder, Framing};
 use crate::send;
+use crate::tls::ClientTls;
+use crate::transport::{self, Transport};
 use crate::{Error, addr};
 
 /// The longest line a [`Receiver`] accepts before giving up on the connection.
@@ -22,7 +24,7 @@ pub(crate) const RECEIVE_MAX_LINE: usize = 1024 * 1024;
 /// closes or receives.
 #[derive(Debug, Clone)]
 pub struct Client {
-    stream: Arc<TcpStream>,
+    stream: Arc<Transport>,
     peer: SocketAddr,
     framing: Framing,
     send_timeout: Option<Duration>,
@@ -33,12 +35,33 @@ impl Client {
     ///
     /// Each attempt waits at most `timeout`; `Duration::ZERO` leaves it to the operating system.
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Client, Error> {
-        let (stream, peer) = addr::resolve(host, port)?.connect(timeout)?;
+        Client::connect_with(host, port, timeout, None)
+    }
+
+    /// [`connect`](Client::connect), then a TLS handshake as `tls` says, within the same
+    /// `timeout` (zero: 10 s). A server that is not trusted, or not a TLS server, is an
+    /// [`Error::Handshake`].
+    pub fn connect_tls(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        tls: &ClientTls,
+    ) -> Result<Client, Error> {
+        Client::connect_with(host, port, timeout, Some(tls))
+    }
+
+    fn connect_with(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Client, Error> {
+        let (stream, peer) = Transport::connect(&addr::resolve(host, port)?, host, timeout, tls)?;
         let client = Client::new(stream, peer);
         // Each message is one write that should leave at once, not wait for an ACK. Best
         // effort: it fails only on a connection the server has already reset (a refusal), and
         // then the reason is what the client must get to read.
-        let _ = client.stream.set_nodelay(true);
+        let _ = client.stream.tcp().set_nodelay(true);
         Ok(client)
     }
 
@@ -47,11 +70,15 @@ impl Client {
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Client::new(Transport::plain(stream), peer)
+    }
+
+    pub(crate) fn from_transport(stream: Transport, peer: SocketAddr) -> Client {
         Client::new(stream, peer)
     }
 
-    fn new(stream: TcpStream, peer: SocketAddr) -> Client {
-        send::reset_unless_finished(&stream);
+    fn new(stream: Transport, peer: SocketAddr) -> Client {
+        send::reset_unless_finished(stream.tcp());
         Client {
             stream: Arc::new(stream),
             peer,
@@ -64,13 +91,13 @@ impl Client {
     /// ever), with [`Error::SendTimeout`]. Clones made afterwards share the setting.
     pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         self.send_timeout =
-            send::set_send_timeout(&self.stream, timeout).map_err(|e| self.failed(e))?;
+            send::set_send_timeout(self.stream.tcp(), timeout).map_err(|e| self.failed(e))?;
         Ok(())
     }
 
     /// Writes all of `bytes`, within the send timeout if there is one.
     fn write_all(&self, bytes: &[u8]) -> Result<(), Error> {
-        send::send_to(&self.stream, self.peer, bytes, self.send_timeout)
+        transport::send_to(&self.stream, self.peer, bytes, self.send_timeout)
     }
 
     /// Writes bytes exactly as they are, whatever the framing: no `\n` is added, and what they
@@ -92,7 +119,7 @@ impl Client {
 
     /// This end's address.
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
-        self.stream.local_addr().map_err(|e| self.failed(e))
+        self.stream.tcp().local_addr().map_err(|e| self.failed(e))
     }
 
     /// Sends one message: in line framing followed by `\n`, in raw framing as it is.
@@ -129,18 +156,18 @@ impl Client {
     /// unread (a [`Receiver`] on another thread is printing it), waits for that at most 100 ms.
     /// Off Unix it can't look, and says `false`.
     pub fn closed_early(&self) -> bool {
-        closed_early(&self.stream)
+        closed_early(self.stream.tcp())
     }
 
-    /// Half-closes the connection: tells the server nothing more will be sent. Receiving goes on
-    /// until the server closes its side.
+    /// Half-closes the connection: tells the server nothing more will be sent (under TLS with
+    /// `close_notify` first). Receiving goes on until the server closes its side.
     pub fn finish(&self) -> Result<(), Error> {
-        send::finish_sending(&self.stream).map_err(|e| self.failed(e))
+        transport::finish_sending(&self.stream, self.send_timeout).map_err(|e| self.failed(e))
     }
 
     /// Closes both directions at once; a [`Receiver`] blocked on another thread wakes and ends.
     pub fn close(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
 
     /// An iterator over the messages the server sends, ending when the server closes.
@@ -212,7 +239,7 @@ fn server_closed(_: &TcpStream) -> Option<bool> {
 /// A last line without `\n` is yielded when the server closes. After an error, it ends.
 #[derive(Debug)]
 pub struct Receiver {
-    stream: Arc<TcpStream>,
+    stream: Arc<Transport>,
     peer: SocketAddr,
     decoder: Decoder,
     batch: Batch,
@@ -249,7 +276,7 @@ impl Iterator for Receiver {
                 // Messages that arrived before a failure come first, then the failure, once.
                 return self.failure.take().map(Err);
             }
-            let decoded = match (&*self.stream).read(&mut self.buf) {
+            let decoded = match self.stream.read(&mut self.buf) {
                 Ok(0) => {
                     self.done = true;
                     self.decoder.finish(&mut self.batch)

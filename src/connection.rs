@@ -15,6 +15,7 @@ use crate::options::Mode;
 use crate::room::Seat;
 use crate::send::{SendError, is_timeout};
 use crate::stream::{LINGER_AFTER_ERROR, Stream};
+use crate::transport::HandshakeError;
 
 /// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
 /// allows) until the client goes quiet, so an idle client costs little and a streaming one gets
@@ -77,6 +78,9 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
         stream.tell_now("server busy");
         return;
     }
+    if stream.is_tls() && !handshake(ctx, stream) {
+        return;
+    }
     let greeting = options.greeting.as_ref().map(|greeting| {
         let mut text = greeting.replace("{peer}", &peer.to_string());
         if options.framing == Framing::Line {
@@ -103,7 +107,7 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     }
     log_end(peer, &end, &counts);
     match end {
-        End::Closed => stream.close_cleanly(),
+        End::Closed => stream.close_cleanly(options.send_timeout),
         End::Stopped => stream.tell_now("server stopping"),
         End::OutputFailed => stream.tell_now("server output failed"),
         End::Idle => stream.refuse("idle timeout", LINGER_AFTER_ERROR),
@@ -111,6 +115,36 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
         End::Busy => stream.refuse("server busy (buffers full)", LINGER_AFTER_ERROR),
         // Nothing to say that the client would read: the reset says it.
         End::Evicted | End::NotReading | End::Failed(_) => {}
+    }
+}
+
+/// Runs the client's TLS handshake and logs it connected; false (counted, logged, and the
+/// connection reset) if the handshake failed, timed out, or a stop cut it short.
+#[inline(never)]
+fn handshake(ctx: &Context, stream: &Stream) -> bool {
+    let peer = stream.peer();
+    match stream.handshake(ctx.options.tls_handshake_timeout) {
+        Ok(()) => {
+            let tls = stream.tls_description().unwrap_or_default();
+            info!("{peer} connected ({tls})");
+            true
+        }
+        Err(_) if stream.was_cut() => {
+            debug!("{peer}: cut off by the server stop during its TLS handshake");
+            false
+        }
+        Err(e) => {
+            ctx.add_handshake_failed();
+            info!("{peer}: {}", e.describe(true));
+            if matches!(e, HandshakeError::NotTls) {
+                // It speaks in the clear, so it can read why in the clear.
+                stream.refuse_in_clear(
+                    "this server speaks TLS only (client --tls)",
+                    LINGER_AFTER_ERROR,
+                );
+            }
+            false
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub(crate) struct Context {
     /// Messages read that the sink refused (it had failed, or the stop gave up waiting for it).
     refused_messages: AtomicU64,
     bytes: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    handshakes_failed: AtomicU64,
     output_error: Mutex<Option<io::Error>>,
     /// Asks the server to stop (what a failed output does).
     request_stop: Box<dyn Fn() + Send + Sync>,
@@ -50,6 +52,7 @@ pub(crate) struct Totals {
     pub(crate) messages: u64,
     pub(crate) unprinted: u64,
     pub(crate) bytes: u64,
+    pub(crate) handshakes_failed: u64,
 }
 
 impl Context {
@@ -73,6 +76,7 @@ impl Context {
             handed: AtomicU64::new(0),
             refused_messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            handshakes_failed: AtomicU64::new(0),
             output_error: Mutex::new(None),
             request_stop,
         }
@@ -131,6 +135,11 @@ impl Context {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// A client's TLS handshake failed.
+    pub(crate) fn add_handshake_failed(&self) {
+        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `messages` more were handed to the sink, whatever it made of them.
     pub(crate) fn add_handed(&self, messages: u64) {
         self.handed.fetch_add(messages, Ordering::Relaxed);
@@ -147,6 +156,7 @@ impl Context {
             messages,
             unprinted: unprinted.min(messages),
             bytes: self.bytes.load(Ordering::Relaxed),
+            handshakes_failed: self.handshakes_failed.load(Ordering::Relaxed),
         }
     }
 

@@ -114,6 +114,22 @@ pub enum Error {
         /// Messages the others sent.
         expected: u64,
     },
+    /// TLS could not be set up: a certificate, key or CA file that can't be read or used, a pin
+    /// that is not a fingerprint.
+    Tls {
+        /// What was being set up, naming the file.
+        context: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The TLS handshake with a server failed: its certificate was not trusted, it is not a TLS
+    /// server, it refused this client's certificate, ...
+    Handshake {
+        /// The server.
+        addr: SocketAddr,
+        /// Why, as a phrase.
+        problem: String,
+    },
     /// Received messages could not be written out (for the server binary: stdout).
     Output(io::Error),
     /// The operating system refused to start a thread.
@@ -202,6 +218,10 @@ impl fmt::Display for Error {
                 f,
                 "{addr}: {received} lines arrived from the other connections, which sent {expected}: someone else is talking in the room, so deliveries can't be counted"
             ),
+            Error::Tls { context, problem } => write!(f, "{context}: {problem}"),
+            Error::Handshake { addr, problem } => {
+                write!(f, "TLS handshake with {addr} failed: {problem}")
+            }
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
             Error::Panicked(what) => write!(f, "{what} panicked"),
@@ -228,6 +248,8 @@ impl std::error::Error for Error {
             | Error::NoGreeting { .. }
             | Error::Undelivered { .. }
             | Error::Overheard { .. }
+            | Error::Tls { .. }
+            | Error::Handshake { .. }
             | Error::Panicked(_)
             | Error::Options { .. } => None,
         }

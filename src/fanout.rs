@@ -6,8 +6,8 @@
 //! sent, in nanoseconds since the run began: all connections are in this one process, so one clock
 //! times both ends. The server relays it to the others as `PEER chat CONN I T...`.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use memchr::memmem;
 
-use crate::addr::Addrs;
 use crate::error::Error;
 use crate::send;
+use crate::transport::{self, Dialer, Transport};
 
 /// What the connections of one chat run share.
 pub(crate) struct ChatRun {
@@ -166,7 +166,11 @@ pub(crate) struct ChatOutcome {
 
 /// Joins the room, sends, counts deliveries; arrives at the start line whatever happens, so
 /// that one connection's failure can't hold up the others.
-pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU64) -> ChatOutcome {
+pub(crate) fn chat_connection(
+    dialer: &Dialer,
+    task: &ChatTask<'_>,
+    sent: &AtomicU64,
+) -> ChatOutcome {
     let mut outcome = ChatOutcome {
         sent: 0,
         bytes: 0,
@@ -178,7 +182,7 @@ pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU
     let joined = match task.run.no_greeting.get() {
         // Found out already: no one waits for a greeting that won't come.
         Some(&(addr, waited)) => Err(Error::NoGreeting { addr, waited }),
-        None => addrs
+        None => dialer
             .connect(task.connect_timeout)
             .and_then(|(stream, peer)| join(stream, peer, task.linger).map(|s| (s, peer))),
     };
@@ -207,13 +211,16 @@ pub(crate) fn chat_connection(addrs: &Addrs, task: &ChatTask<'_>, sent: &AtomicU
 
 /// Reads the greeting: once it has arrived the connection is in the room, and every line
 /// relayed after that reaches it.
-fn join(stream: TcpStream, peer: SocketAddr, linger: Duration) -> Result<TcpStream, Error> {
+fn join(stream: Transport, peer: SocketAddr, linger: Duration) -> Result<Transport, Error> {
     let broken = |source| Error::Connection { addr: peer, source };
-    stream.set_read_timeout(Some(linger)).map_err(broken)?;
+    stream
+        .tcp()
+        .set_read_timeout(Some(linger))
+        .map_err(broken)?;
     let mut byte = [0u8; 1];
     let mut line = Vec::new();
     loop {
-        match (&stream).read(&mut byte) {
+        match stream.read(&mut byte) {
             Ok(0) => return Err(broken(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
@@ -233,7 +240,7 @@ fn join(stream: TcpStream, peer: SocketAddr, linger: Duration) -> Result<TcpStre
             reason: String::from_utf8_lossy(&line).into_owned(),
         });
     }
-    stream.set_read_timeout(None).map_err(broken)?;
+    stream.tcp().set_read_timeout(None).map_err(broken)?;
     Ok(stream)
 }
 
@@ -252,7 +259,7 @@ enum Heard {
 /// Sends this connection's messages while a second thread reads what the others send; once
 /// all of theirs are in, half-closes and waits for the server's clean close.
 fn exchange(
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     task: &ChatTask<'_>,
     others: u64,
@@ -260,7 +267,8 @@ fn exchange(
     outcome: &mut ChatOutcome,
 ) -> Result<(), Error> {
     let broken = |source| Error::Connection { addr: peer, source };
-    let send_timeout = send::set_send_timeout(&stream, Some(task.send_timeout)).map_err(broken)?;
+    let send_timeout =
+        send::set_send_timeout(stream.tcp(), Some(task.send_timeout)).map_err(broken)?;
     let stream = Arc::new(stream);
     let expected = others * task.count;
     let conn = task.conn;
@@ -275,7 +283,7 @@ fn exchange(
             .spawn(move || listen(&stream, epoch, conn, expected, &delivered, &heard_tx))
             .map_err(Error::Thread)?;
     }
-    let send = |bytes: &[u8]| send::send_to(&stream, peer, bytes, send_timeout);
+    let send = |bytes: &[u8]| transport::send_to(&stream, peer, bytes, send_timeout);
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0;
     for i in 0..task.count {
@@ -303,7 +311,7 @@ fn exchange(
                 let now = delivered.load(Ordering::Acquire);
                 if now == counted {
                     outcome.delivered = now;
-                    let _ = stream.shutdown(Shutdown::Both);
+                    let _ = stream.tcp().shutdown(Shutdown::Both);
                     return Err(Error::Undelivered {
                         addr: peer,
                         received: now,
@@ -321,11 +329,11 @@ fn exchange(
     let end = match end {
         Some(end) => end,
         None => {
-            send::finish_sending(&stream).map_err(broken)?;
+            transport::finish_sending(&stream, send_timeout).map_err(broken)?;
             match heard.recv_timeout(task.linger) {
                 Ok(end) => end,
                 Err(_) => {
-                    let _ = stream.shutdown(Shutdown::Both);
+                    let _ = stream.tcp().shutdown(Shutdown::Both);
                     outcome.delivered = delivered.load(Ordering::Acquire);
                     return Err(Error::Unconfirmed {
                         addr: peer,
@@ -377,7 +385,7 @@ fn message(buf: &mut Vec<u8>, task: &ChatTask<'_>, i: u64) {
 /// The reading thread: counts the others' lines and records each one's delivery time, until the
 /// server's side ends.
 fn listen(
-    stream: &TcpStream,
+    stream: &Transport,
     epoch: Instant,
     conn: usize,
     expected: u64,
@@ -394,7 +402,7 @@ fn listen(
         if kept == buf.len() {
             buf.resize(buf.len() * 2, 0); // a line longer than the buffer
         }
-        let n = match (&*stream).read(&mut buf[kept..]) {
+        let n = match stream.read(&mut buf[kept..]) {
             Ok(0) => break Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -62,6 +62,8 @@ mod send;
 mod server;
 mod sink;
 mod stream;
+mod tls;
+mod transport;
 mod turnaway;
 
 pub use client::{Client, Receiver};
@@ -69,9 +71,12 @@ pub use error::Error;
 pub use framing::{Batch, DEFAULT_MAX_LINE, Framing, UnknownFraming};
 pub use limits::{Access, BadRange, Range, raise_fd_limit};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
-pub use options::{DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, Mode, ServerOptions};
+pub use options::{
+    DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, DEFAULT_TLS_HANDSHAKE_TIMEOUT, Mode, ServerOptions,
+};
 pub use server::{Server, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, stdout};
+pub use tls::{ClientTls, ServerTls};
 
 /// Internals that the benchmarks, examples and tests reach for: the decoder, the formatting and
 /// escaping of output lines, the descriptor reservation. Not part of the stable API: they change

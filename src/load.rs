@@ -1,7 +1,7 @@
 //! The client's load mode: many connections in parallel, throughput and round-trip latency.
 
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io;
+use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::addr::{self, Addrs};
+use crate::addr;
 use crate::client::{Client, Receiver};
 use crate::error::{self, Error};
 use crate::fanout::{self, ChatRun, ChatTask, latency_histogram};
 use crate::framing::Framing;
 use crate::send;
+use crate::tls::ClientTls;
+use crate::transport::{self, Dialer, Transport};
 
 /// What a load run does.
 #[derive(Clone, Debug)]
@@ -48,6 +50,9 @@ pub struct LoadOptions {
     /// A connection whose server takes nothing of what is sent for this long is an error (zero:
     /// no limit).
     pub send_timeout: Duration,
+    /// TLS on every connection (`None`: in the clear); each handshake must finish within the
+    /// connect timeout.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for LoadOptions {
@@ -64,6 +69,7 @@ impl Default for LoadOptions {
             connect_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(2),
             send_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -305,7 +311,7 @@ pub fn run_load(
     progress: &Arc<Progress>,
 ) -> Result<LoadReport, Error> {
     options.validate()?;
-    let addrs = addr::resolve(host, port)?;
+    let dialer = Dialer::new(addr::resolve(host, port)?, host, options.tls.clone());
     let started = Instant::now();
     let chat = options
         .chat
@@ -313,14 +319,14 @@ pub fn run_load(
     let threads: Vec<_> = (0..options.connections)
         .map(|conn| {
             let options = options.clone();
-            let addrs = addrs.clone();
+            let dialer = dialer.clone();
             let progress = Arc::clone(progress);
             let chat = chat.clone();
             thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || match chat {
-                    Some(run) => chat_connection(&addrs, conn, &options, &run, &progress),
-                    None => one_connection(&addrs, &options, &progress),
+                    Some(run) => chat_connection(&dialer, conn, &options, &run, &progress),
+                    None => one_connection(&dialer, &options, &progress),
                 })
         })
         .collect();
@@ -520,7 +526,7 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// One connection of a chat run (see [`fanout`]).
 fn chat_connection(
-    addrs: &Addrs,
+    dialer: &Dialer,
     conn: usize,
     options: &LoadOptions,
     run: &ChatRun,
@@ -536,7 +542,7 @@ fn chat_connection(
         send_timeout: options.send_timeout,
         run,
     };
-    let chat = fanout::chat_connection(addrs, &task, &progress.messages);
+    let chat = fanout::chat_connection(dialer, &task, &progress.messages);
     Outcome {
         messages: chat.sent,
         bytes: chat.bytes,
@@ -546,7 +552,7 @@ fn chat_connection(
     }
 }
 
-fn one_connection(addrs: &Addrs, options: &LoadOptions, progress: &Progress) -> Outcome {
+fn one_connection(dialer: &Dialer, options: &LoadOptions, progress: &Progress) -> Outcome {
     let mut outcome = Outcome {
         messages: 0,
         bytes: 0,
@@ -554,7 +560,7 @@ fn one_connection(addrs: &Addrs, options: &LoadOptions, progress: &Progress) -> 
         error: None,
         latencies: None,
     };
-    let (stream, peer) = match addrs.connect(options.connect_timeout) {
+    let (stream, peer) = match dialer.connect(options.connect_timeout) {
         Ok(connected) => connected,
         Err(e) => {
             outcome.error = Some(e);
@@ -603,11 +609,11 @@ impl Drained {
 
 /// Reads and drops what the server sends until it closes or fails; keeps the last line if it is
 /// an `error: ` line, as the server's reason.
-fn drain(stream: &TcpStream) -> Drained {
+fn drain(stream: &Transport) -> Drained {
     let mut buf = vec![0; 64 * 1024];
     let mut last = 0;
     let result = loop {
-        match (&*stream).read(&mut buf) {
+        match stream.read(&mut buf) {
             Ok(0) => break Ok(()),
             Ok(n) => last = n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -641,7 +647,7 @@ fn broke(addr: SocketAddr, reason: Option<String>, error: Error) -> Error {
 /// the time counts until the server has read everything, and a clean close confirms that it
 /// printed everything.
 fn stream_messages(
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     options: &LoadOptions,
     progress: &Progress,
@@ -649,8 +655,9 @@ fn stream_messages(
 ) -> Result<(), Error> {
     let broken = |source| Error::Connection { addr: peer, source };
     let send_timeout =
-        send::set_send_timeout(&stream, Some(options.send_timeout)).map_err(broken)?;
-    let send = |stream: &TcpStream, bytes: &[u8]| send::send_to(stream, peer, bytes, send_timeout);
+        send::set_send_timeout(stream.tcp(), Some(options.send_timeout)).map_err(broken)?;
+    let send =
+        |stream: &Transport, bytes: &[u8]| transport::send_to(stream, peer, bytes, send_timeout);
     let stream = Arc::new(stream);
     let (closed_tx, closed) = mpsc::channel();
     let drain_stream = Arc::clone(&stream);
@@ -693,8 +700,9 @@ fn stream_messages(
         }
     }
     // Asked before our own close: after it, the server's close is the confirmation.
-    let early = crate::client::closed_early(&stream);
-    send::finish_sending(&stream).map_err(|source| send_failed(broken(source)))?;
+    let early = crate::client::closed_early(stream.tcp());
+    transport::finish_sending(&stream, send_timeout)
+        .map_err(|source| send_failed(broken(source)))?;
     match closed.recv_timeout(options.linger) {
         Ok(Drained { result: Ok(()), .. }) if early => Err(Error::ClosedEarly { addr: peer }),
         Ok(drained) => drained.result(peer),
@@ -702,7 +710,7 @@ fn stream_messages(
             Err(broken(io::Error::other("its reader thread ended")))
         }
         Err(RecvTimeoutError::Timeout) => {
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = stream.tcp().shutdown(Shutdown::Both);
             Err(Error::Unconfirmed {
                 addr: peer,
                 waited: options.linger,
@@ -714,7 +722,7 @@ fn stream_messages(
 /// Sends one message, waits for the same line to come back, records the time, repeats; at the
 /// end half-closes and waits for the server's clean close.
 fn round_trips(
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     options: &LoadOptions,
     progress: &Progress,
@@ -723,10 +731,11 @@ fn round_trips(
     let broken = |source| Error::Connection { addr: peer, source };
     // An echo that never comes (not an echo server) ends the run instead of hanging it.
     stream
+        .tcp()
         .set_read_timeout(Some(options.linger))
         .map_err(broken)?;
-    stream.set_nodelay(true).map_err(broken)?;
-    let mut client = Client::from_stream(stream).with_framing(Framing::Line);
+    stream.tcp().set_nodelay(true).map_err(broken)?;
+    let mut client = Client::from_transport(stream, peer).with_framing(Framing::Line);
     let send_timeout = (!options.send_timeout.is_zero()).then_some(options.send_timeout);
     client.set_send_timeout(send_timeout)?;
     let mut replies = client.receiver();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::framing::{DEFAULT_MAX_LINE, Framing};
 use crate::limits::Access;
+use crate::tls::ServerTls;
 
 /// The greeting sent when none is configured; `{peer}` becomes the client's address.
 pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
@@ -16,6 +17,12 @@ pub const DEFAULT_GREETING: &str = "welcome to plugboard, {peer}";
 /// Stack size of each connection thread. The reader needs little (its buffers live on the heap),
 /// and only the pages it touches count against memory: about 8 KiB in practice.
 pub(crate) const CONNECTION_STACK: usize = 64 * 1024;
+
+/// Stack size of a TLS connection's thread: the handshake's cryptography goes deeper.
+pub(crate) const TLS_CONNECTION_STACK: usize = 256 * 1024;
+
+/// The default for [`ServerOptions::tls_handshake_timeout`].
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default for [`ServerOptions::buffer_budget`].
 pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
@@ -70,6 +77,8 @@ pub struct ServerOptions {
     pub(crate) mode: Mode,
     pub(crate) send_timeout: Duration,
     pub(crate) buffer_budget: usize,
+    pub(crate) tls: Option<ServerTls>,
+    pub(crate) tls_handshake_timeout: Duration,
     /// For tests: connection threads after which every start fails, as if the system had no
     /// more (see [`ServerOptions::fail_threads_after`]).
     pub(crate) thread_limit: Option<usize>,
@@ -88,6 +97,8 @@ impl Default for ServerOptions {
             mode: Mode::Log,
             send_timeout: Duration::from_secs(5),
             buffer_budget: DEFAULT_BUFFER_BUDGET,
+            tls: None,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             thread_limit: None,
         }
     }
@@ -164,6 +175,23 @@ impl ServerOptions {
         self
     }
 
+    /// Serves every client under TLS with this certificate (and, if it says so, requires
+    /// theirs). `None` (the default): in the clear.
+    pub fn tls(mut self, tls: Option<ServerTls>) -> ServerOptions {
+        self.tls = tls;
+        self
+    }
+
+    /// How long a client's TLS handshake may take in all; one that sends nothing, or stalls
+    /// halfway, is disconnected then (and counted in [`Summary::handshakes_failed`]); more
+    /// than zero. Default [`DEFAULT_TLS_HANDSHAKE_TIMEOUT`].
+    ///
+    /// [`Summary::handshakes_failed`]: crate::Summary::handshakes_failed
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> ServerOptions {
+        self.tls_handshake_timeout = timeout;
+        self
+    }
+
     /// Fault injection for tests: after `threads` connection threads have started, starting
     /// one fails as if the system had no more threads (or memory for their stacks) to give, so
     /// that a test can see what the server does then without exhausting the machine.
@@ -192,6 +220,9 @@ impl ServerOptions {
         }
         if self.send_timeout.is_zero() {
             return invalid("send_timeout", "must be more than 0");
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return invalid("tls_handshake_timeout", "must be more than 0");
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return invalid(

@@ -139,8 +139,14 @@ impl Outbox {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                     Err(e) => return Err(Refused::Failed(e)),
                 };
-                if sent == payload.len() {
+                if sent == payload.len() && !stream.has_unsent() {
                     return Ok(Delivered::Sent);
+                }
+                if sent == payload.len() {
+                    // TLS: all of it is in records, but the socket did not take the last one
+                    // whole. The drainer sends the rest (nothing queued: the stream holds it).
+                    queue.draining = true;
+                    return Ok(Delivered::Behind);
                 }
                 queue.first_sent = sent;
                 queue.bytes = payload.len() - sent;
@@ -313,7 +319,15 @@ impl Seat {
 fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
     let mut taken: Vec<Arc<[u8]>> = Vec::new();
     let mut skip = 0;
-    while outbox.take_all(&mut taken, &mut skip) {
+    loop {
+        if !outbox.take_all(&mut taken, &mut skip) {
+            // Nothing queued; what a TLS record left unsent still goes (a sender that comes
+            // meanwhile waits for it, or queues).
+            match stream.flush(send_timeout, || outbox.is_abandoned()) {
+                Ok(()) => return,
+                Err(error) => return drain_failed(outbox, stream, error),
+            }
+        }
         let bufs: Vec<&[u8]> = taken
             .iter()
             .enumerate()
@@ -331,21 +345,25 @@ fn drain(outbox: &Outbox, stream: &Stream, send_timeout: Duration) {
         let Err(error) = sent else {
             continue;
         };
-        // Given up on: by its seat or a stop (nothing more to do), or the client failed. Said
-        // only if no sender found it first.
-        let first = outbox.give_up_draining();
-        match error {
-            SendError::GaveUp => return,
-            SendError::NotReading if first => warn!(
-                "{} disconnected: not reading (nothing could be sent within the send timeout)",
-                stream.peer()
-            ),
-            SendError::Failed(e) if first => debug!("{}: cannot send: {e}", stream.peer()),
-            SendError::NotReading | SendError::Failed(_) => {}
-        }
-        stream.cut();
-        return;
+        return drain_failed(outbox, stream, error);
     }
+}
+
+/// A drainer's send failed: the client is cut off.
+fn drain_failed(outbox: &Outbox, stream: &Stream, error: SendError) {
+    // Given up on: by its seat or a stop (nothing more to do), or the client failed. Said only
+    // if no sender found it first.
+    let first = outbox.give_up_draining();
+    match error {
+        SendError::GaveUp => return,
+        SendError::NotReading if first => warn!(
+            "{} disconnected: not reading (nothing could be sent within the send timeout)",
+            stream.peer()
+        ),
+        SendError::Failed(e) if first => debug!("{}: cannot send: {e}", stream.peer()),
+        SendError::NotReading | SendError::Failed(_) => {}
+    }
+    stream.cut();
 }
 
 /// Starts a thread that drains `outbox`; a client nothing can be sent to is cut off.
@@ -719,17 +737,52 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use super::*;
+    use crate::tls::{ClientTls, ServerTls};
+    use crate::transport::Transport;
+
+    /// The client's end of a connection, in the clear or under TLS; clones share it.
+    #[derive(Clone)]
+    struct Client(Arc<Transport>);
+
+    impl Read for Client {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
 
     /// A served socket and the client's end of it, on loopback.
-    fn pair() -> (Arc<Stream>, TcpStream) {
+    fn pair() -> (Arc<Stream>, Client) {
+        pair_with(false)
+    }
+
+    /// [`pair`], under TLS if `tls` (handshake done).
+    fn pair_with(tls: bool) -> (Arc<Stream>, Client) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (served, peer) = listener.accept().expect("accept");
-        let stream = Arc::new(Stream::new(served, peer, 0));
+        if !tls {
+            let stream = Arc::new(Stream::new(served, peer, 0, None).expect("stream"));
+            stream
+                .prepare(Duration::from_secs(5), true)
+                .expect("prepare");
+            return (stream, Client(Arc::new(Transport::plain(client))));
+        }
+        let server_tls = ServerTls::self_signed(&["localhost".to_string()]).expect("cert");
+        let client_tls = ClientTls::pinned(&server_tls.fingerprint()).expect("pin");
+        let stream =
+            Arc::new(Stream::new(served, peer, 0, Some(server_tls.config())).expect("stream"));
         stream
             .prepare(Duration::from_secs(5), true)
             .expect("prepare");
-        (stream, client)
+        let handshake = thread::spawn(move || {
+            let name = client_tls.name_for("localhost").expect("name");
+            let client =
+                Transport::tls_client(client, client_tls.config(), name).expect("session");
+            client.handshake(Duration::from_secs(5)).map(|()| client)
+        });
+        stream.handshake(Duration::from_secs(5)).expect("handshake");
+        let client = handshake.join().expect("thread").expect("handshake");
+        (stream, Client(Arc::new(client)))
     }
 
     fn payload(bytes: usize, byte: u8) -> Arc<[u8]> {
@@ -752,7 +805,18 @@ mod tests {
 
     #[test]
     fn a_client_behind_gets_a_queue_bounded_by_the_deadline_then_everything_in_order() {
-        let (stream, mut client) = pair();
+        behind_then_in_order(false);
+    }
+
+    /// With TLS, a direct send the socket takes only part of leaves part of a record in the
+    /// stream: the drainer must send it before anything queued.
+    #[test]
+    fn under_tls_a_client_behind_still_gets_everything_in_order() {
+        behind_then_in_order(true);
+    }
+
+    fn behind_then_in_order(tls: bool) {
+        let (stream, mut client) = pair_with(tls);
         let outbox = Arc::new(Outbox::new());
         let deadline = Instant::now() + Duration::from_millis(100);
         // More than any socket buffer takes: the first payloads go straight out, then one is
@@ -784,7 +848,7 @@ mod tests {
         thread::spawn(move || drain(&drainer, &sender, Duration::from_secs(5)));
         outbox.close();
         outbox.wait_until_drained();
-        stream.close_cleanly();
+        stream.close_cleanly(Duration::from_secs(5));
         drop(stream);
         let got = reader.join().expect("reader").expect("read");
         assert_eq!(got.len(), sent.len());
@@ -793,12 +857,21 @@ mod tests {
 
     #[test]
     fn many_senders_at_once_reach_every_other_member_in_order_and_never_themselves() {
+        many_senders(false);
+    }
+
+    #[test]
+    fn under_tls_many_senders_reach_every_other_member_in_order() {
+        many_senders(true);
+    }
+
+    fn many_senders(tls: bool) {
         const MEMBERS: u64 = 24;
         const LINES: usize = 200;
         let room = Arc::new(Room::new(Arc::new(ThreadRoom::new(None))));
         let mut clients = Vec::new();
         for id in 0..MEMBERS {
-            let (stream, client) = pair();
+            let (stream, client) = pair_with(tls);
             room.join(id, Arc::clone(&stream), Arc::new(Outbox::new()));
             clients.push((stream, client));
         }
@@ -806,7 +879,7 @@ mod tests {
         let readers: Vec<_> = clients
             .iter()
             .map(|(_, client)| {
-                let mut client = client.try_clone().expect("clone");
+                let mut client = client.clone();
                 thread::spawn(move || {
                     let mut got = String::new();
                     client.read_to_string(&mut got).map(|_| got)
@@ -830,7 +903,7 @@ mod tests {
             sender.join().expect("sender");
         }
         for (stream, _) in &clients {
-            stream.close_cleanly();
+            stream.close_cleanly(Duration::from_secs(5));
         }
         for (id, reader) in readers.into_iter().enumerate() {
             let got = reader.join().expect("reader").expect("read");

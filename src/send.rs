@@ -6,10 +6,8 @@
 //! [`Stream`]: crate::stream::Stream
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-use crate::error::Error;
 
 /// A blocked send wakes this often to see whether it should give up (a stop, an eviction).
 const SEND_SLICE: Duration = Duration::from_millis(100);
@@ -104,28 +102,6 @@ impl Wait {
             Err(e) => Err(SendError::Failed(e)),
         }
     }
-}
-
-/// A client's send of all of `bytes` to `peer`: with a `timeout`, giving up when the server takes
-/// nothing for that long ([`Error::SendTimeout`]; the socket's send timeout must be
-/// [`send_slice`]`(timeout)`), and without one, waiting as long as the system does.
-pub(crate) fn send_to(
-    tcp: &TcpStream,
-    peer: SocketAddr,
-    bytes: &[u8],
-    timeout: Option<Duration>,
-) -> Result<(), Error> {
-    let broken = |source| Error::Connection { addr: peer, source };
-    let Some(timeout) = timeout else {
-        return (&*tcp).write_all(bytes).map_err(broken);
-    };
-    send_all(tcp, bytes, timeout, || false).map_err(|e| match e {
-        SendError::Failed(source) => broken(source),
-        SendError::NotReading | SendError::GaveUp => Error::SendTimeout {
-            addr: peer,
-            timeout,
-        },
-    })
 }
 
 /// [`send_all`] for several buffers, back to back, with vectored writes: for sending what is

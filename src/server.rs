@@ -15,9 +15,10 @@ use tracing::{debug, error, info, warn};
 use crate::connection;
 use crate::context::{Context, DRAIN_TIME};
 use crate::limits::{self, ThreadRoom};
-use crate::options::{CONNECTION_STACK, ServerOptions};
+use crate::options::{CONNECTION_STACK, ServerOptions, TLS_CONNECTION_STACK};
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
+use crate::tls::ServerTls;
 use crate::turnaway::Turnaway;
 use crate::{Error, addr};
 
@@ -46,6 +47,9 @@ pub struct Summary {
     pub unprinted: u64,
     /// Bytes read from clients.
     pub bytes: u64,
+    /// Under TLS: connections whose handshake failed or did not finish in time (not a TLS
+    /// client, an untrusted certificate, silence, ...).
+    pub handshakes_failed: u64,
 }
 
 /// A running server: one accept thread, one thread that starts connection threads, and one thread
@@ -109,7 +113,8 @@ impl Server {
         options: ServerOptions,
         sink: Arc<dyn Sink>,
     ) -> Result<Server, Error> {
-        let (turnaway, turnaway_thread) = Turnaway::start().map_err(Error::Thread)?;
+        let plain = options.tls.is_none();
+        let (turnaway, turnaway_thread) = Turnaway::start(plain).map_err(Error::Thread)?;
         // On Linux a stop wakes the accept loop by shutting the listener (see `Shared::stop`).
         #[cfg(target_os = "linux")]
         let listener_to_shut = listener.try_clone().map_err(|source| Error::Bind {
@@ -361,7 +366,7 @@ fn accept_loop(
         if shared.ctx.is_stopping() {
             if let Ok((stream, _)) = accepted {
                 // A client (or the stop's own wake-up) that came just as it stopped.
-                stream::turn_away_now(&stream, "server stopping");
+                shared.turn_away_now(&stream, "server stopping");
             }
             break;
         }
@@ -395,7 +400,7 @@ fn start_loop(accepted: &mpsc::Receiver<(TcpStream, SocketAddr)>, shared: &Arc<S
     for (stream, peer) in accepted {
         if shared.ctx.is_stopping() {
             // Accepted but never served: told so, and reset.
-            stream::turn_away_now(&stream, "server stopping");
+            shared.turn_away_now(&stream, "server stopping");
         } else {
             shared.start_connection(stream, peer);
         }
@@ -502,6 +507,7 @@ impl Shared {
             messages: totals.messages,
             unprinted: totals.unprinted,
             bytes: totals.bytes,
+            handshakes_failed: totals.handshakes_failed,
         }
     }
 
@@ -605,7 +611,7 @@ impl Shared {
         // Checked under the lock that stop() takes, so no connection escapes its cut.
         if self.ctx.is_stopping() {
             drop(registry);
-            return stream::turn_away_now(&tcp, "server stopping");
+            return self.turn_away_now(&tcp, "server stopping");
         }
         let live = registry.live.len();
         if live >= self.ctx.options.max_clients {
@@ -632,39 +638,55 @@ impl Shared {
             error!("{peer} refused: server full: cannot start a connection thread: {cause}");
             return self.turnaway.refuse(tcp, "server full");
         }
-        let stream = Arc::new(Stream::new(tcp, peer, self.ctx.now_ms()));
+        let tls = self.ctx.options.tls.as_ref().map(ServerTls::config);
+        let stream = match Stream::new(tcp, peer, self.ctx.now_ms(), tls) {
+            Ok(stream) => Arc::new(stream),
+            Err(e) => {
+                drop(registry);
+                self.threads.give_back();
+                error!("{peer} refused: cannot start its TLS session: {e}");
+                return;
+            }
+        };
         let id = registry.next_id;
         registry.next_id += 1;
         let shared = Arc::clone(self);
         let thread_stream = Arc::clone(&stream);
         // Logged here, before the thread can log its end, and not on the new thread: formatting
         // a log line takes a page of stack, and this thread's is already there (4 KiB less per
-        // client).
-        info!("{peer} connected");
+        // client). Under TLS the thread says it after the handshake, with what it learnt.
+        if !stream.is_tls() {
+            info!("{peer} connected");
+        }
         // Unnamed: naming costs each new thread a system call, on the path of every connect.
         let threads = Arc::clone(&self.threads);
-        let spawned = thread::Builder::new()
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                let park = Cell::new(false);
-                {
-                    let _deregister = Deregister {
-                        shared: &shared,
-                        id,
-                        park: &park,
-                    };
-                    connection::serve(&shared.ctx, id, &thread_stream);
+        // A TLS handshake's cryptography needs more stack than reading does; only the pages
+        // touched are memory.
+        let stack = if stream.is_tls() {
+            TLS_CONNECTION_STACK
+        } else {
+            CONNECTION_STACK
+        };
+        let spawned = thread::Builder::new().stack_size(stack).spawn(move || {
+            let park = Cell::new(false);
+            {
+                let _deregister = Deregister {
+                    shared: &shared,
+                    id,
+                    park: &park,
+                };
+                connection::serve(&shared.ctx, id, &thread_stream);
+            }
+            drop(thread_stream);
+            if park.get() {
+                // After a stop, with the process exiting next: ended with it, not on its own
+                // (its room is not given back: it is still there).
+                loop {
+                    thread::park();
                 }
-                drop(thread_stream);
-                if park.get() {
-                    // After a stop, with the process exiting next: ended with it, not on its own
-                    // (its room is not given back: it is still there).
-                    loop {
-                        thread::park();
-                    }
-                }
-                threads.give_back();
-            });
+            }
+            threads.give_back();
+        });
         match spawned {
             Ok(thread) => {
                 self.connections.fetch_add(1, Ordering::Relaxed);
@@ -689,6 +711,12 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Refuses a connection that never became a client: `error: REASON` in the clear, a bare
+    /// reset under TLS.
+    fn turn_away_now(&self, tcp: &TcpStream, reason: &str) {
+        stream::turn_away_now(tcp, reason, self.ctx.options.tls.is_none());
     }
 
     /// Joins connection threads that have finished, so handles don't pile up.

@@ -16,38 +16,31 @@
 //! ([`send`](Stream::send), [`send_vectored`](Stream::send_vectored), and the chat senders'
 //! non-blocking [`try_send`](Stream::try_send)), the last words ([`tell_now`](Stream::tell_now),
 //! [`refuse`](Stream::refuse)), the end ([`close_cleanly`](Stream::close_cleanly)) and the
-//! stop's wake-up ([`cut`](Stream::cut)). Framing, the sink, the room and the connection's logic
-//! see only these, so a TLS session goes under every connection here, without touching them. Its
-//! configuration would come with the options, to where the server makes each `Stream`
-//! (`Stream::new`), and its handshake would run in [`prepare`](Stream::prepare), whose failure
-//! already ends the connection before the greeting. (The client's sockets are another matter:
-//! the client and load mode use [`send`](crate::send) directly.) What this type is built to
-//! allow:
+//! stop's wake-up ([`cut`](Stream::cut)). Underneath is a [`Transport`]: the socket, in the
+//! clear or under a TLS session (see `transport` for how two threads share one). Framing, the
+//! sink, the room and the connection's logic see only these.
 //!
-//! - Two threads use one `Stream` at once: the connection's reader, and a sender (its own
-//!   thread's echo replies, or chat lines from other clients' threads and its drainer). A TLS
-//!   session has one state machine for both directions, so it would sit behind a lock, held only to decrypt what was read or to encrypt
-//!   what is to be sent, never across a blocking socket call: the reader reads ciphertext from the
-//!   socket unlocked, then locks to feed it to the session. Sends would hold a second lock from
-//!   encrypting to the last byte sent, so records leave in the order they were made; a
-//!   `try_send` that the socket takes only part of would keep the rest of the record for the
-//!   next send (the room already queues what is left and sends it before anything newer).
-//! - A stop must wake a blocked reader: [`cut`](Stream::cut) shuts the socket's read side,
-//!   below any session, so the blocked `read` returns whatever sits above it.
-//! - A clean close would send TLS's `close_notify` before the FIN; every failure path stays a
-//!   reset.
-//! - Refusals at accept (not allowed, full) happen before a `Stream` exists
-//!   ([`turn_away_now`], `turnaway`): with TLS there is no session yet to say why in, so those
-//!   would be a bare reset or a handshake first; that choice belongs to the TLS work.
+//! - The TLS handshake runs in [`handshake`](Stream::handshake), on the connection's thread,
+//!   before the greeting, within its own timeout; a stop's cut ends it too.
+//! - A stop wakes a blocked reader: [`cut`](Stream::cut) shuts the socket's read side, below
+//!   any session, so the blocked `read` returns.
+//! - A clean close sends TLS's `close_notify` before the FIN; every failure path stays a reset.
+//! - Refusals at accept (not allowed, full, stopping) happen before a `Stream` exists
+//!   ([`turn_away_now`], `turnaway`): under TLS there is no session yet to say why in, so they
+//!   are a bare reset, and the server's log says why.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::send::{SendError, send_all, send_all_vectored, send_slice};
+use rustls::ServerConfig;
+
+use crate::send::{SendError, send_slice};
+use crate::transport::{HandshakeError, Transport};
 
 /// TCP keepalive on every connection, so a client that vanished (power cut, cable pulled) without
 /// closing is noticed after about two minutes even with no idle timeout.
@@ -62,7 +55,7 @@ pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// registry and the chat room.
 #[derive(Debug)]
 pub(crate) struct Stream {
-    tcp: TcpStream,
+    wire: Transport,
     peer: SocketAddr,
     /// When a read last returned data, in milliseconds on the server's clock: a stop cuts quiet
     /// connections at once and gives busy ones the drain time.
@@ -73,19 +66,49 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    pub(crate) fn new(tcp: TcpStream, peer: SocketAddr, now_ms: u64) -> Stream {
-        Stream {
-            tcp,
+    /// The client on `tcp`; under TLS if `tls` is given (its handshake comes with
+    /// [`handshake`](Stream::handshake)).
+    pub(crate) fn new(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        now_ms: u64,
+        tls: Option<&Arc<ServerConfig>>,
+    ) -> io::Result<Stream> {
+        let wire = match tls {
+            Some(config) => Transport::tls_server(tcp, config)?,
+            None => Transport::plain(tcp),
+        };
+        Ok(Stream {
+            wire,
             peer,
             last_read: AtomicU64::new(now_ms),
             cut: AtomicBool::new(false),
-        }
+        })
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.wire.tcp()
     }
 
     /// The socket, for a connection that was never served after all (its thread could not
     /// start): refused as at accept.
     pub(crate) fn into_tcp(self) -> TcpStream {
-        self.tcp
+        self.wire.into_tcp()
+    }
+
+    /// Whether the client is served under TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.wire.is_tls()
+    }
+
+    /// Runs the TLS handshake, if any, within `timeout`.
+    pub(crate) fn handshake(&self, timeout: Duration) -> Result<(), HandshakeError> {
+        self.wire.handshake(timeout)
+    }
+
+    /// Under TLS, the protocol and the client certificate's name, for the log.
+    pub(crate) fn tls_description(&self) -> Option<String> {
+        self.wire.tls_description()
     }
 
     /// The client's address.
@@ -96,28 +119,30 @@ impl Stream {
     /// Sets the socket up for serving: reset unless closed cleanly, keepalive, sends that wake
     /// to check for a stop, and `nodelay` (echo and chat replies go out at once).
     pub(crate) fn prepare(&self, send_timeout: Duration, nodelay: bool) -> io::Result<()> {
-        let socket = SockRef::from(&self.tcp);
+        let socket = SockRef::from(self.tcp());
         socket.set_linger(Some(Duration::ZERO))?;
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
             .with_interval(KEEPALIVE_INTERVAL);
         // Best effort: a missing keepalive only delays noticing a vanished client.
         let _ = socket.set_tcp_keepalive(&keepalive);
-        self.tcp.set_write_timeout(Some(send_slice(send_timeout)))?;
-        if nodelay {
-            self.tcp.set_nodelay(true)?;
+        self.tcp()
+            .set_write_timeout(Some(send_slice(send_timeout)))?;
+        // A handshake's flights go out at once too.
+        if nodelay || self.is_tls() {
+            self.tcp().set_nodelay(true)?;
         }
         Ok(())
     }
 
     /// Sets how long a read may wait (`None`: for ever).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.tcp.set_read_timeout(timeout)
+        self.tcp().set_read_timeout(timeout)
     }
 
     /// Reads what the client sent: `Ok(0)` at its end of stream, or once [`cut`](Stream::cut).
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.tcp).read(buf)
+        self.wire.read(buf)
     }
 
     /// Records that a read returned data at `now_ms`.
@@ -140,7 +165,7 @@ impl Stream {
         } else {
             Shutdown::Read
         };
-        let _ = self.tcp.shutdown(how);
+        let _ = self.tcp().shutdown(how);
     }
 
     /// Whether the server cut this connection: an end of stream read now may be its own doing.
@@ -156,7 +181,7 @@ impl Stream {
         timeout: Duration,
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
-        send_all(&self.tcp, buf, timeout, give_up)
+        self.wire.send_all(buf, timeout, give_up)
     }
 
     /// [`send`](Stream::send) for several buffers back to back, without copying them into one.
@@ -166,52 +191,47 @@ impl Stream {
         timeout: Duration,
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
-        send_all_vectored(&self.tcp, bufs, timeout, give_up)
+        self.wire.send_all_vectored(bufs, timeout, give_up)
     }
 
     /// Reads what has already arrived into `buf`, never waiting (`WouldBlock` for nothing yet).
     /// Where that can't be done without making the socket non-blocking (Windows), it reads
     /// nothing: `WouldBlock`.
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        #[cfg(unix)]
-        {
-            use rustix::net::{RecvFlags, recv};
-            recv(&self.tcp, buf, RecvFlags::DONTWAIT)
-                .map(|(n, _)| n)
-                .map_err(Into::into)
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = buf;
-            Err(io::ErrorKind::WouldBlock.into())
-        }
+        self.wire.try_read(buf)
     }
 
     /// Sends what the socket takes of `buf` at once, never waiting: how many bytes
     /// (`WouldBlock` for none). Where that can't be done without also making the reader's
     /// receives non-blocking (Windows), it takes none: the caller queues.
     pub(crate) fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        #[cfg(unix)]
-        {
-            use rustix::net::{SendFlags, send};
-            send(&self.tcp, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(Into::into)
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = buf;
-            Err(io::ErrorKind::WouldBlock.into())
-        }
+        self.wire.try_send(buf)
+    }
+
+    /// Whether a [`try_send`](Stream::try_send) left part of a TLS record unsent: a
+    /// [`flush`](Stream::flush) (or the next send) must send it.
+    pub(crate) fn has_unsent(&self) -> bool {
+        self.wire.has_unsent()
+    }
+
+    /// Sends what a [`try_send`](Stream::try_send) left unsent, as [`send`](Stream::send) would.
+    pub(crate) fn flush(
+        &self,
+        timeout: Duration,
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), SendError> {
+        self.wire.flush(timeout, give_up)
     }
 
     /// Sends `error: REASON` if the socket takes it at once, never waiting: for ends where the
     /// client must not hold anything up (a stop, an eviction). The reset follows when the socket
     /// is closed.
     pub(crate) fn tell_now(&self, reason: &str) {
-        let _ = SockRef::from(&self.tcp).set_linger(Some(Duration::ZERO));
-        if self.tcp.set_nonblocking(true).is_ok() {
+        let _ = SockRef::from(self.tcp()).set_linger(Some(Duration::ZERO));
+        if self.tcp().set_nonblocking(true).is_ok() {
             // Out at once: the reset that follows would discard it still queued.
-            let _ = self.tcp.set_nodelay(true);
-            let _ = (&self.tcp).write(format!("error: {reason}\n").as_bytes());
+            let _ = self.tcp().set_nodelay(true);
+            self.wire.write_now(format!("error: {reason}\n").as_bytes());
         }
     }
 
@@ -224,37 +244,64 @@ impl Stream {
     #[inline(never)]
     #[cold]
     pub(crate) fn refuse(&self, reason: &str, linger: Duration) {
+        self.refuse_as(reason, linger, false);
+    }
+
+    /// [`refuse`](Stream::refuse) in the clear, under TLS too: for a client that turned out not
+    /// to speak TLS, which can read only that.
+    #[inline(never)]
+    #[cold]
+    pub(crate) fn refuse_in_clear(&self, reason: &str, linger: Duration) {
+        self.refuse_as(reason, linger, true);
+    }
+
+    fn refuse_as(&self, reason: &str, linger: Duration, clear: bool) {
         let mut scratch = [0; 512];
         let line = format!("error: {reason}\n");
-        if self.send(line.as_bytes(), linger, || false).is_err() {
+        let said = if clear {
+            crate::send::send_all(self.tcp(), line.as_bytes(), linger, || false)
+        } else {
+            self.send(line.as_bytes(), linger, || false)
+        };
+        if said.is_err() {
             return;
         }
         let deadline = Instant::now() + linger;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.tcp.set_read_timeout(Some(left)).is_err() {
+            if left.is_zero() || self.tcp().set_read_timeout(Some(left)).is_err() {
                 break;
             }
-            match self.read(&mut scratch) {
+            let read = if clear {
+                self.tcp().read(&mut scratch)
+            } else {
+                self.read(&mut scratch)
+            };
+            match read {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
         }
     }
 
-    /// Ends the connection with a clean close (FIN): only after the client's end of stream was
-    /// read and everything before it printed.
-    pub(crate) fn close_cleanly(&self) {
-        let _ = SockRef::from(&self.tcp).set_linger(None);
-        let _ = self.tcp.shutdown(Shutdown::Write);
+    /// Ends the connection with a clean close (under TLS `close_notify`, then FIN): only after
+    /// the client's end of stream was read and everything before it printed. A `close_notify`
+    /// the client takes nothing of within `timeout` makes it a reset after all.
+    pub(crate) fn close_cleanly(&self, timeout: Duration) {
+        if self.wire.close_notify(timeout).is_err() {
+            return;
+        }
+        let _ = SockRef::from(self.tcp()).set_linger(None);
+        let _ = self.tcp().shutdown(Shutdown::Write);
     }
 }
 
 /// Refuses a connection that never became a client (queued when the server stopped, a thread
-/// that could not start): `error: REASON` if the socket takes it at once, then a reset.
-pub(crate) fn turn_away_now(tcp: &TcpStream, reason: &str) {
+/// that could not start): `error: REASON` if the socket takes it at once, then a reset. Under TLS
+/// (`plain` false) just the reset: there is no session to say it in.
+pub(crate) fn turn_away_now(tcp: &TcpStream, reason: &str, plain: bool) {
     let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-    if tcp.set_nonblocking(true).is_ok() {
+    if plain && tcp.set_nonblocking(true).is_ok() {
         let _ = (&*tcp).write(format!("error: {reason}\n").as_bytes());
     }
 }

@@ -1,5 +1,6 @@
 //! Clients turned away at accept (not allowed, server full): told why in one line, then given a
-//! moment to read it before the reset.
+//! moment to read it before the reset. Under TLS there is no session yet to say why in: the
+//! reset alone, and the server's log says why.
 //!
 //! A refusal ends in a reset, never a clean close, which would mean success (see `stream`). A
 //! reset can destroy the reason in the client's receive queue before it reads it (Windows drops
@@ -25,23 +26,25 @@ const MAX_LINGERING: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct Turnaway {
     queue: mpsc::Sender<Option<TcpStream>>,
+    /// In the clear the reason is said; under TLS there is no session to say it in.
+    plain: bool,
 }
 
 impl Turnaway {
     /// Starts the thread.
-    pub(crate) fn start() -> io::Result<(Turnaway, JoinHandle<()>)> {
+    pub(crate) fn start(plain: bool) -> io::Result<(Turnaway, JoinHandle<()>)> {
         let (queue, refused) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("plugboard-turnaway".into())
             .stack_size(CONNECTION_STACK) // as small as a connection's
             .spawn(move || linger_loop(&refused))?;
-        Ok((Turnaway { queue }, thread))
+        Ok((Turnaway { queue, plain }, thread))
     }
 
     /// Tells the client why in one line `error: REASON` and lets it read that; the reset follows.
     pub(crate) fn refuse(&self, stream: TcpStream, reason: &str) {
         // Never blocks the caller: a fresh connection's send buffer is empty, so the line fits.
-        turn_away_now(&stream, reason);
+        turn_away_now(&stream, reason, self.plain);
         let _ = self.queue.send(Some(stream));
     }
 

@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,7 +84,72 @@ struct Cli {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     log: LogArgs,
+}
+
+/// TLS flags: any of them turns TLS on.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "TLS")]
+struct TlsArgs {
+    /// Connect with TLS, verifying the server against the system's root certificates.
+    #[arg(long)]
+    tls: bool,
+    /// Trust these root certificates (PEM) instead of the system's; implies --tls.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Accept exactly the server certificate with this SHA-256 fingerprint
+    /// (`sha256:` and 64 hex digits, as `server --tls-self-signed` logs it), whatever its name
+    /// and dates; implies --tls.
+    #[arg(long, value_name = "sha256:HEX", value_parser = fingerprint, conflicts_with = "tls_ca")]
+    tls_fingerprint: Option<String>,
+    /// The name the server's certificate must be valid for (default: --host); implies --tls.
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Present this certificate chain (PEM) to a server that requires one; implies --tls.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings the flags ask for; `None` without any.
+    fn settings(&self) -> Result<Option<plugboard::ClientTls>, plugboard::Error> {
+        use plugboard::ClientTls;
+        let wanted = self.tls
+            || self.tls_ca.is_some()
+            || self.tls_fingerprint.is_some()
+            || self.tls_server_name.is_some()
+            || self.tls_cert.is_some();
+        if !wanted {
+            return Ok(None);
+        }
+        let mut tls = match (&self.tls_fingerprint, &self.tls_ca) {
+            (Some(pin), _) => ClientTls::pinned(pin)?,
+            (None, Some(ca)) => ClientTls::trusting_file(ca)?,
+            (None, None) => ClientTls::system_roots()?,
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity_files(cert, key)?;
+        }
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.server_name(name);
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// A `--tls-fingerprint` that is one.
+fn fingerprint(text: &str) -> Result<String, String> {
+    plugboard::ClientTls::pinned(text)
+        .map(|_| text.to_string())
+        .map_err(|e| match e {
+            plugboard::Error::Tls { problem, .. } => problem,
+            e => e.to_string(),
+        })
 }
 
 fn main() -> ExitCode {
@@ -156,8 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let framing: Framing = cli.framing.into();
-    let mut client =
-        Client::connect(&cli.host, cli.port, cli.connect_timeout)?.with_framing(framing);
+    let client = match cli.tls.settings()? {
+        Some(tls) => Client::connect_tls(&cli.host, cli.port, cli.connect_timeout, &tls)?,
+        None => Client::connect(&cli.host, cli.port, cli.connect_timeout)?,
+    };
+    let mut client = client.with_framing(framing);
     client.set_send_timeout(Some(cli.send_timeout))?;
     let server = client.peer_addr();
     info!("connected to {server}");
@@ -417,6 +486,14 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         connect_timeout: cli.connect_timeout,
         linger: cli.linger,
         send_timeout: cli.send_timeout,
+        tls: None,
+    };
+    if let Err(error) = options.validate() {
+        common::invalid_options(Cli::command(), &error);
+    }
+    let options = LoadOptions {
+        tls: cli.tls.settings()?,
+        ..options
     };
     if let Err(error) = options.validate() {
         common::invalid_options(Cli::command(), &error);

@@ -3,7 +3,8 @@
 mod common;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{CommandFactory, Parser, ValueEnum};
-use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions};
+use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions, ServerTls};
 use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
@@ -70,8 +71,34 @@ struct Cli {
     #[arg(long, default_value_t = 4096, value_name = "N",
           value_parser = clap::value_parser!(i32))]
     backlog: i32,
+    /// Serve TLS with this certificate chain (PEM, the server's own first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key", help_heading = "TLS")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    tls_key: Option<PathBuf>,
+    /// Serve TLS with a throwaway certificate made at start (for localhost and the listen
+    /// address); its fingerprint is logged as `tls fingerprint sha256:HEX`, for clients to pin.
+    #[arg(long, conflicts_with = "tls_cert", help_heading = "TLS")]
+    tls_self_signed: bool,
+    /// Require every client to present a certificate signed by these roots (PEM): mutual TLS.
+    /// The client's name (its certificate's CN, or first SAN) is logged when it connects.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    tls_client_ca: Option<PathBuf>,
+    /// A client whose TLS handshake has not finished this long after it connected is closed.
+    #[arg(long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION",
+          help_heading = "TLS")]
+    tls_handshake_timeout: Duration,
     #[command(flatten)]
     log: LogArgs,
+}
+
+/// [`common::duration`], but more than zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match common::duration(text)? {
+        Duration::ZERO => Err("must be more than 0".to_string()),
+        duration => Ok(duration),
+    }
 }
 
 /// `--mode`, mapped onto the library's type.
@@ -127,12 +154,56 @@ fn options(cli: &Cli) -> Result<ServerOptions, Error> {
         .backlog(cli.backlog)
         .mode(cli.mode.into())
         .send_timeout(cli.send_timeout)
-        .buffer_budget(cli.buffer_budget);
+        .buffer_budget(cli.buffer_budget)
+        .tls_handshake_timeout(cli.tls_handshake_timeout);
     options.validate()?;
+    if cli.tls_client_ca.is_some() && cli.tls_cert.is_none() && !cli.tls_self_signed {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--tls-client-ca needs TLS on: --tls-cert and --tls-key, or --tls-self-signed",
+            )
+            .exit();
+    }
     Ok(options)
 }
 
+/// The TLS settings the flags ask for (`None`: in the clear), with what to log about them.
+fn tls(cli: &Cli) -> Result<Option<ServerTls>, Error> {
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => ServerTls::from_pem_files(cert, key)?,
+        _ if cli.tls_self_signed => ServerTls::self_signed(&self_signed_names(&cli.host))?,
+        _ => return Ok(None),
+    };
+    let tls = match &cli.tls_client_ca {
+        Some(ca) => tls.require_client_certificates_file(ca)?,
+        None => tls,
+    };
+    info!("tls fingerprint {}", tls.fingerprint());
+    if tls.requires_client_certificates() {
+        info!("tls: clients must present a certificate");
+    }
+    Ok(Some(tls))
+}
+
+/// What a throwaway certificate is made for: `localhost`, the loopback addresses, and the
+/// listen address (a name, or an address other than "any").
+fn self_signed_names(host: &str) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let any = bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+    if !bare.is_empty() && !any && !names.iter().any(|n| n == bare) {
+        names.push(bare.to_string());
+    }
+    names
+}
+
 fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Result<()> {
+    let options = options.tls(tls(&cli)?);
     raise_fd_limit(cli.max_clients);
     let server = Server::bind(&cli.host, cli.port, options, Arc::new(plugboard::stdout()))?;
     let addr = server.local_addr();
@@ -147,8 +218,13 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
     // exit up.
     match server.wait() {
         Ok(summary) => {
+            let handshakes = if summary.handshakes_failed > 0 {
+                format!(", {} failed TLS handshakes", summary.handshakes_failed)
+            } else {
+                String::new()
+            };
             info!(
-                "stopped: {} connections, {} messages, {} bytes",
+                "stopped: {} connections, {} messages, {} bytes{handshakes}",
                 summary.connections, summary.messages, summary.bytes
             );
             if summary.unprinted > 0 {
