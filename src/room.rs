@@ -776,8 +776,7 @@ mod tests {
             .expect("prepare");
         let handshake = thread::spawn(move || {
             let name = client_tls.name_for("localhost").expect("name");
-            let client =
-                Transport::tls_client(client, client_tls.config(), name).expect("session");
+            let client = Transport::tls_client(client, client_tls.config(), name).expect("session");
             client.handshake(Duration::from_secs(5)).map(|()| client)
         });
         stream.handshake(Duration::from_secs(5)).expect("handshake");

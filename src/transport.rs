@@ -33,8 +33,19 @@ use crate::error::Error;
 use crate::send::{self, SendError, deadline_in, is_timeout};
 use crate::tls::{ClientTls, subject_name};
 
-/// Plaintext encrypted at a time: one full TLS record.
+/// Plaintext encrypted at a time by a non-blocking send: one full TLS record, so that at most
+/// one record is left unsent.
 const RECORD: usize = 16 * 1024;
+
+/// Plaintext encrypted before a blocking send sends it: three records, which with their
+/// overhead stay under the 64 KiB from which the server's allocator maps blocks apart (and
+/// unmaps them when freed: a system call or two per send).
+const SEND: usize = 48 * 1024;
+
+/// Room for the records of `plain` bytes: each adds a header, a tag and a content type.
+fn sealed_size(plain: usize) -> usize {
+    plain + (plain / RECORD + 1) * 64
+}
 
 /// The `unsent` buffer is kept between sends up to this size, and given back beyond it.
 const KEEP_UNSENT: usize = 4 * 1024;
@@ -357,30 +368,47 @@ impl Transport {
         }
     }
 
-    /// Decrypted bytes into `buf`, if there are any or (`take`) if what has arrived on the socket
-    /// makes some: `None` for none yet. A session that fails sends its alert if the socket takes
-    /// it at once.
+    /// Decrypted bytes into `buf`, as many as have arrived, or (`take`) as what has arrived on
+    /// the socket makes: `None` for none yet, `Some(0)` at the peer's `close_notify`. A session
+    /// that fails sends its alert if the socket takes it at once.
     fn open(&self, tls: &Tls, buf: &mut [u8], mut take: bool) -> io::Result<Option<usize>> {
         let mut session = tls.session();
+        let mut filled = 0;
+        let some = |filled: usize| Ok((filled > 0).then_some(filled));
         loop {
-            match session.reader().read(buf) {
-                Ok(n) => return Ok(Some(n)),
+            match session.reader().read(&mut buf[filled..]) {
+                // The clean end: what came before it first; it is found again next time.
+                Ok(0) => return Ok(Some(filled)),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        return Ok(Some(filled));
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // An end without `close_notify`, found again next time.
+                Err(_) if filled > 0 => return Ok(Some(filled)),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "it closed without TLS close_notify (cut short?)",
+                    ));
+                }
                 Err(e) => return Err(e),
             }
             if !take {
-                return Ok(None);
+                return some(filled);
             }
-            let recv = if cfg!(unix) {
+            let mut recv = if cfg!(unix) {
                 Recv::now(&self.tcp)
             } else {
                 Recv::waiting(&self.tcp)
             };
-            let mut recv = recv;
             match session.read_tls(&mut recv) {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return some(filled),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) if filled > 0 => return Ok(Some(filled)),
                 Err(e) => return Err(e),
             }
             // What has arrived is in; on Windows the next read must wait for `peek` again.
@@ -392,6 +420,7 @@ impl Transport {
                 self.pass_on(tls, &mut session);
             }
             if let Err(e) = processed {
+                // The connection ends in failure: what it sent before counts for nothing.
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
@@ -423,10 +452,12 @@ impl Transport {
         };
         let mut unsent = lock(&tls.unsent);
         self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
-        for record in buf.chunks(RECORD) {
-            seal(tls, record, &mut unsent).map_err(SendError::Failed)?;
+        unsent.reserve_exact(sealed_size(buf.len().min(SEND)));
+        for records in buf.chunks(SEND) {
+            seal(tls, records, &mut unsent).map_err(SendError::Failed)?;
             self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
         }
+        give_back(&mut unsent);
         Ok(())
     }
 
@@ -443,31 +474,27 @@ impl Transport {
         let mut unsent = lock(&tls.unsent);
         self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
         // Small buffers (chat lines) go out joined into full records, not one record each.
+        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+        unsent.reserve_exact(sealed_size(total.min(SEND)));
         let mut record = Vec::new();
         for buf in bufs {
             let mut rest = *buf;
             while !rest.is_empty() {
-                if record.is_empty() && rest.len() >= RECORD {
-                    let (whole, more) = rest.split_at(RECORD);
-                    seal(tls, whole, &mut unsent).map_err(SendError::Failed)?;
-                    self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
-                    rest = more;
-                    continue;
-                }
                 let take = rest.len().min(RECORD - record.len());
                 record.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if record.len() == RECORD {
                     seal(tls, &record, &mut unsent).map_err(SendError::Failed)?;
                     record.clear();
-                    self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
+                    if unsent.len() >= SEND {
+                        self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
+                    }
                 }
             }
         }
-        if !record.is_empty() {
-            seal(tls, &record, &mut unsent).map_err(SendError::Failed)?;
-            self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
-        }
+        seal(tls, &record, &mut unsent).map_err(SendError::Failed)?;
+        self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
+        give_back(&mut unsent);
         Ok(())
     }
 
@@ -484,9 +511,6 @@ impl Transport {
         }
         send::send_all(&self.tcp, unsent, timeout, give_up)?;
         unsent.clear();
-        if unsent.capacity() > KEEP_UNSENT {
-            *unsent = Vec::new();
-        }
         tls.behind.store(false, Ordering::Release);
         Ok(())
     }
@@ -579,13 +603,22 @@ impl Transport {
             session.send_close_notify();
             take_sealed(&mut session, &mut unsent).map_err(SendError::Failed)?;
         }
-        self.send_unsent(tls, &mut unsent, timeout, &|| false)
+        self.send_unsent(tls, &mut unsent, timeout, &|| false)?;
+        give_back(&mut unsent);
+        Ok(())
     }
 }
 
 impl Tls {
     fn session(&self) -> MutexGuard<'_, Connection> {
         lock(&self.session)
+    }
+}
+
+/// An emptied `unsent` keeps its buffer only if it is small: an idle connection holds little.
+fn give_back(unsent: &mut Vec<u8>) {
+    if unsent.is_empty() && unsent.capacity() > KEEP_UNSENT {
+        *unsent = Vec::new();
     }
 }
 

@@ -74,7 +74,11 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // rustls logs what peers do wrong (an IP address sent as a TLS server name, ...) as
+    // warnings, once per connection: a peer could fill the log. Handshake failures are logged
+    // by plugboard itself, once each; `RUST_LOG=rustls=debug` shows rustls's own lines.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rustls=error")));
     let log = log::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
