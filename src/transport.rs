@@ -50,6 +50,10 @@ fn sealed_size(plain: usize) -> usize {
 /// The `unsent` buffer is kept between sends up to this size, and given back beyond it.
 const KEEP_UNSENT: usize = 4 * 1024;
 
+/// Most bytes of answers a peer's own TLS messages asked for (key updates) that may wait for
+/// it to read them.
+const MAX_UNANSWERED: usize = 64 * 1024;
+
 /// How long a client's TLS handshake may take when the connect timeout leaves it to the system.
 pub(crate) const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -417,7 +421,7 @@ impl Transport {
             if session.wants_write() {
                 // An alert, or an answer to the peer's key update: sent now if nobody is
                 // sending and the socket takes it, else with the next send.
-                self.pass_on(tls, &mut session);
+                self.pass_on(tls, &mut session)?;
             }
             if let Err(e) = processed {
                 // The connection ends in failure: what it sent before counts for nothing.
@@ -427,16 +431,22 @@ impl Transport {
     }
 
     /// Sends what the session has to say that no send asked for, without waiting for anyone.
-    fn pass_on(&self, tls: &Tls, session: &mut Connection) {
+    /// A peer that keeps asking for answers (key updates) and reads none of them fails once
+    /// [`MAX_UNANSWERED`] bytes of them wait.
+    fn pass_on(&self, tls: &Tls, session: &mut Connection) -> io::Result<()> {
         let Some(mut unsent) = try_lock(&tls.unsent) else {
-            return;
+            return Ok(());
         };
-        if take_sealed(session, &mut unsent).is_err() {
-            return;
-        }
+        take_sealed(session, &mut unsent)?;
         let sent = send_now(&self.tcp, &unsent).unwrap_or(0);
         unsent.drain(..sent);
         tls.behind.store(!unsent.is_empty(), Ordering::Release);
+        if unsent.len() > MAX_UNANSWERED {
+            return Err(io::Error::other(
+                "it keeps asking for TLS answers (key updates) and reads none",
+            ));
+        }
+        Ok(())
     }
 
     /// Sends all of `buf`. Gives up when the peer takes nothing for `timeout`, or when `give_up`
