@@ -131,9 +131,19 @@ impl HandshakeError {
             HandshakeError::Io(e) if server => e.to_string(),
             HandshakeError::Io(e) => format!("{e} (not a TLS server, or it refused this client?)"),
             HandshakeError::Tls(e) if server => format!("TLS handshake failed: {e}"),
+            HandshakeError::Tls(e) if is_ca_as_end_entity(e) => {
+                "invalid peer certificate: the server presents a CA certificate as its own (pin it with --tls-fingerprint, or give the server a certificate that CA signed)".to_string()
+            }
             HandshakeError::Tls(e) => format!("{e}{}", hint(e)),
         }
     }
+}
+
+/// A self-signed certificate made as a CA (OpenSSL's `req -x509` does), given as a root and
+/// presented as the server's own: webpki refuses it, with an error that says little.
+fn is_ca_as_end_entity(e: &rustls::Error) -> bool {
+    matches!(e, rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+        if format!("{other:?}").contains("CaUsedAsEndEntity"))
 }
 
 /// What a client can do about a certificate it refused.
