@@ -136,12 +136,15 @@ fn handshake(ctx: &Context, stream: &Stream) -> bool {
         Err(e) => {
             ctx.add_handshake_failed();
             info!("{peer}: {}", e.describe(true));
-            if matches!(e, HandshakeError::NotTls) {
+            match e {
                 // It speaks in the clear, so it can read why in the clear.
-                stream.refuse_in_clear(
+                HandshakeError::NotTls => stream.refuse_in_clear(
                     "this server speaks TLS only (client --tls)",
                     LINGER_AFTER_ERROR,
-                );
+                ),
+                // The alert that says why is sent: time to read it before the reset.
+                HandshakeError::Tls(_) => stream.linger(LINGER_AFTER_ERROR),
+                HandshakeError::Timeout(_) | HandshakeError::Closed | HandshakeError::Io(_) => {}
             }
             false
         }

@@ -256,23 +256,36 @@ impl Stream {
     }
 
     fn refuse_as(&self, reason: &str, linger: Duration, clear: bool) {
-        let mut scratch = [0; 512];
         let line = format!("error: {reason}\n");
         let said = if clear {
             crate::send::send_all(self.tcp(), line.as_bytes(), linger, || false)
         } else {
             self.send(line.as_bytes(), linger, || false)
         };
-        if said.is_err() {
-            return;
+        if said.is_ok() {
+            self.read_and_drop(linger, clear);
         }
+    }
+
+    /// Lets the client read what was last sent (a TLS alert) before the reset: reads and drops
+    /// what it still sends, raw, until it closes its side or `linger` passes.
+    #[inline(never)]
+    #[cold]
+    pub(crate) fn linger(&self, linger: Duration) {
+        self.read_and_drop(linger, true);
+    }
+
+    /// Reads and drops what the client sends (`raw`: the bytes on the wire, not through the
+    /// session) until it closes its side or `linger` passes.
+    fn read_and_drop(&self, linger: Duration, raw: bool) {
+        let mut scratch = [0; 512];
         let deadline = Instant::now() + linger;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.tcp().set_read_timeout(Some(left)).is_err() {
                 break;
             }
-            let read = if clear {
+            let read = if raw {
                 self.tcp().read(&mut scratch)
             } else {
                 self.read(&mut scratch)
@@ -301,7 +314,8 @@ impl Stream {
 /// (`plain` false) just the reset: there is no session to say it in.
 pub(crate) fn turn_away_now(tcp: &TcpStream, reason: &str, plain: bool) {
     let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-    if plain && tcp.set_nonblocking(true).is_ok() {
+    // Non-blocking either way: the turnaway thread reads what it sends without waiting.
+    if tcp.set_nonblocking(true).is_ok() && plain {
         let _ = (&*tcp).write(format!("error: {reason}\n").as_bytes());
     }
 }

@@ -146,6 +146,11 @@ fn is_ca_as_end_entity(e: &rustls::Error) -> bool {
         if format!("{other:?}").contains("CaUsedAsEndEntity"))
 }
 
+/// A session's failure as the error of a read or a send, with what can be done about it.
+fn failure(e: &rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{e}{}", hint(e)))
+}
+
 /// What a client can do about a certificate it refused.
 fn hint(e: &rustls::Error) -> &'static str {
     use rustls::CertificateError;
@@ -435,7 +440,7 @@ impl Transport {
             }
             if let Err(e) = processed {
                 // The connection ends in failure: what it sent before counts for nothing.
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                return Err(failure(&e));
             }
         }
     }
@@ -660,7 +665,16 @@ fn seal(tls: &Tls, plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
     let mut session = tls.session();
     let mut rest = plain;
     while !rest.is_empty() {
-        let taken = session.writer().write(rest)?;
+        // A session that failed says why (the peer's alert, read by the reader meanwhile).
+        let taken = session.writer().write(rest).map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                Some(tls) => failure(tls),
+                None => e,
+            }
+        })?;
         take_sealed(&mut session, out)?;
         if taken == 0 {
             return Err(io::ErrorKind::WriteZero.into());

@@ -16,3 +16,4 @@ mod load;
 mod modes;
 mod scale;
 mod server_client;
+mod tls;

@@ -1,6 +1,7 @@
 //! Everything the tests share: spawning the real `server` and `client` binaries and capturing
 //! their output ([`process`]), the tests' side of a connection ([`net`]), what /proc says about a
-//! process ([`procfs`], Linux), and reading what the server printed.
+//! process ([`procfs`], Linux), certificates and peers for the TLS tests ([`tls`], Unix), and
+//! reading what the server printed.
 //!
 //! Nothing here sleeps to synchronise: the server's address comes from its `listening on ADDR`
 //! log line (read by a thread and handed over a channel), a process's exit is seen as its output
@@ -10,6 +11,8 @@ pub mod net;
 pub mod process;
 #[cfg(target_os = "linux")]
 pub mod procfs;
+#[cfg(unix)]
+pub mod tls;
 
 pub use net::*;
 pub use process::*;
