@@ -1782,3 +1782,68 @@ fn temp_dirs_are_removed() {
     drop(dir);
     assert!(!path.exists(), "{} left behind", path.display());
 }
+
+/// Limits and escaping work on the decrypted bytes exactly as in the clear: a line over
+/// `max_line` and an idle client are each told why inside TLS (`error: ...`, then an error, never
+/// a clean end), and a control character a client sends is printed escaped.
+#[test]
+fn limits_and_escaping_hold_under_tls() {
+    let ca = Ca::new("limits CA");
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = ServerTls::from_pem(leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("server TLS");
+    let options = ServerOptions::default()
+        .max_line(16)
+        .idle_timeout(Some(Duration::from_millis(500)));
+    let (server, collector) = tls_server(tls, options);
+    let port = server.local_addr().port();
+    let trust = ClientTls::trusting(ca.pem().as_bytes()).expect("client TLS");
+
+    // Told why it was cut off, then an error: what it read never passes for success.
+    let told = |client: Client| -> (Vec<String>, bool) {
+        let received: Vec<Result<String, Error>> =
+            bounded("the server's end", move || client.receiver().collect());
+        let failed = received.iter().any(Result::is_err);
+        let lines = received.into_iter().filter_map(Result::ok).collect();
+        (lines, failed)
+    };
+
+    let long = Client::connect_tls("127.0.0.1", port, TIMEOUT, &trust).expect("connect");
+    long.send("short \u{1b}[31m").expect("send");
+    long.send("this line is longer than sixteen bytes")
+        .expect("send");
+    let (lines, failed) = told(long.clone());
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("error: line too long (max 16 bytes)"),
+        "{lines:?}"
+    );
+    assert!(
+        failed,
+        "a line too long ends in an error, not a clean close: {lines:?}"
+    );
+
+    let idle = Client::connect_tls("127.0.0.1", port, TIMEOUT, &trust).expect("connect");
+    let started = Instant::now();
+    let (lines, failed) = told(idle);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("error: idle timeout"),
+        "{lines:?}"
+    );
+    assert!(failed, "an idle timeout ends in an error: {lines:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "cut off after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+
+    server.stop();
+    let summary = server.join().expect("join");
+    assert_eq!(summary.handshakes_failed, 0);
+    let printed: Vec<String> = collector.messages().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(
+        printed,
+        ["short \\x1b[31m"],
+        "escaped, and nothing of the long line"
+    );
+}
