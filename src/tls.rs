@@ -219,15 +219,20 @@ impl ServerTls {
     }
 }
 
+/// A configuration rustls would not build.
+fn cannot_set_up(problem: String) -> Error {
+    Error::Tls {
+        context: "cannot set up TLS".to_string(),
+        problem,
+    }
+}
+
 fn server_config(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
     client_roots: Option<&Arc<RootCertStore>>,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let failed = |problem: String| Error::Tls {
-        context: "cannot set up TLS".to_string(),
-        problem,
-    };
+    let failed = cannot_set_up;
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -433,10 +438,7 @@ fn client_config(
     trust: &Trust,
     identity: Option<&(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
 ) -> Result<Arc<ClientConfig>, Error> {
-    let failed = |problem: String| Error::Tls {
-        context: "cannot set up TLS".to_string(),
-        problem,
-    };
+    let failed = cannot_set_up;
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()

@@ -3,7 +3,6 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -20,16 +19,6 @@ fn server(options: ServerOptions) -> (Server, Arc<Collector>) {
 
 fn connect(server: &Server) -> Client {
     Client::connect("127.0.0.1", server.local_addr().port(), TIMEOUT).expect("connect")
-}
-
-/// Runs `f` on a thread and fails the test if it takes longer than TIMEOUT.
-fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("{what} did not finish within {TIMEOUT:?}"))
 }
 
 #[test]
@@ -54,7 +43,7 @@ fn greets_and_collects_messages_in_order() {
     }
     client.finish().expect("half-close");
     assert!(
-        bounded("server close", move || received.next().is_none()),
+        support::bounded(TIMEOUT, "server close", move || received.next().is_none()),
         "nothing but the greeting expected"
     );
     let messages = collector.messages();
@@ -73,7 +62,9 @@ fn no_greeting_when_none_is_set() {
     let mut received = client.receiver();
     client.send("only").expect("send");
     client.finish().expect("half-close");
-    let rest: Vec<_> = bounded("receive", move || received.by_ref().collect::<Vec<_>>());
+    let rest: Vec<_> = support::bounded(TIMEOUT, "receive", move || {
+        received.by_ref().collect::<Vec<_>>()
+    });
     assert!(rest.is_empty(), "expected no greeting, got {rest:?}");
     assert_eq!(collector.wait_for(1, TIMEOUT)[0].1, "only");
 }
@@ -111,7 +102,9 @@ fn raw_framing_passes_chunks_through() {
     client.send("hello world0").expect("send");
     client.send("你好").expect("send");
     client.finish().expect("half-close");
-    assert!(bounded("server close", move || received.next().is_none()));
+    assert!(support::bounded(TIMEOUT, "server close", move || received
+        .next()
+        .is_none()));
     let text: String = collector.messages().into_iter().map(|(_, m)| m).collect();
     assert_eq!(text, "hello world0你好");
 }
@@ -119,7 +112,9 @@ fn raw_framing_passes_chunks_through() {
 /// What a client still connected at a stop receives: the reason, then a reset (never the clean
 /// close that would confirm delivery).
 fn cut_off_by_the_stop(mut receiver: plugboard::Receiver) {
-    let mut rest: Vec<_> = bounded("client sees the end", move || receiver.by_ref().collect());
+    let mut rest: Vec<_> = support::bounded(TIMEOUT, "client sees the end", move || {
+        receiver.by_ref().collect()
+    });
     if rest.first().is_some_and(|first| {
         first
             .as_ref()
@@ -150,7 +145,7 @@ fn twenty_clients_then(finish: impl FnOnce(Server) -> Result<Summary, Error> + S
         client.send(&format!("from {i}")).expect("send");
     }
     assert_eq!(collector.wait_for(20, TIMEOUT).len(), 20);
-    let summary = bounded("stop", move || finish(server)).expect("stop");
+    let summary = support::bounded(TIMEOUT, "stop", move || finish(server)).expect("stop");
     assert_eq!((summary.connections, summary.messages), (20, 20));
     for receiver in receivers {
         cut_off_by_the_stop(receiver);
@@ -209,9 +204,11 @@ fn wait_returns_when_a_stop_lands_among_connects() {
         let stopper = server.stopper();
         let waited = thread::spawn(move || server.wait());
         stopper.stop();
-        bounded(&format!("wait in trial {trial}"), move || waited.join())
-            .expect("wait thread")
-            .expect("wait");
+        support::bounded(TIMEOUT, &format!("wait in trial {trial}"), move || {
+            waited.join()
+        })
+        .expect("wait thread")
+        .expect("wait");
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         for thread in churn {
             thread.join().expect("churn thread");
@@ -231,13 +228,13 @@ fn stop_from_another_thread_and_drop_are_safe() {
         thread::yield_now();
     }
     thread::spawn(move || stopper.stop());
-    bounded("join", move || server.join()).expect("join");
+    support::bounded(TIMEOUT, "join", move || server.join()).expect("join");
     // Cut off before or after its greeting, depending on when the stop landed.
     cut_off_by_the_stop(client.receiver());
     // A server dropped while running stops and joins too.
     let (dropped, _) = self::server(ServerOptions::default());
     let addr = dropped.local_addr();
-    bounded("drop", move || drop(dropped));
+    support::bounded(TIMEOUT, "drop", move || drop(dropped));
     let refused = TcpStream::connect_timeout(&addr, TIMEOUT);
     assert!(refused.is_err(), "nobody listens after drop");
 }
@@ -261,7 +258,7 @@ fn a_failing_sink_stops_the_server_with_an_output_error() {
     .expect("bind");
     let client = connect(&server);
     client.send("lost").expect("send");
-    let result = bounded("join", move || server.join());
+    let result = support::bounded(TIMEOUT, "join", move || server.join());
     assert!(
         matches!(&result, Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe),
         "{result:?}"
@@ -307,7 +304,7 @@ fn no_thread_to_be_had_refuses_that_client_and_serves_the_others() {
         );
     }
     let refused = connect(&server);
-    let told: Vec<_> = bounded("refusal", {
+    let told: Vec<_> = support::bounded(TIMEOUT, "refusal", {
         let mut receiver = refused.receiver();
         move || receiver.by_ref().collect()
     });
@@ -321,10 +318,12 @@ fn no_thread_to_be_had_refuses_that_client_and_serves_the_others() {
     for (i, (client, mut receiver)) in served.iter().zip(receivers).enumerate() {
         client.send(&format!("still here {i}")).expect("send");
         client.finish().expect("finish");
-        assert!(bounded("confirmation", move || receiver.next().is_none()));
+        assert!(support::bounded(TIMEOUT, "confirmation", move || receiver
+            .next()
+            .is_none()));
     }
     assert_eq!(collector.messages().len(), 2);
     server.stop();
-    let summary = bounded("join", move || server.join()).expect("join");
+    let summary = support::bounded(TIMEOUT, "join", move || server.join()).expect("join");
     assert_eq!(summary.connections, 2);
 }

@@ -158,8 +158,7 @@ fn demo_conversation_over_tls() {
         "{client}"
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     let expected: Vec<String> = hello(3).iter().map(|m| format!("{peer} {m}")).collect();
     assert_eq!(
         out.stdout.lines().collect::<Vec<_>>(),
@@ -198,8 +197,7 @@ fn echo_round_trips_over_tls() {
         "no round-trip latency\n{client}"
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     let (peer, _) = support::parse_message_line(out.stdout.lines().next().unwrap_or_default())
         .unwrap_or_else(|| panic!("nothing printed\n{out}"));
     assert_eq!(messages_from(&out.stdout, peer), hello(200), "{out}");
@@ -225,8 +223,7 @@ fn chat_over_tls_delivers_to_everyone_else() {
         "{client}"
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout.lines().count(), 200, "{out}");
     assert_eq!(
         log_count_in(&out.stderr, "connected (TLS 1.3)"),
@@ -262,8 +259,7 @@ fn raw_framing_over_tls() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("not a raw greeting\n{client}"));
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     let sent: String = (0..5).map(|i| format!("chunk {i} 你好;")).collect();
     assert_eq!(messages_from(&out.stdout, peer).concat(), sent, "{out}");
 }
@@ -287,8 +283,7 @@ fn stdin_client_over_tls() {
     assert_eq!(&lines[1..], ["one", "two 我", "last without newline"]);
     let peer = greeting_peer(&client);
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(
         messages_from(&out.stdout, peer),
         ["one", "two 我", "last without newline"],
@@ -320,8 +315,7 @@ fn load_over_tls_prints_every_message() {
         server.stdout_line_count()
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout.lines().count(), 8000, "{out}");
     let mut peers: Vec<SocketAddr> = out
         .stdout
@@ -416,8 +410,7 @@ fn self_signed_server_with_a_pinned_fingerprint() {
     assert_eq!(refused.stdout, "", "{refused}");
 
     wait_for_failed_handshakes(&server, 1);
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     let printed: Vec<&str> = out
         .stdout
         .lines()
@@ -531,8 +524,7 @@ fn mutual_tls_admits_only_certified_clients() {
         server.stderr_so_far()
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(
         out.stdout,
         format!("{peer} alice 0\n{peer} alice 1\n"),
@@ -589,8 +581,7 @@ fn a_client_without_a_certificate_is_told_one_is_required() {
         ": TLS handshake failed: peer sent no certificates",
         10,
     );
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout, "", "{out}");
 }
 
@@ -669,8 +660,7 @@ fn untrusted_or_misnamed_server_certificates_are_refused() {
     by_name.assert_code(0).assert_no_panic();
 
     wait_for_failed_handshakes(&server, 2);
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout.lines().count(), 2, "only the two trusted\n{out}");
     assert_failed_handshakes(&out, 2);
 }
@@ -697,8 +687,7 @@ fn an_expired_server_certificate_is_refused() {
         "{client}"
     );
     wait_for_failed_handshakes(&server, 1);
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout, "", "{out}");
     assert_failed_handshakes(&out, 1);
 }
@@ -725,8 +714,7 @@ fn a_plaintext_client_of_a_tls_server_is_told_why() {
         "what the server said, printed as it came\n{client}"
     );
     server.wait_for_log(&[": not a TLS client"]);
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout, "", "nothing of it printed\n{out}");
     assert_failed_handshakes(&out, 1);
 }
@@ -814,8 +802,7 @@ fn a_denied_client_gets_a_bare_reset_under_tls() {
         single_error(&client).contains(&format!("TLS handshake with {} failed", server.addr)),
         "{client}"
     );
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout, "", "{out}");
     assert_eq!(
         log_count_in(&out.stderr, "refused: not allowed"),
@@ -843,11 +830,12 @@ fn a_client_beyond_max_clients_gets_a_bare_reset_under_tls() {
     occupant.send("still served").expect("send");
     occupant.finish().expect("half-close");
     assert!(
-        bounded("the occupant's close", move || occupant_in.next().is_none()),
+        support::bounded(TIMEOUT, "the occupant's close", move || occupant_in
+            .next()
+            .is_none()),
         "a clean close for the occupant"
     );
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout.lines().count(), 1, "{out}");
 }
 
@@ -1081,8 +1069,7 @@ fn openssl_s_client_talks_to_the_server() {
         "an end without close_notify is not a clean end: {ended}"
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_failed_handshakes(&out, 0);
 }
 
@@ -1120,8 +1107,7 @@ fn openssl_s_client_over_tls_1_2() {
     let (status, _, stderr) = s_client.wait_exit(TIMEOUT);
     assert!(status.success(), "s_client: {status}\n{stderr}");
     server.wait_for_log(&[&format!("{peer} disconnected after 1 messages")]);
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(messages_from(&out.stdout, peer), ["over tls 1.2"], "{out}");
 }
 
@@ -1256,8 +1242,7 @@ fn ncat_as_a_tls_client_is_heard_but_not_confirmed() {
         !ended.contains(&format!("{peer} disconnected after")) && ended.contains("close_notify"),
         "an end without close_notify is not a clean end: {ended}"
     );
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_failed_handshakes(&out, 0);
 }
 
@@ -1323,8 +1308,7 @@ fn a_handshake_flood_does_not_hold_up_a_real_client() {
         "closed the connection during the TLS handshake",
         FLOOD,
     );
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(log_count_in(&out.stderr, " connected (TLS"), 1, "{out}");
     assert_failed_handshakes(&out, FLOOD);
 }
@@ -1368,8 +1352,7 @@ fn a_silent_connection_is_closed_after_the_handshake_timeout() {
     );
     client.assert_code(0).assert_no_panic();
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(out.stdout.lines().count(), 1, "{out}");
     assert_failed_handshakes(&out, 2);
 }
@@ -1427,8 +1410,7 @@ fn a_tls_client_cut_off_by_a_stop_exits_1() {
             .map(|(peer, _)| peer)
     })
     .expect("the client's first message");
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     let client = client.wait_exit(TIMEOUT);
     client.assert_code(1).assert_no_panic();
     let error = single_error(&client);
@@ -1476,8 +1458,7 @@ fn a_tls_peer_ending_without_close_notify_is_a_failure() {
         "the server must not close cleanly (close_notify) after a truncation"
     );
 
-    let out = server.stop();
-    out.assert_code(0).assert_no_panic();
+    let out = server.stop_cleanly();
     assert_eq!(messages_from(&out.stdout, me), ["one", "two"], "{out}");
     assert_failed_handshakes(&out, 0);
 }
@@ -1584,16 +1565,6 @@ fn the_client_exits_0_only_on_a_close_notify_after_its_own() {
 // 10. The library
 // ------------------------------------------------------------------------------------------------
 
-/// Runs `f` on a thread and fails the test if it takes longer than TIMEOUT.
-fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("{what} did not finish within {TIMEOUT:?}"))
-}
-
 fn tls_server(tls: ServerTls, options: ServerOptions) -> (Server, Arc<Collector>) {
     let collector = Arc::new(Collector::new());
     let server = Server::bind("127.0.0.1", 0, options.tls(Some(tls)), collector.clone())
@@ -1625,7 +1596,9 @@ fn library_round_trip_over_tls() {
     }
     client.finish().expect("half-close");
     assert!(
-        bounded("the server's close", move || received.next().is_none()),
+        support::bounded(TIMEOUT, "the server's close", move || received
+            .next()
+            .is_none()),
         "nothing but the greeting, then a clean close"
     );
 
@@ -1666,7 +1639,7 @@ fn library_counts_failed_handshakes() {
     let plain = Client::connect("127.0.0.1", port, TIMEOUT).expect("connect in the clear");
     plain.send("hello in the clear").expect("send");
     let mut told = plain.receiver();
-    let first = bounded("the refusal", move || {
+    let first = support::bounded(TIMEOUT, "the refusal", move || {
         let first = told.next();
         let rest = told.next();
         (first, rest)
@@ -1700,9 +1673,9 @@ fn library_counts_failed_handshakes() {
     client.send("pinned").expect("send");
     client.finish().expect("half-close");
     let mut received = client.receiver();
-    assert!(bounded("the server's close", move || received
-        .next()
-        .is_none()));
+    assert!(support::bounded(TIMEOUT, "the server's close", move || {
+        received.next().is_none()
+    }));
 
     // Both failures are counted once their connection threads have logged them.
     let counted = poll_until(support::POLL_DEADLINE, support::POLL_EVERY, || {
@@ -1742,16 +1715,16 @@ fn library_mutual_tls() {
     client.send("from alice").expect("send");
     assert_eq!(received.next().expect("echo").expect("echo"), "from alice");
     client.finish().expect("half-close");
-    assert!(bounded("the server's close", move || received
-        .next()
-        .is_none()));
+    assert!(support::bounded(TIMEOUT, "the server's close", move || {
+        received.next().is_none()
+    }));
 
     // Without an identity, TLS 1.3 finishes the client's side of the handshake; the server's
     // refusal comes after it. Either way the client is not served.
     if let Ok(client) = Client::connect_tls("127.0.0.1", port, TIMEOUT, &trust) {
         let _ = client.send("anonymous");
         let mut received = client.receiver();
-        let outcome = bounded("the refusal", move || {
+        let outcome = support::bounded(TIMEOUT, "the refusal", move || {
             let first = received.next();
             (first, received.next())
         });
@@ -1801,7 +1774,9 @@ fn limits_and_escaping_hold_under_tls() {
     // Told why it was cut off, then an error: what it read never passes for success.
     let told = |client: Client| -> (Vec<String>, bool) {
         let received: Vec<Result<String, Error>> =
-            bounded("the server's end", move || client.receiver().collect());
+            support::bounded(TIMEOUT, "the server's end", move || {
+                client.receiver().collect()
+            });
         let failed = received.iter().any(Result::is_err);
         let lines = received.into_iter().filter_map(Result::ok).collect();
         (lines, failed)

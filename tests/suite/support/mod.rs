@@ -140,6 +140,21 @@ pub fn json_field(json: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is not a number in {json}"))
 }
 
+/// Runs `f` on a thread and fails the test if it takes longer than `timeout`: for a call that
+/// would block for ever if the code under test hung.
+pub fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(timeout)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {timeout:?}"))
+}
+
 /// Poll `check` until it returns `Some`, or `None` once `timeout` has passed.
 pub fn poll_until<T>(
     timeout: Duration,

@@ -471,6 +471,13 @@ impl ServerProcess {
         self.terminate();
         self.wait_exit(EXIT_TIMEOUT)
     }
+
+    /// [`stop`](ServerProcess::stop), asserting that the server exited 0 without a panic.
+    pub fn stop_cleanly(&mut self) -> Output {
+        let out = self.stop();
+        out.assert_code(0).assert_no_panic();
+        out
+    }
 }
 
 /// `--host 127.0.0.1 --port 0`, then `extra`.
