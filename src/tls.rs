@@ -66,6 +66,21 @@ impl Origin<'_> {
     }
 }
 
+/// A failure to put a certificate and a key together, naming both files.
+fn naming_both(e: Error, cert: &Path, key: &Path) -> Error {
+    match e {
+        Error::Tls { problem, .. } => Error::Tls {
+            context: format!(
+                "cannot use the TLS key {} with the certificate {}",
+                key.display(),
+                cert.display()
+            ),
+            problem,
+        },
+        e => e,
+    }
+}
+
 /// Every certificate in PEM text, in order (a chain: the end entity first).
 fn certificates(
     pem: &[u8],
@@ -135,19 +150,8 @@ impl ServerTls {
             Origin::File(cert),
             "certificate",
         )?;
-        let key_pem = read_file(key, "key")?;
-        let key_der = private_key(&key_pem, Origin::File(key))?;
-        ServerTls::new(chain, key_der).map_err(|e| match e {
-            Error::Tls { problem, .. } => Error::Tls {
-                context: format!(
-                    "cannot use the TLS key {} with the certificate {}",
-                    key.display(),
-                    cert.display()
-                ),
-                problem,
-            },
-            e => e,
-        })
+        let key_der = private_key(&read_file(key, "key")?, Origin::File(key))?;
+        ServerTls::new(chain, key_der).map_err(|e| naming_both(e, cert, key))
     }
 
     /// [`from_pem_files`](ServerTls::from_pem_files) from PEM text.
@@ -353,17 +357,8 @@ impl ClientTls {
             "certificate",
         )?;
         let key_der = private_key(&read_file(key, "key")?, Origin::File(key))?;
-        self.with_identity(chain, key_der).map_err(|e| match e {
-            Error::Tls { problem, .. } => Error::Tls {
-                context: format!(
-                    "cannot use the TLS key {} with the certificate {}",
-                    key.display(),
-                    cert.display()
-                ),
-                problem,
-            },
-            e => e,
-        })
+        self.with_identity(chain, key_der)
+            .map_err(|e| naming_both(e, cert, key))
     }
 
     /// [`identity_files`](ClientTls::identity_files) from PEM text.

@@ -31,6 +31,17 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 // Helpers
 // ------------------------------------------------------------------------------------------------
 
+/// A client that exited 1 with one error line: its TLS handshake with `server` failed, saying
+/// `why`.
+fn assert_handshake_failed(client: &Output, server: SocketAddr, why: &str) {
+    client.assert_code(1).assert_no_panic();
+    let error = single_error(client);
+    assert!(
+        error.contains(&format!("TLS handshake with {server} failed")) && error.contains(why),
+        "{client}"
+    );
+}
+
 /// The client's address, from the greeting it printed first (line framing).
 fn greeting_peer(client: &Output) -> SocketAddr {
     let first = client
@@ -601,13 +612,7 @@ fn untrusted_or_misnamed_server_certificates_are_refused() {
         &["--tls", "--count", "1", "--interval", "0"],
         TIMEOUT,
     );
-    system.assert_code(1).assert_no_panic();
-    let error = single_error(&system);
-    assert!(
-        error.contains(&format!("TLS handshake with {} failed", server.addr))
-            && error.contains("UnknownIssuer"),
-        "{system}"
-    );
+    assert_handshake_failed(&system, server.addr, "UnknownIssuer");
 
     let misnamed = run_client_to(
         server.addr,
@@ -621,12 +626,10 @@ fn untrusted_or_misnamed_server_certificates_are_refused() {
         ]),
         TIMEOUT,
     );
-    misnamed.assert_code(1).assert_no_panic();
-    let error = single_error(&misnamed);
-    assert!(
-        error.contains(&format!("TLS handshake with {} failed", server.addr))
-            && error.contains("not valid for name \"other.example\""),
-        "{misnamed}"
+    assert_handshake_failed(
+        &misnamed,
+        server.addr,
+        "not valid for name \"other.example\"",
     );
 
     // The names it was made for pass: --tls-server-name, and --host localhost.
@@ -679,13 +682,7 @@ fn an_expired_server_certificate_is_refused() {
         &pki.client_args(&["--count", "1", "--interval", "0"]),
         TIMEOUT,
     );
-    client.assert_code(1).assert_no_panic();
-    let error = single_error(&client);
-    assert!(
-        error.contains(&format!("TLS handshake with {} failed", server.addr))
-            && error.contains("certificate expired"),
-        "{client}"
-    );
+    assert_handshake_failed(&client, server.addr, "certificate expired");
     wait_for_failed_handshakes(&server, 1);
     let out = server.stop_cleanly();
     assert_eq!(out.stdout, "", "{out}");
@@ -730,12 +727,10 @@ fn a_tls_client_of_a_plaintext_server_says_so() {
         &pki.client_args(&["--count", "3", "--interval", "0"]),
         TIMEOUT,
     );
-    client.assert_code(1).assert_no_panic();
-    let error = single_error(&client);
-    assert!(
-        error.contains(&format!("TLS handshake with {} failed", server.addr))
-            && error.contains("it answered in plaintext: not a TLS server?"),
-        "{client}"
+    assert_handshake_failed(
+        &client,
+        server.addr,
+        "it answered in plaintext: not a TLS server?",
     );
     server.stop().assert_code(0).assert_no_panic();
 
