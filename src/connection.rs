@@ -157,6 +157,10 @@ fn finish_cleanly(ctx: &Context, stream: &Stream, relay: Option<Relay>) -> End {
     if let Some(relay) = relay {
         relay.finish(ctx, true);
     }
+    if stream.was_broken() {
+        // Reset while the room sent to it: nothing to confirm to.
+        return End::Failed(io::ErrorKind::ConnectionReset.into());
+    }
     if stream.was_cut() && !ctx.is_stopping() {
         // Chat: the room gave up on sending to it meanwhile. (A stop's cut, after the client's
         // end was read, changes nothing: what it sent is still to be confirmed.)
@@ -264,6 +268,10 @@ impl<'a> Reading<'a> {
                 Ok(0) => {
                     if self.stream.was_cut() {
                         return self.cut_end();
+                    }
+                    if self.stream.was_broken() {
+                        // The reset was reported to a send: this end is no clean end.
+                        return End::Failed(io::ErrorKind::ConnectionReset.into());
                     }
                     // The client closed its side: a last line without `\n` is a message too.
                     let finished = self.decoder.finish(&mut self.batch);

@@ -355,15 +355,23 @@ fn drain_failed(outbox: &Outbox, stream: &Stream, error: SendError) {
     // if no sender found it first.
     let first = outbox.give_up_draining();
     match error {
-        SendError::GaveUp => return,
-        SendError::NotReading if first => warn!(
-            "{} disconnected: not reading (nothing could be sent within the send timeout)",
-            stream.peer()
-        ),
-        SendError::Failed(e) if first => debug!("{}: cannot send: {e}", stream.peer()),
-        SendError::NotReading | SendError::Failed(_) => {}
+        SendError::GaveUp => {}
+        SendError::NotReading => {
+            if first {
+                warn!(
+                    "{} disconnected: not reading (nothing could be sent within the send timeout)",
+                    stream.peer()
+                );
+            }
+            stream.cut();
+        }
+        SendError::Failed(e) => {
+            if first {
+                debug!("{}: cannot send: {e}", stream.peer());
+            }
+            stream.send_failed(&e);
+        }
     }
-    stream.cut();
 }
 
 /// Starts a thread that drains `outbox`; a client nothing can be sent to is cut off.
@@ -725,7 +733,7 @@ impl Room {
                 if outbox.abandon() {
                     debug!("{}: cannot send: {e}", stream.peer());
                 }
-                stream.cut();
+                stream.send_failed(&e);
             }
         }
     }

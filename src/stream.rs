@@ -63,6 +63,9 @@ pub(crate) struct Stream {
     /// Set just before the server shuts the read side to wake the reader (stop, eviction): an end
     /// of stream after that is the server's doing, not the client's.
     cut: AtomicBool,
+    /// Set when a send found the connection reset: the reader still reads what arrived before,
+    /// but an end of stream after that is no clean end.
+    broken: AtomicBool,
 }
 
 impl Stream {
@@ -83,6 +86,7 @@ impl Stream {
             peer,
             last_read: AtomicU64::new(now_ms),
             cut: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -171,6 +175,29 @@ impl Stream {
     /// Whether the server cut this connection: an end of stream read now may be its own doing.
     pub(crate) fn was_cut(&self) -> bool {
         self.cut.load(Ordering::Acquire)
+    }
+
+    /// A send failed with `error`. If the connection is gone (reset, broken pipe), the reader is
+    /// left to read what the client sent before, and to find the end itself, which is then a
+    /// failure whatever it looks like (after a reset the system reports the error once, then an
+    /// end of stream); otherwise the reader is woken as by [`cut`](Stream::cut).
+    pub(crate) fn send_failed(&self, error: &io::Error) {
+        let gone = matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        );
+        if gone {
+            self.broken.store(true, Ordering::Release);
+        } else {
+            self.cut();
+        }
+    }
+
+    /// Whether a send found the connection gone: its end of stream is no clean end.
+    pub(crate) fn was_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// Sends all of `buf`. Gives up when the client takes nothing for `timeout`, or when

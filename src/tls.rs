@@ -40,10 +40,54 @@ fn fingerprint_of(cert: &CertificateDer<'_>) -> String {
 
 /// Reads a PEM file whole; the error names it.
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::Tls {
+    use std::io::Read;
+    let failed = |problem: String| Error::Tls {
         context: format!("cannot read the TLS {what} {}", path.display()),
-        problem: e.to_string(),
-    })
+        problem,
+    };
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_PEM_FILE + 1).read_to_end(&mut text))
+        .map_err(|e| failed(e.to_string()))?;
+    if text.len() as u64 > MAX_PEM_FILE {
+        return Err(failed(format!(
+            "larger than {} MiB: not a PEM file?",
+            MAX_PEM_FILE >> 20
+        )));
+    }
+    Ok(text)
+}
+
+/// The largest PEM file read: a bundle of every public root is about 200 KiB.
+const MAX_PEM_FILE: u64 = 16 << 20;
+
+/// What is wrong with PEM text, in words.
+fn pem_problem(e: &rustls::pki_types::pem::Error, what: &str) -> String {
+    use rustls::pki_types::pem::Error as Pem;
+    match e {
+        Pem::MissingSectionEnd { end_marker } => format!(
+            "a PEM section has no -----END {}----- line (cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Pem::IllegalSectionStart { line } => format!(
+            "a malformed PEM BEGIN line: {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        Pem::NoItemsFound => format!("no PEM {what} in it"),
+        e => e.to_string(),
+    }
+}
+
+/// How [`certificate_problem`] starts for a certificate that can't be read.
+const MALFORMED: &str = "a malformed certificate";
+
+/// What is wrong with a certificate of our own (not a peer's, as rustls words it).
+fn certificate_problem(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(why) => format!("{MALFORMED} ({why:?})"),
+        rustls::Error::InconsistentKeys(_) => "the key is not the certificate's".to_string(),
+        e => e.to_string(),
+    }
 }
 
 /// Where PEM text came from, for errors: a file, or bytes given to the library.
@@ -66,9 +110,13 @@ impl Origin<'_> {
     }
 }
 
-/// A failure to put a certificate and a key together, naming both files.
+/// A failure to put a certificate and a key together, naming the file at fault, or both.
 fn naming_both(e: Error, cert: &Path, key: &Path) -> Error {
     match e {
+        Error::Tls { problem, .. } if problem.starts_with(MALFORMED) => Error::Tls {
+            context: format!("cannot use the TLS certificate {}", cert.display()),
+            problem,
+        },
         Error::Tls { problem, .. } => Error::Tls {
             context: format!(
                 "cannot use the TLS key {} with the certificate {}",
@@ -89,7 +137,7 @@ fn certificates(
 ) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| origin.bad(what, e))?;
+        .map_err(|e| origin.bad(what, pem_problem(&e, "certificate")))?;
     if certs.is_empty() {
         return Err(origin.bad(what, "no PEM certificate in it"));
     }
@@ -98,11 +146,14 @@ fn certificates(
 
 /// The first private key in PEM text (PKCS#8, PKCS#1 or SEC1).
 fn private_key(pem: &[u8], origin: Origin<'_>) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => {
-            origin.bad("key", "no PEM private key in it")
-        }
-        e => origin.bad("key", e),
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
+        let encrypted = memchr::memmem::find(pem, b"-----BEGIN ENCRYPTED PRIVATE KEY").is_some();
+        let problem = if encrypted {
+            "the key is encrypted, and a server can't ask for its password: decrypt it first (openssl pkey -in KEY -out PLAIN)".to_string()
+        } else {
+            pem_problem(&e, "private key")
+        };
+        origin.bad("key", problem)
     })
 }
 
@@ -110,7 +161,9 @@ fn private_key(pem: &[u8], origin: Origin<'_>) -> Result<PrivateKeyDer<'static>,
 fn roots(pem: &[u8], origin: Origin<'_>, what: &str) -> Result<RootCertStore, Error> {
     let mut store = RootCertStore::empty();
     for cert in certificates(pem, origin, what)? {
-        store.add(cert).map_err(|e| origin.bad(what, e))?;
+        store
+            .add(cert)
+            .map_err(|e| origin.bad(what, certificate_problem(&e)))?;
     }
     Ok(store)
 }
@@ -223,6 +276,17 @@ impl ServerTls {
     }
 }
 
+/// Why a certificate chain and key could not be used; a chain whose first certificate is not
+/// the key's may only be in the wrong order.
+fn chain_problem(e: &rustls::Error, chain: &[CertificateDer<'_>]) -> String {
+    let problem = certificate_problem(e);
+    if matches!(e, rustls::Error::InconsistentKeys(_)) && chain.len() > 1 {
+        format!("{problem} (the chain must start with the certificate of this key)")
+    } else {
+        problem
+    }
+}
+
 /// A configuration rustls would not build.
 fn cannot_set_up(problem: String) -> Error {
     Error::Tls {
@@ -252,12 +316,7 @@ fn server_config(
     };
     let mut config = builder
         .with_single_cert(chain.to_vec(), key.clone_key())
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                failed("the key is not the certificate's".to_string())
-            }
-            e => failed(e.to_string()),
-        })?;
+        .map_err(|e| failed(chain_problem(&e, chain)))?;
     // Nobody resumes a session here: no tickets to make and send after every handshake.
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
@@ -411,19 +470,34 @@ impl ClientTls {
     }
 }
 
-/// `sha256:HEX` (64 digits, colons allowed) as bytes.
+/// `sha256:HEX` as bytes: 64 hex digits, or 32 pairs with colons between them; the prefix in
+/// any case, or OpenSSL's whole `sha256 Fingerprint=` line.
 fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
-    let digits = text
-        .strip_prefix("sha256:")
-        .or_else(|| text.strip_prefix("SHA256:"))
+    let lower = text.trim().to_ascii_lowercase();
+    let digits = ["sha256:", "sha256 fingerprint="]
+        .iter()
+        .find_map(|prefix| lower.strip_prefix(prefix))
         .ok_or("it must start with sha256:")?;
-    let digits: String = digits.chars().filter(|&c| c != ':').collect();
-    if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err("it must be sha256: followed by 64 hex digits".to_string());
+    let pairs: Vec<&str> = if digits.contains(':') {
+        digits.split(':').collect()
+    } else {
+        (0..digits.len() / 2)
+            .map(|i| digits.get(2 * i..2 * i + 2).unwrap_or_default())
+            .collect()
+    };
+    let well_formed = pairs.len() == 32
+        && (digits.contains(':') || digits.len() == 64)
+        && pairs
+            .iter()
+            .all(|pair| pair.len() == 2 && pair.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(
+            "it must be sha256: and 64 hex digits (or 32 pairs with colons between them)"
+                .to_string(),
+        );
     }
     let mut pin = [0u8; 32];
-    for (byte, pair) in pin.iter_mut().zip(digits.as_bytes().chunks(2)) {
-        let pair = std::str::from_utf8(pair).map_err(|e| e.to_string())?;
+    for (byte, pair) in pin.iter_mut().zip(pairs) {
         *byte = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
     }
     Ok(pin)
@@ -450,12 +524,7 @@ fn client_config(
     let config = match identity {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain.clone(), key.clone_key())
-            .map_err(|e| match e {
-                rustls::Error::InconsistentKeys(_) => {
-                    failed("the key is not the certificate's".to_string())
-                }
-                e => failed(e.to_string()),
-            })?,
+            .map_err(|e| failed(chain_problem(&e, chain)))?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -563,6 +632,11 @@ mod tests {
             .collect::<Vec<_>>()
             .join(":");
         assert_eq!(parse_fingerprint(&format!("SHA256:{colons}")), Ok(pin));
+        assert_eq!(
+            parse_fingerprint(&format!("sha256 Fingerprint={colons}")),
+            Ok(pin),
+            "OpenSSL's whole line"
+        );
         for bad in [
             "",
             &hex64,
@@ -571,6 +645,8 @@ mod tests {
             &format!("sha256:{hex64}00"),
             &format!("md5:{hex64}"),
             &format!("sha256:{}", "zz".repeat(32)),
+            &format!("sha256::{colons}"),
+            &format!("sha256:{}:{}", &hex64[..4], &hex64[4..]),
         ] {
             assert!(parse_fingerprint(bad).is_err(), "{bad:?}");
         }

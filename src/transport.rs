@@ -22,7 +22,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -96,6 +96,9 @@ struct Tls {
     unsent: Mutex<Vec<u8>>,
     /// Whether `unsent` holds anything, for [`Transport::has_unsent`] without the lock.
     behind: AtomicBool,
+    /// Why the session failed, once it has: reads return the failure after the data that came
+    /// before it.
+    failed: OnceLock<String>,
     /// The server's side of the session (what a peer's first bytes must look like differs).
     server: bool,
 }
@@ -198,6 +201,7 @@ impl Transport {
                 session: Mutex::new(session),
                 unsent: Mutex::new(Vec::new()),
                 behind: AtomicBool::new(false),
+                failed: OnceLock::new(),
                 server,
             }),
         }
@@ -404,13 +408,21 @@ impl Transport {
                         return Ok(Some(filled));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The session failed after what was read: that first, then why.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(why) = tls.failed.get() {
+                        return match filled {
+                            0 => Err(io::Error::new(io::ErrorKind::InvalidData, why.clone())),
+                            filled => Ok(Some(filled)),
+                        };
+                    }
+                }
                 // An end without `close_notify`, found again next time.
                 Err(_) if filled > 0 => return Ok(Some(filled)),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "it closed without TLS close_notify (cut short?)",
+                        "the connection ended without TLS close_notify (cut short, or reset)",
                     ));
                 }
                 Err(e) => return Err(e),
@@ -433,14 +445,19 @@ impl Transport {
             // What has arrived is in; on Windows the next read must wait for `peek` again.
             take = cfg!(unix);
             let processed = session.process_new_packets();
-            if session.wants_write() {
+            let answered = if session.wants_write() {
                 // An alert, or an answer to the peer's key update: sent now if nobody is
                 // sending and the socket takes it, else with the next send.
-                self.pass_on(tls, &mut session)?;
-            }
+                self.pass_on(tls, &mut session)
+            } else {
+                Ok(())
+            };
+            // A failure ends the connection, after what the records before it held: the loop
+            // takes that, then returns the failure.
             if let Err(e) = processed {
-                // The connection ends in failure: what it sent before counts for nothing.
-                return Err(failure(&e));
+                let _ = tls.failed.set(failure(&e).to_string());
+            } else if let Err(e) = answered {
+                let _ = tls.failed.set(e.to_string());
             }
         }
     }

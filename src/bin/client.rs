@@ -105,7 +105,7 @@ struct TlsArgs {
     #[arg(long, value_name = "sha256:HEX", value_parser = fingerprint, conflicts_with = "tls_ca")]
     tls_fingerprint: Option<String>,
     /// The name the server's certificate must be valid for (default: --host); implies --tls.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = server_name)]
     tls_server_name: Option<String>,
     /// Present this certificate chain (PEM) to a server that requires one; implies --tls.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -140,6 +140,14 @@ impl TlsArgs {
         }
         Ok(Some(tls))
     }
+}
+
+/// A `--tls-server-name` that is a host name or an address (an IPv6 one may be in brackets).
+fn server_name(text: &str) -> Result<String, String> {
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(bare.to_string())
+        .map(|_| text.to_string())
+        .map_err(|e| format!("not a host name or an address: {e}"))
 }
 
 /// A `--tls-fingerprint` that is one.

@@ -23,6 +23,7 @@ use common::{FramingArg, LogArgs};
 /// SIGINT or SIGTERM stops it cleanly; a second one exits at once.
 #[derive(Parser, Debug)]
 #[command(name = "server", version)]
+#[command(group(clap::ArgGroup::new("tls_on").args(["tls_cert", "tls_self_signed"])))]
 struct Cli {
     /// Address to listen on: IPv4, IPv6 or a host name.
     #[arg(long, default_value = "127.0.0.1")]
@@ -83,11 +84,11 @@ struct Cli {
     tls_self_signed: bool,
     /// Require every client to present a certificate signed by these roots (PEM): mutual TLS.
     /// The client's name (its certificate's CN, or first SAN) is logged when it connects.
-    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    #[arg(long, value_name = "FILE", requires = "tls_on", help_heading = "TLS")]
     tls_client_ca: Option<PathBuf>,
     /// A client whose TLS handshake has not finished this long after it connected is closed.
     #[arg(long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION",
-          help_heading = "TLS")]
+          requires = "tls_on", help_heading = "TLS")]
     tls_handshake_timeout: Duration,
     #[command(flatten)]
     log: LogArgs,
@@ -157,14 +158,6 @@ fn options(cli: &Cli) -> Result<ServerOptions, Error> {
         .buffer_budget(cli.buffer_budget)
         .tls_handshake_timeout(cli.tls_handshake_timeout);
     options.validate()?;
-    if cli.tls_client_ca.is_some() && cli.tls_cert.is_none() && !cli.tls_self_signed {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "--tls-client-ca needs TLS on: --tls-cert and --tls-key, or --tls-self-signed",
-            )
-            .exit();
-    }
     Ok(options)
 }
 

@@ -938,12 +938,17 @@ fn the_client_names_a_tls_file_it_cannot_use() {
             vec!["--tls-fingerprint", &format!("sha256:{}", "zz".repeat(32))],
         ),
         ("--tls-cert without --tls-key", vec!["--tls-cert", &cert]),
+        ("an empty server name", vec!["--tls-server-name", ""]),
+        (
+            "a server name with a space",
+            vec!["--tls-server-name", "bad name"],
+        ),
     ] {
         let mut args = args.clone();
         args.extend(["--count", "1", "--interval", "0"]);
         let client = run_client_to(server.addr, &args, TIMEOUT);
         client.assert_code(2).assert_no_panic();
-        if what != "--tls-cert without --tls-key" {
+        if args[0] == "--tls-fingerprint" {
             assert!(client.stderr.contains("sha256"), "{what}\n{client}");
         }
     }
@@ -966,6 +971,8 @@ fn server_tls_usage_errors_exit_2() {
         vec!["--tls-client-ca", pki.ca_file.as_str()],
         vec!["--tls-cert", pki.cert_file.as_str()],
         vec!["--tls-self-signed", "--tls-handshake-timeout", "0"],
+        // TLS settings with TLS off are a mistake, not something to ignore.
+        vec!["--tls-handshake-timeout", "5s"],
         vec![
             "--tls-self-signed",
             "--tls-cert",
@@ -1456,6 +1463,47 @@ fn a_tls_peer_ending_without_close_notify_is_a_failure() {
     let out = server.stop_cleanly();
     assert_eq!(messages_from(&out.stdout, me), ["one", "two"], "{out}");
     assert_failed_handshakes(&out, 0);
+}
+
+/// A record that fails to decrypt, arriving in the same segment as good ones before it: the
+/// lines those held are printed, then the connection fails (an alert, a reset, never a clean
+/// end), however TCP split the bytes.
+#[test]
+fn lines_before_a_corrupt_record_are_printed() {
+    let pki = Pki::new("corrupt-record");
+    let mut server = ServerProcess::start(&pki.server_args(&[]));
+    let tcp = support::connect(server.addr);
+    let me = tcp.local_addr().expect("local addr");
+    let session = rustls::ClientConnection::new(
+        support::tls::client_config(pki.ca.der()),
+        "127.0.0.1".try_into().expect("server name"),
+    )
+    .expect("session");
+    let mut tls = rustls::StreamOwned::new(session, tcp);
+    assert_eq!(read_line(&mut tls).expect("greeting"), greeting(me));
+    // Two good records, then one whose last byte (of its tag) is flipped, in one write.
+    let mut wire = Vec::new();
+    for line in [&b"good1\n"[..], b"good2\n", b"never\n"] {
+        tls.conn.writer().write_all(line).expect("seal");
+        tls.conn.write_tls(&mut wire).expect("take the record");
+    }
+    let last = wire.len() - 1;
+    wire[last] ^= 0xff;
+    tls.sock.write_all(&wire).expect("send");
+    let ended = server.wait_for_log(&[&format!("{me} disconnected")]);
+    assert!(
+        !ended.contains(&format!("{me} disconnected after")),
+        "a corrupt record was taken for a clean end: {ended}"
+    );
+    let (_, error) = read_to_eof(&mut tls);
+    assert!(error.is_some(), "no clean close after a corrupt record");
+
+    let out = server.stop_cleanly();
+    assert_eq!(
+        messages_from(&out.stdout, me),
+        ["good1", "good2"],
+        "the lines before the corrupt record, and nothing of it\n{out}"
+    );
 }
 
 /// How the tests' own TLS server ends a connection once it has read the client's close_notify.

@@ -56,10 +56,7 @@ const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 pub fn duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if duration > MAX_DURATION {
-        return Err(format!(
-            "{text} is too long (at most {})",
-            humantime::format_duration(MAX_DURATION)
-        ));
+        return Err(format!("{text} is too long (at most a year, 1y)"));
     }
     Ok(duration)
 }
