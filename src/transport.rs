@@ -85,7 +85,8 @@ impl Dialer {
 #[derive(Debug)]
 pub(crate) struct Transport {
     tcp: TcpStream,
-    tls: Option<Tls>,
+    /// Boxed: a session is over a kilobyte, which a client in the clear needn't carry.
+    tls: Option<Box<Tls>>,
 }
 
 #[derive(Debug)]
@@ -197,13 +198,13 @@ impl Transport {
     fn with_session(tcp: TcpStream, session: Connection, server: bool) -> Transport {
         Transport {
             tcp,
-            tls: Some(Tls {
+            tls: Some(Box::new(Tls {
                 session: Mutex::new(session),
                 unsent: Mutex::new(Vec::new()),
                 behind: AtomicBool::new(false),
                 failed: OnceLock::new(),
                 server,
-            }),
+            })),
         }
     }
 
