@@ -15,9 +15,9 @@
 //!   ([`Transport::has_unsent`]): the next send, or [`flush`](Transport::flush), sends it before
 //!   anything newer.
 //!
-//! Ends: a clean end under TLS is a `close_notify` before the FIN ([`close_notify`]
-//! (Transport::close_notify)); a TLS peer whose stream ends without one is a failure
-//! (`UnexpectedEof`), never a clean end, so a truncation can't pass for success.
+//! Ends: a clean end under TLS is a `close_notify` before the FIN
+//! ([`close_notify`](Transport::close_notify)); a TLS peer whose stream ends without one is a
+//! failure (`UnexpectedEof`), never a clean end, so a truncation can't pass for success.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
