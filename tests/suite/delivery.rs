@@ -416,8 +416,11 @@ fn slow_chat_readers_cost_one_send_timeout_in_all() {
             "{addr} was not disconnected\n{log}"
         );
     }
+    // One send timeout each would be 10 s or more. One in all is about 1-2 s on a quiet machine;
+    // with the rest of the suite running on the same two CPUs the flood itself slows, and the
+    // slow readers' queues take longer to stay full for a whole timeout (5.5 s seen once).
     assert!(
-        took < Duration::from_secs(SLOW as u64 / 2),
+        took < Duration::from_secs(SLOW as u64 * 8 / 10),
         "{SLOW} slow readers held the room up for {took:?} (send timeout 1s)"
     );
     server.stop().assert_code(0);
