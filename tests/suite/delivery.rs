@@ -407,6 +407,7 @@ fn slow_chat_readers_cost_one_send_timeout_in_all() {
     let took = receiving
         .join()
         .expect("the reader got every line, in order");
+    eprintln!("the fast reader had every line after {took:?}");
     done.store(true, Ordering::Relaxed);
     let log = server.stderr_so_far();
     for (_, addr, thread) in slow {
