@@ -168,6 +168,12 @@ fn hint(e: &rustls::Error) -> &'static str {
         rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => {
             " (the server requires a client certificate: --tls-cert and --tls-key)"
         }
+        rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::CertificateExpired
+            | rustls::AlertDescription::CertificateUnknown,
+        ) => " (the peer refused a certificate: this side's, if it presented one with --tls-cert)",
         _ => "",
     }
 }
