@@ -496,18 +496,11 @@ impl Transport {
         timeout: Duration,
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
-        let Some(tls) = &self.tls else {
+        if self.tls.is_none() {
             return send::send_all(&self.tcp, buf, timeout, give_up);
-        };
-        let mut unsent = lock(&tls.unsent);
-        self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
-        unsent.reserve_exact(sealed_size(buf.len().min(SEND)));
-        for records in buf.chunks(SEND) {
-            seal(tls, records, &mut unsent).map_err(SendError::Failed)?;
-            self.send_unsent(tls, &mut unsent, timeout, &give_up)?;
         }
-        give_back(&mut unsent);
-        Ok(())
+        // Under TLS one buffer is a case of several: sealed into the same records either way.
+        self.send_all_vectored(&[buf], timeout, give_up)
     }
 
     /// [`send_all`](Transport::send_all) for several buffers back to back.
