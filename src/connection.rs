@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::options::Mode;
+use crate::proxy::{HeaderError, Origin};
 use crate::room::Seat;
 use crate::send::{SendError, is_timeout};
 use crate::stream::{LINGER_AFTER_ERROR, Stream};
@@ -71,13 +72,16 @@ struct Counts {
 
 /// Serves one client until it leaves, breaks a limit, or the server stops.
 pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
-    let peer = stream.peer();
     let options = &ctx.options;
     if let Err(e) = stream.prepare(options.send_timeout, options.mode != Mode::Log) {
-        warn!("{peer}: cannot set up its socket: {e}; closing");
+        warn!("{}: cannot set up its socket: {e}; closing", stream.peer());
         stream.tell_now("server busy");
         return;
     }
+    if options.trusted_proxies.is_some() && !proxy_header(ctx, stream) {
+        return;
+    }
+    let peer = stream.peer();
     if stream.is_tls() && !handshake(ctx, stream) {
         return;
     }
@@ -118,6 +122,58 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     }
 }
 
+/// Behind a proxy: reads the PROXY protocol header, judges the client it names by
+/// `--allow`/`--deny`, and (in the clear) logs it connected; false (logged, and the connection
+/// refused) if the header was missing, malformed or late, the client is not allowed, or a stop
+/// cut it short. Refusals say why in the clear; under TLS there is no session yet to say it in.
+#[inline(never)]
+fn proxy_header(ctx: &Context, stream: &Stream) -> bool {
+    let proxy = stream.connection_peer();
+    let refuse = |reason: &str| {
+        if !stream.is_tls() {
+            stream.refuse(reason, LINGER_AFTER_ERROR);
+        }
+    };
+    match stream.read_proxy_header(ctx.options.proxy_header_timeout) {
+        Ok(origin) => {
+            let peer = stream.peer();
+            if !ctx.options.access.permits(peer.ip()) {
+                info!("{peer} refused: not allowed by --allow/--deny (via proxy {proxy})");
+                refuse("not allowed");
+                return false;
+            }
+            if !stream.is_tls() {
+                info!("{peer} connected ({})", via(stream, origin));
+            }
+            true
+        }
+        Err(_) if stream.was_cut() => {
+            debug!("{proxy}: cut off by the server stop before its PROXY protocol header");
+            false
+        }
+        Err(e) => {
+            ctx.add_proxy_header_failed();
+            warn!("{proxy} refused: {e}");
+            match e {
+                HeaderError::NotProxy | HeaderError::Malformed(_) => {
+                    refuse("PROXY protocol header expected");
+                }
+                HeaderError::Timeout(_) => refuse("no PROXY protocol header in time"),
+                HeaderError::Closed | HeaderError::Io(_) => {}
+            }
+            false
+        }
+    }
+}
+
+/// How a proxied connection came, for its `connected` line.
+fn via(stream: &Stream, origin: Origin) -> String {
+    match origin {
+        Origin::Client(_) => format!("via proxy {}", stream.connection_peer()),
+        Origin::Local => "the proxy's own connection: PROXY LOCAL".to_string(),
+    }
+}
+
 /// Runs the client's TLS handshake and logs it connected; false (counted, logged, and the
 /// connection reset) if the handshake failed, timed out, or a stop cut it short.
 #[inline(never)]
@@ -126,7 +182,10 @@ fn handshake(ctx: &Context, stream: &Stream) -> bool {
     match stream.handshake(ctx.options.tls_handshake_timeout) {
         Ok(()) => {
             let tls = stream.tls_description().unwrap_or_default();
-            info!("{peer} connected ({tls})");
+            match stream.proxy_origin() {
+                Some(origin) => info!("{peer} connected ({tls}, {})", via(stream, origin)),
+                None => info!("{peer} connected ({tls})"),
+            }
             true
         }
         Err(_) if stream.was_cut() => {

@@ -42,6 +42,8 @@ pub(crate) struct Context {
     bytes: AtomicU64,
     /// TLS handshakes that failed or timed out.
     handshakes_failed: AtomicU64,
+    /// Connections refused for their PROXY protocol header (missing, malformed, late).
+    proxy_headers_failed: AtomicU64,
     output_error: Mutex<Option<io::Error>>,
     /// Asks the server to stop (what a failed output does).
     request_stop: Box<dyn Fn() + Send + Sync>,
@@ -53,6 +55,7 @@ pub(crate) struct Totals {
     pub(crate) unprinted: u64,
     pub(crate) bytes: u64,
     pub(crate) handshakes_failed: u64,
+    pub(crate) proxy_headers_failed: u64,
 }
 
 impl Context {
@@ -77,6 +80,7 @@ impl Context {
             refused_messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            proxy_headers_failed: AtomicU64::new(0),
             output_error: Mutex::new(None),
             request_stop,
         }
@@ -140,6 +144,11 @@ impl Context {
         self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A connection's PROXY protocol header was missing, malformed or late.
+    pub(crate) fn add_proxy_header_failed(&self) {
+        self.proxy_headers_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `messages` more were handed to the sink, whatever it made of them.
     pub(crate) fn add_handed(&self, messages: u64) {
         self.handed.fetch_add(messages, Ordering::Relaxed);
@@ -157,6 +166,7 @@ impl Context {
             unprinted: unprinted.min(messages),
             bytes: self.bytes.load(Ordering::Relaxed),
             handshakes_failed: self.handshakes_failed.load(Ordering::Relaxed),
+            proxy_headers_failed: self.proxy_headers_failed.load(Ordering::Relaxed),
         }
     }
 

@@ -56,6 +56,7 @@ mod framing;
 mod limits;
 mod load;
 mod options;
+mod proxy;
 mod room;
 mod scan;
 mod send;

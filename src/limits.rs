@@ -48,6 +48,13 @@ impl Access {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range(IpNet);
 
+impl Range {
+    /// Whether `ip` is in the range; an IPv4-mapped IPv6 address as the IPv4 address it carries.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
 /// The error for text that is neither a CIDR range nor an IP address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadRange(String);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::framing::{DEFAULT_MAX_LINE, Framing};
-use crate::limits::Access;
+use crate::limits::{Access, Range};
 use crate::tls::ServerTls;
 
 /// The greeting sent when none is configured; `{peer}` becomes the client's address.
@@ -23,6 +23,22 @@ pub(crate) const TLS_CONNECTION_STACK: usize = 256 * 1024;
 
 /// The default for [`ServerOptions::tls_handshake_timeout`].
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether this system has `SO_REUSEPORT` (what socket2 offers it on).
+pub(crate) const CAN_REUSE_PORT: bool = cfg!(all(
+    unix,
+    not(any(
+        target_os = "solaris",
+        target_os = "illumos",
+        target_os = "cygwin",
+        target_os = "nuttx",
+        target_os = "wasi"
+    ))
+));
+
+/// How long a PROXY protocol header may take to arrive, by default: the specification asks
+/// receivers to wait at least 3 seconds; a proxy sends it at once.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default for [`ServerOptions::buffer_budget`].
 pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
@@ -79,6 +95,10 @@ pub struct ServerOptions {
     pub(crate) buffer_budget: usize,
     pub(crate) tls: Option<ServerTls>,
     pub(crate) tls_handshake_timeout: Duration,
+    /// With the PROXY protocol: who may send the header.
+    pub(crate) trusted_proxies: Option<Vec<Range>>,
+    pub(crate) proxy_header_timeout: Duration,
+    pub(crate) reuse_port: bool,
     /// For tests: connection threads after which every start fails, as if the system had no
     /// more (see [`ServerOptions::fail_threads_after`]).
     pub(crate) thread_limit: Option<usize>,
@@ -99,6 +119,9 @@ impl Default for ServerOptions {
             buffer_budget: DEFAULT_BUFFER_BUDGET,
             tls: None,
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            trusted_proxies: None,
+            proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
+            reuse_port: false,
             thread_limit: None,
         }
     }
@@ -192,6 +215,34 @@ impl ServerOptions {
         self
     }
 
+    /// Expects a PROXY protocol header (HAProxy's, version 1 or 2) at the start of every
+    /// connection, from these ranges only, and serves each connection as the client the header
+    /// names: its output lines, log lines, `--allow`/`--deny`, greeting and chat lines all use
+    /// that address. A connection from anywhere else is refused, and so is one whose header is
+    /// missing, malformed, or late (see [`proxy_header_timeout`](ServerOptions::proxy_header_timeout)).
+    /// A version 2 `LOCAL` header (a health check) keeps the connection's own address. `None`
+    /// (the default): no header is expected; `Some` of no range is refused by
+    /// [`validate`](ServerOptions::validate).
+    pub fn proxy_protocol(mut self, trusted: Option<Vec<Range>>) -> ServerOptions {
+        self.trusted_proxies = trusted;
+        self
+    }
+
+    /// How long a connection's PROXY protocol header may take to arrive in all; more than zero.
+    /// Default [`DEFAULT_PROXY_HEADER_TIMEOUT`].
+    pub fn proxy_header_timeout(mut self, timeout: Duration) -> ServerOptions {
+        self.proxy_header_timeout = timeout;
+        self
+    }
+
+    /// Lets other sockets listen on the same address and port (`SO_REUSEPORT`), so that several
+    /// servers share it and the kernel spreads connections among them. Linux and the BSDs only:
+    /// elsewhere [`Server::bind`](crate::Server::bind) fails with [`Error::Options`]. Default off.
+    pub fn reuse_port(mut self, reuse: bool) -> ServerOptions {
+        self.reuse_port = reuse;
+        self
+    }
+
     /// Fault injection for tests: after `threads` connection threads have started, starting
     /// one fails as if the system had no more threads (or memory for their stacks) to give, so
     /// that a test can see what the server does then without exhausting the machine.
@@ -223,6 +274,21 @@ impl ServerOptions {
         }
         if self.tls_handshake_timeout.is_zero() {
             return invalid("tls_handshake_timeout", "must be more than 0");
+        }
+        if self.proxy_header_timeout.is_zero() {
+            return invalid("proxy_header_timeout", "must be more than 0");
+        }
+        if self.trusted_proxies.as_ref().is_some_and(Vec::is_empty) {
+            return invalid(
+                "proxy_protocol",
+                "needs at least one trusted proxy range (--trusted-proxy)",
+            );
+        }
+        if self.reuse_port && !CAN_REUSE_PORT {
+            return invalid(
+                "reuse_port",
+                "SO_REUSEPORT is not available on this system (Linux and the BSDs have it)",
+            );
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return invalid(

@@ -50,6 +50,9 @@ pub struct Summary {
     /// Under TLS: connections whose handshake failed or did not finish in time (not a TLS
     /// client, an untrusted certificate, silence, ...).
     pub handshakes_failed: u64,
+    /// Behind a proxy: connections refused because their PROXY protocol header was missing,
+    /// malformed, or late.
+    pub proxy_headers_failed: u64,
 }
 
 /// A running server: one accept thread, one thread that starts connection threads, and one thread
@@ -98,7 +101,7 @@ impl Server {
         // Each client is a descriptor; make room for them all before any thread starts.
         crate::limits::reserve_descriptors(options.max_clients.saturating_add(64));
         let (listener, local_addr) = addr::resolve(host, port)?.try_each(|addr| {
-            let bound = listen(addr, options.backlog).and_then(|listener| {
+            let bound = listen(addr, options.backlog, options.reuse_port).and_then(|listener| {
                 let local_addr = listener.local_addr()?;
                 Ok((listener, local_addr))
             });
@@ -342,13 +345,28 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Creates a listening socket with our backlog (std's is fixed at 128).
-fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+/// Creates a listening socket with our backlog (std's is fixed at 128), shared with other
+/// sockets on the same port if `reuse_port` (checked by `ServerOptions::validate` to be possible).
+fn listen(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // On Unix this only lets us rebind over TIME_WAIT leftovers; on Windows it would let another
     // process steal the port, so it stays off there.
     #[cfg(unix)]
     socket.set_reuse_address(true)?;
+    #[cfg(all(
+        unix,
+        not(any(
+            target_os = "solaris",
+            target_os = "illumos",
+            target_os = "cygwin",
+            target_os = "nuttx",
+            target_os = "wasi"
+        ))
+    ))]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    let _ = reuse_port; // elsewhere `validate` refused it
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())
@@ -373,7 +391,15 @@ fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                if !shared.ctx.options.access.permits(peer.ip()) {
+                let options = &shared.ctx.options;
+                // Behind a proxy, `--allow`/`--deny` are for the client its header names: the
+                // connection thread judges that.
+                if let Some(trusted) = &options.trusted_proxies
+                    && !trusted.iter().any(|range| range.contains(peer.ip()))
+                {
+                    info!("{peer} refused: not a trusted proxy (--trusted-proxy)");
+                    shared.turnaway.refuse(stream, "not a trusted proxy");
+                } else if options.trusted_proxies.is_none() && !options.access.permits(peer.ip()) {
                     info!("{peer} refused: not allowed by --allow/--deny");
                     shared.turnaway.refuse(stream, "not allowed");
                 } else if starter.send((stream, peer)).is_err() {
@@ -508,6 +534,7 @@ impl Shared {
             unprinted: totals.unprinted,
             bytes: totals.bytes,
             handshakes_failed: totals.handshakes_failed,
+            proxy_headers_failed: totals.proxy_headers_failed,
         }
     }
 
@@ -654,8 +681,9 @@ impl Shared {
         let thread_stream = Arc::clone(&stream);
         // Logged here, before the thread can log its end, and not on the new thread: formatting
         // a log line takes a page of stack, and this thread's is already there (4 KiB less per
-        // client). Under TLS the thread says it after the handshake, with what it learnt.
-        if !stream.is_tls() {
+        // client). Under TLS, or behind a proxy, the thread says it after the handshake or the
+        // header, with what it learnt.
+        if !stream.is_tls() && self.ctx.options.trusted_proxies.is_none() {
             info!("{peer} connected");
         }
         // Unnamed: naming costs each new thread a system call, on the path of every connect.

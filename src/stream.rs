@@ -31,14 +31,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
 use rustls::ServerConfig;
 
+use crate::proxy::{self, HeaderError, Origin};
 use crate::send::{SendError, send_slice};
 use crate::transport::{HandshakeError, Transport};
 
@@ -56,7 +57,10 @@ pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub(crate) struct Stream {
     wire: Transport,
+    /// The connection's own peer.
     peer: SocketAddr,
+    /// Behind a proxy, what its PROXY protocol header said: whom the connection is for.
+    origin: OnceLock<Origin>,
     /// When a read last returned data, in milliseconds on the server's clock: a stop cuts quiet
     /// connections at once and gives busy ones the drain time.
     last_read: AtomicU64,
@@ -84,6 +88,7 @@ impl Stream {
         Ok(Stream {
             wire,
             peer,
+            origin: OnceLock::new(),
             last_read: AtomicU64::new(now_ms),
             cut: AtomicBool::new(false),
             broken: AtomicBool::new(false),
@@ -115,9 +120,31 @@ impl Stream {
         self.wire.tls_description()
     }
 
-    /// The client's address.
+    /// The client's address: the one its PROXY protocol header named, if any, else the
+    /// connection's own peer.
     pub(crate) fn peer(&self) -> SocketAddr {
+        match self.origin.get() {
+            Some(Origin::Client(client)) => *client,
+            Some(Origin::Local) | None => self.peer,
+        }
+    }
+
+    /// Behind a proxy, what its header said (once read).
+    pub(crate) fn proxy_origin(&self) -> Option<Origin> {
+        self.origin.get().copied()
+    }
+
+    /// The connection's own peer: behind a proxy, the proxy.
+    pub(crate) fn connection_peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Reads the PROXY protocol header the connection starts with (before any TLS), within
+    /// `timeout`; from then on [`peer`](Stream::peer) is the client it names.
+    pub(crate) fn read_proxy_header(&self, timeout: Duration) -> Result<Origin, HeaderError> {
+        let origin = proxy::read_header(self.tcp(), timeout)?;
+        let _ = self.origin.set(origin);
+        Ok(origin)
     }
 
     /// Sets the socket up for serving: reset unless closed cleanly, keepalive, sends that wake

@@ -90,6 +90,32 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION",
           requires = "tls_on", help_heading = "TLS")]
     tls_handshake_timeout: Duration,
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy and send-proxy-v2
+    /// send) first on every connection, and serve the client it names; needs --trusted-proxy.
+    #[arg(
+        long,
+        requires = "trusted_proxy",
+        help_heading = "Behind a proxy, and several servers"
+    )]
+    proxy_protocol: bool,
+    /// Who may send PROXY headers (CIDR or address; repeatable): a connection from anywhere
+    /// else is refused. --allow/--deny then judge the client the header names.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        requires = "proxy_protocol",
+        help_heading = "Behind a proxy, and several servers"
+    )]
+    trusted_proxy: Vec<Range>,
+    /// A connection whose PROXY header has not fully arrived this long after it connected is
+    /// refused (the specification asks for at least 3 s).
+    #[arg(long, default_value = "5s", value_parser = positive_duration, value_name = "DURATION",
+          requires = "proxy_protocol", help_heading = "Behind a proxy, and several servers")]
+    proxy_header_timeout: Duration,
+    /// Share the port with other servers started with --reuse-port (SO_REUSEPORT; Linux and
+    /// the BSDs): the kernel spreads new connections among them.
+    #[arg(long, help_heading = "Behind a proxy, and several servers")]
+    reuse_port: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -156,7 +182,10 @@ fn options(cli: &Cli) -> Result<ServerOptions, Error> {
         .mode(cli.mode.into())
         .send_timeout(cli.send_timeout)
         .buffer_budget(cli.buffer_budget)
-        .tls_handshake_timeout(cli.tls_handshake_timeout);
+        .tls_handshake_timeout(cli.tls_handshake_timeout)
+        .proxy_protocol(cli.proxy_protocol.then(|| cli.trusted_proxy.clone()))
+        .proxy_header_timeout(cli.proxy_header_timeout)
+        .reuse_port(cli.reuse_port);
     options.validate()?;
     Ok(options)
 }
@@ -211,13 +240,15 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
     // exit up.
     match server.wait() {
         Ok(summary) => {
-            let handshakes = if summary.handshakes_failed > 0 {
-                format!(", {} failed TLS handshakes", summary.handshakes_failed)
-            } else {
-                String::new()
-            };
+            let mut failures = String::new();
+            if summary.handshakes_failed > 0 {
+                failures += &format!(", {} failed TLS handshakes", summary.handshakes_failed);
+            }
+            if summary.proxy_headers_failed > 0 {
+                failures += &format!(", {} bad PROXY headers", summary.proxy_headers_failed);
+            }
             info!(
-                "stopped: {} connections, {} messages, {} bytes{handshakes}",
+                "stopped: {} connections, {} messages, {} bytes{failures}",
                 summary.connections, summary.messages, summary.bytes
             );
             if summary.unprinted > 0 {

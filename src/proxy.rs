@@ -1,0 +1,402 @@
+//! The PROXY protocol (HAProxy's, versions 1 and 2): the header a load balancer sends first on
+//! each connection, naming the client it forwards.
+//!
+//! Parsing is the `ppp` crate's (the most used PROXY protocol parser on crates.io, with no
+//! dependencies but `thiserror`, both versions, and a partial-input API); what is here is
+//! reading exactly the header's bytes off the socket and no more, so that whatever follows (the
+//! client's lines, or its TLS handshake) is read as if the header had never been there.
+//!
+//! No byte after the header is ever consumed: a header is at least 15 bytes (`PROXY
+//! UNKNOWN\r\n`; a version 2 header is 16 and says how long the rest is), so those are read
+//! first; a version 1 header then ends at its `\r\n`, found by peeking at what has arrived and
+//! reading up to it.
+
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ppp::{v1, v2};
+
+/// The 12 bytes a version 2 header starts with.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// What a version 1 header starts with.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// The shortest header of either version.
+const SHORTEST: usize = 15;
+/// The longest version 1 header, `\r\n` included (the specification's bound).
+const V1_LONGEST: usize = 107;
+/// A version 2 header's fixed part: the signature, version and command, family, length.
+const V2_FIXED: usize = 16;
+
+/// Whom a connection is for, by its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The client the proxy forwards.
+    Client(SocketAddr),
+    /// The proxy's own connection (a version 2 `LOCAL` header, as in HAProxy's health checks,
+    /// or addresses the header doesn't give: `UNKNOWN`, unspecified, a Unix socket): the
+    /// connection's own addresses stand.
+    Local,
+}
+
+/// Why no header was read.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    /// The first bytes are not a PROXY protocol header.
+    NotProxy,
+    /// A header, but not a valid one.
+    Malformed(String),
+    /// Not all of it arrived in time.
+    Timeout(Duration),
+    /// The connection ended first.
+    Closed,
+    /// Reading failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::NotProxy => {
+                f.write_str("no PROXY protocol header (the connection starts with something else)")
+            }
+            HeaderError::Malformed(why) => write!(f, "malformed PROXY protocol header: {why}"),
+            HeaderError::Timeout(timeout) => write!(
+                f,
+                "no complete PROXY protocol header within {}",
+                humantime::format_duration(*timeout)
+            ),
+            HeaderError::Closed => {
+                f.write_str("closed before its PROXY protocol header was complete")
+            }
+            HeaderError::Io(e) => write!(f, "reading its PROXY protocol header failed: {e}"),
+        }
+    }
+}
+
+/// Reads the PROXY protocol header that starts `tcp`, within `timeout`, and not a byte more.
+/// Leaves the socket's read timeout unset.
+pub(crate) fn read_header(tcp: &TcpStream, timeout: Duration) -> Result<Origin, HeaderError> {
+    let mut reader = Reader {
+        tcp,
+        deadline: Instant::now() + timeout,
+        timeout,
+        header: Vec::with_capacity(V1_LONGEST),
+    };
+    let read = reader.read();
+    let _ = tcp.set_read_timeout(None);
+    read?;
+    parse(&reader.header)
+}
+
+struct Reader<'a> {
+    tcp: &'a TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+    header: Vec<u8>,
+}
+
+impl Reader<'_> {
+    /// Reads the whole header into `self.header`.
+    fn read(&mut self) -> Result<(), HeaderError> {
+        while self.header.len() < SHORTEST {
+            self.read_some(SHORTEST - self.header.len())?;
+            if !could_be_header(&self.header) {
+                return Err(HeaderError::NotProxy);
+            }
+        }
+        if self.header.starts_with(V2_SIGNATURE) {
+            self.read_up_to(V2_FIXED)?;
+            let length = u16::from_be_bytes([self.header[14], self.header[15]]);
+            self.read_up_to(V2_FIXED + usize::from(length))
+        } else {
+            self.read_v1_line()
+        }
+    }
+
+    /// Reads a version 1 header up to its `\r\n`: peeks at what has arrived, and reads up to
+    /// the line's end if it is there, or all of it (all header) and waits for more if not.
+    fn read_v1_line(&mut self) -> Result<(), HeaderError> {
+        let mut peeked = [0; V1_LONGEST];
+        loop {
+            if let Some(end) = memchr::memmem::find(&self.header, b"\r\n") {
+                if end + 2 != self.header.len() {
+                    // Only possible within the first 15 bytes, and no header is that short.
+                    return Err(HeaderError::Malformed("line too short".into()));
+                }
+                return Ok(());
+            }
+            let room = V1_LONGEST - self.header.len();
+            if room == 0 {
+                return Err(HeaderError::Malformed(format!(
+                    "no line end within {V1_LONGEST} bytes"
+                )));
+            }
+            self.set_timeout()?;
+            let seen = match self.tcp.peek(&mut peeked[..room]) {
+                Ok(0) => return Err(HeaderError::Closed),
+                Ok(seen) => seen,
+                Err(e) => return Err(self.failed(e)),
+            };
+            // A `\r` already read may end with a `\n` just arrived.
+            let last_cr = self.header.last() == Some(&b'\r');
+            let take = if last_cr && peeked[0] == b'\n' {
+                1
+            } else {
+                memchr::memmem::find(&peeked[..seen], b"\r\n").map_or(seen, |at| at + 2)
+            };
+            let want = self.header.len() + take;
+            self.read_up_to(want)?;
+        }
+    }
+
+    /// Reads until the header holds `len` bytes.
+    fn read_up_to(&mut self, len: usize) -> Result<(), HeaderError> {
+        while self.header.len() < len {
+            self.read_some(len - self.header.len())?;
+        }
+        Ok(())
+    }
+
+    /// One read of at most `most` bytes onto the header.
+    fn read_some(&mut self, most: usize) -> Result<(), HeaderError> {
+        self.set_timeout()?;
+        let start = self.header.len();
+        self.header.resize(start + most, 0);
+        let read = self.tcp.read(&mut self.header[start..]);
+        match read {
+            Ok(0) => {
+                self.header.truncate(start);
+                Err(HeaderError::Closed)
+            }
+            Ok(n) => {
+                self.header.truncate(start + n);
+                Ok(())
+            }
+            Err(e) => {
+                self.header.truncate(start);
+                Err(self.failed(e))
+            }
+        }
+    }
+
+    fn set_timeout(&self) -> Result<(), HeaderError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeaderError::Timeout(self.timeout));
+        }
+        self.tcp
+            .set_read_timeout(Some(left))
+            .map_err(HeaderError::Io)
+    }
+
+    fn failed(&self, e: io::Error) -> HeaderError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                HeaderError::Timeout(self.timeout)
+            }
+            _ => HeaderError::Io(e),
+        }
+    }
+}
+
+/// Whether `start` (at most [`SHORTEST`] bytes) can begin a header of either version.
+fn could_be_header(start: &[u8]) -> bool {
+    let agrees = |prefix: &[u8]| {
+        let n = start.len().min(prefix.len());
+        start[..n] == prefix[..n]
+    };
+    agrees(V1_PREFIX) || agrees(V2_SIGNATURE)
+}
+
+/// What a complete header says.
+fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
+    let malformed = |e: &dyn std::fmt::Display| HeaderError::Malformed(e.to_string());
+    if header.starts_with(V2_SIGNATURE) {
+        let header = v2::Header::try_from(header).map_err(|e| malformed(&e))?;
+        if header.command == v2::Command::Local {
+            return Ok(Origin::Local);
+        }
+        return Ok(match header.addresses {
+            v2::Addresses::IPv4(a) => {
+                Origin::Client(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+            }
+            v2::Addresses::IPv6(a) => {
+                Origin::Client(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+            }
+            v2::Addresses::Unspecified | v2::Addresses::Unix(_) => Origin::Local,
+        });
+    }
+    let header = v1::Header::try_from(header).map_err(|e| malformed(&e))?;
+    Ok(match header.addresses {
+        v1::Addresses::Tcp4(a) => {
+            Origin::Client(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+        }
+        v1::Addresses::Tcp6(a) => {
+            Origin::Client(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+        }
+        v1::Addresses::Unknown => Origin::Local,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair: what the test writes to `.0` the server side `.1` reads.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    }
+
+    /// Sends `chunks` one write each (`None`: half-close), then reads a header and what
+    /// follows it until the end.
+    fn read_after(chunks: &[&[u8]]) -> (Result<Origin, HeaderError>, Vec<u8>) {
+        let (mut client, server) = pair();
+        client.set_nodelay(true).expect("nodelay");
+        for chunk in chunks {
+            client.write_all(chunk).expect("write");
+        }
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let origin = read_header(&server, Duration::from_secs(5));
+        let mut rest = Vec::new();
+        let _ = (&server).read_to_end(&mut rest);
+        (origin, rest)
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("an address")
+    }
+
+    fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
+        let mut header = V2_SIGNATURE.to_vec();
+        header.push(0x20 | command);
+        header.push(family);
+        let length = u16::try_from(addresses.len()).expect("short");
+        header.extend_from_slice(&length.to_be_bytes());
+        header.extend_from_slice(addresses);
+        header
+    }
+
+    #[test]
+    fn a_v1_header_gives_the_client_and_leaves_what_follows() {
+        let header = b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 8887\r\n";
+        let (origin, rest) = read_after(&[header, b"hello\n"]);
+        assert_eq!(
+            origin.expect("a header"),
+            Origin::Client(addr("192.0.2.7:51000"))
+        );
+        assert_eq!(rest, b"hello\n");
+        let header = b"PROXY TCP6 2001:db8::7 2001:db8::1 443 8887\r\nhi";
+        let (origin, rest) = read_after(&[header]);
+        assert_eq!(
+            origin.expect("a header"),
+            Origin::Client(addr("[2001:db8::7]:443"))
+        );
+        assert_eq!(rest, b"hi");
+    }
+
+    /// The header in pieces, its `\r` and `\n` apart too, with data right behind it in the
+    /// same write.
+    #[test]
+    fn a_v1_header_in_pieces_is_read_whole_and_no_further() {
+        let (origin, rest) = read_after(&[
+            b"PROXY TCP4 10.",
+            b"0.0.1 10.0.0.2 1",
+            b"234 80\r",
+            b"\nGET",
+        ]);
+        assert_eq!(
+            origin.expect("a header"),
+            Origin::Client(addr("10.0.0.1:1234"))
+        );
+        assert_eq!(rest, b"GET");
+        let (origin, rest) = read_after(&[b"PROXY UNKNOWN\r\nx"]);
+        assert_eq!(origin.expect("a header"), Origin::Local);
+        assert_eq!(rest, b"x");
+    }
+
+    #[test]
+    fn a_v2_header_gives_the_client_or_says_local() {
+        let mut ipv4 = vec![192, 0, 2, 9, 198, 51, 100, 1];
+        ipv4.extend_from_slice(&4242u16.to_be_bytes());
+        ipv4.extend_from_slice(&8887u16.to_be_bytes());
+        let mut stream = v2(1, 0x11, &ipv4);
+        stream.extend_from_slice(b"\x16\x03\x01");
+        let (origin, rest) = read_after(&[&stream[..5], &stream[5..20], &stream[20..]]);
+        assert_eq!(
+            origin.expect("a header"),
+            Origin::Client(addr("192.0.2.9:4242"))
+        );
+        assert_eq!(rest, b"\x16\x03\x01");
+        let (origin, rest) = read_after(&[&v2(0, 0, &[]), b"after"]);
+        assert_eq!(origin.expect("a header"), Origin::Local);
+        assert_eq!(rest, b"after");
+    }
+
+    #[test]
+    fn what_is_not_a_header_is_refused_without_waiting() {
+        for start in [
+            &b"hello world\n"[..],
+            b"GET / HTTP/1.1\r\n",
+            b"\x16\x03\x01\x02\x00",
+        ] {
+            let (client, server) = pair();
+            (&client).write_all(start).expect("write");
+            // Not all 15 bytes are there, and none will come: refused on what did come.
+            let at = Instant::now();
+            let origin = read_header(&server, Duration::from_secs(30));
+            assert!(
+                matches!(origin, Err(HeaderError::NotProxy)),
+                "{start:?}: {origin:?}"
+            );
+            assert!(at.elapsed() < Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_malformed() {
+        let cases: [&[u8]; 4] = [
+            b"PROXY TCP4 999.0.0.1 10.0.0.2 1 2\r\n",
+            b"PROXY TCP4 10.0.0.1\r\n             ",
+            b"PROXY SOMETHING ELSE ENTIRELY 1 2\r\n",
+            &[b'A'; 200],
+        ];
+        for case in cases {
+            let mut header = b"PROXY ".to_vec();
+            header.extend_from_slice(case.strip_prefix(b"PROXY ").unwrap_or(case));
+            let (origin, _) = read_after(&[&header]);
+            assert!(
+                matches!(origin, Err(HeaderError::Malformed(_))),
+                "{:?}: {origin:?}",
+                String::from_utf8_lossy(&header)
+            );
+        }
+        let (origin, _) = read_after(&[&v2(7, 0x11, &[0; 12])]);
+        assert!(
+            matches!(origin, Err(HeaderError::Malformed(_))),
+            "{origin:?}"
+        );
+    }
+
+    #[test]
+    fn a_header_cut_short_or_late_is_an_error() {
+        let (origin, _) = read_after(&[b"PROXY TCP4 10.0.0.1 "]);
+        assert!(matches!(origin, Err(HeaderError::Closed)), "{origin:?}");
+        let (client, server) = pair();
+        (&client).write_all(b"PROXY TCP4 10.0.0.1 ").expect("write");
+        let at = Instant::now();
+        let origin = read_header(&server, Duration::from_millis(300));
+        assert!(matches!(origin, Err(HeaderError::Timeout(_))), "{origin:?}");
+        assert!(at.elapsed() >= Duration::from_millis(300));
+        assert!(at.elapsed() < Duration::from_secs(5));
+        drop(client);
+    }
+}
