@@ -71,7 +71,7 @@ pub use client::{Client, Receiver};
 pub use error::Error;
 pub use framing::{Batch, DEFAULT_MAX_LINE, Framing, UnknownFraming};
 pub use limits::{Access, BadRange, Range, raise_fd_limit};
-pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load};
+pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load, run_load_across};
 pub use options::{
     DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, DEFAULT_TLS_HANDSHAKE_TIMEOUT, Mode, ServerOptions,
 };

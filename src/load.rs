@@ -310,8 +310,34 @@ pub fn run_load(
     options: &LoadOptions,
     progress: &Arc<Progress>,
 ) -> Result<LoadReport, Error> {
+    run_load_across(&[(host, port)], options, progress)
+}
+
+/// [`run_load`] with its connections spread over several servers, in turn: connection `i` goes
+/// to `servers[i % servers.len()]`. In chat mode (`LoadOptions::chat`) every connection still
+/// expects every other's messages: servers that share a room (`--chat-bus`) deliver them.
+pub fn run_load_across(
+    servers: &[(&str, u16)],
+    options: &LoadOptions,
+    progress: &Arc<Progress>,
+) -> Result<LoadReport, Error> {
     options.validate()?;
-    let dialer = Dialer::new(addr::resolve(host, port)?, host, options.tls.clone());
+    if servers.is_empty() {
+        return Err(Error::Options {
+            option: "servers",
+            problem: "needs at least one server".to_string(),
+        });
+    }
+    let dialers = servers
+        .iter()
+        .map(|&(host, port)| {
+            Ok(Dialer::new(
+                addr::resolve(host, port)?,
+                host,
+                options.tls.clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let started = Instant::now();
     let chat = options
         .chat
@@ -319,7 +345,7 @@ pub fn run_load(
     let threads: Vec<_> = (0..options.connections)
         .map(|conn| {
             let options = options.clone();
-            let dialer = dialer.clone();
+            let dialer = dialers[conn % dialers.len()].clone();
             let progress = Arc::clone(progress);
             let chat = chat.clone();
             thread::Builder::new()

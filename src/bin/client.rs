@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::builder::TypedValueParser;
 use clap::{CommandFactory, Parser};
-use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load};
+use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load_across};
 use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
@@ -83,6 +83,11 @@ struct Cli {
     /// Load mode: also print the summary as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Load mode across several servers: spread the connections over these (repeatable), in
+    /// turn, instead of --host/--port; with --chat, servers sharing a room (server --chat-bus).
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port,
+          conflicts_with_all = ["host", "port", "stdin"])]
+    server: Vec<(String, u16)>,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
@@ -148,6 +153,24 @@ fn server_name(text: &str) -> Result<String, String> {
     rustls::pki_types::ServerName::try_from(bare.to_string())
         .map(|_| text.to_string())
         .map_err(|e| format!("not a host name or an address: {e}"))
+}
+
+/// A `--server`: `HOST:PORT`, with an IPv6 address in brackets (`[::1]:8887`).
+fn host_port(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or("expected HOST:PORT, such as 127.0.0.1:8887 or [::1]:8887")?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|e| format!("{port:?} is not a port: {e}"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err("expected HOST:PORT, such as 127.0.0.1:8887 or [::1]:8887".to_string());
+    }
+    Ok((host.to_string(), port))
 }
 
 /// A `--tls-fingerprint` that is one.
@@ -220,7 +243,13 @@ fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) ->
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.connections.is_some() || cli.size.is_some() || cli.rtt || cli.chat || cli.json {
+    if cli.connections.is_some()
+        || cli.size.is_some()
+        || cli.rtt
+        || cli.chat
+        || cli.json
+        || !cli.server.is_empty()
+    {
         return load(&cli);
     }
     if matches!(cli.framing, FramingArg::Line) && cli.message.contains('\n') {
@@ -513,7 +542,12 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
         thread::spawn(move || show_progress(&progress, &done))
     });
-    let report = run_load(&cli.host, cli.port, &options, &progress);
+    let servers: Vec<(&str, u16)> = if cli.server.is_empty() {
+        vec![(cli.host.as_str(), cli.port)]
+    } else {
+        cli.server.iter().map(|(h, p)| (h.as_str(), *p)).collect()
+    };
+    let report = run_load_across(&servers, &options, &progress);
     done.store(true, Ordering::Relaxed);
     if let Some(ticker) = ticker {
         let _ = ticker.join();
