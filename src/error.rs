@@ -136,6 +136,14 @@ pub enum Error {
     Thread(io::Error),
     /// A thread of the library's own panicked (a bug): what it was doing is lost.
     Panicked(&'static str),
+    /// The chat bus (Redis pub/sub, which joins chat servers' rooms) could not be reached when
+    /// starting: Redis is down, unreachable, not answering, or refused the subscription.
+    ChatBus {
+        /// The Redis URL, as given.
+        url: String,
+        /// Why, as a phrase.
+        problem: String,
+    },
     /// An option that makes no sense (see [`ServerOptions::validate`](crate::ServerOptions::validate)).
     Options {
         /// The option's name, as its setter is called.
@@ -225,6 +233,9 @@ impl fmt::Display for Error {
             Error::Output(_) => f.write_str("cannot write output"),
             Error::Thread(_) => f.write_str("cannot start a thread"),
             Error::Panicked(what) => write!(f, "{what} panicked"),
+            Error::ChatBus { url, problem } => {
+                write!(f, "cannot reach the chat bus {url}: {problem}")
+            }
             Error::Options { option, problem } => write!(f, "invalid {option}: {problem}"),
         }
     }
@@ -251,6 +262,7 @@ impl std::error::Error for Error {
             | Error::Tls { .. }
             | Error::Handshake { .. }
             | Error::Panicked(_)
+            | Error::ChatBus { .. }
             | Error::Options { .. } => None,
         }
     }
