@@ -100,15 +100,15 @@ pub(crate) struct Bus {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// What a [`Bus`] counted since it started, in batches (one batch is what one
-/// [`publish`](Bus::publish) call is given: one or more lines).
+/// What a [`Bus`] counted since it started, in lines (a batch, what one
+/// [`publish`](Bus::publish) call is given, holds one or more, each ending with `\n`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct BusCounts {
     /// Ours that Redis confirmed it published.
     pub(crate) published: u64,
     /// From other servers, handed to `deliver`.
     pub(crate) received: u64,
-    /// From other servers, never seen: the gaps in their sequence numbers. A batch another server
+    /// From other servers, never seen: the gaps in their sequence numbers. A line another server
     /// dropped (its `unpublished`) is lost for everyone.
     pub(crate) lost: u64,
     /// Ours dropped without Redis confirming them: the queue was full, Redis unreachable or
@@ -187,20 +187,21 @@ impl Bus {
     /// Publishes `payload` (bytes ready to print, `127.0.0.1:5000 hi\n`) once, without ever
     /// blocking: it goes into a bounded queue that the publisher thread empties. If the queue is
     /// full, or Redis is unreachable, or the bus stopped, it is dropped and counted
-    /// (`unpublished`). Either way it takes the next sequence number, so that the other servers
+    /// (`unpublished`). Either way its lines take the next sequence numbers, so that the other servers
     /// see the gap.
     pub(crate) fn publish(&self, payload: &Arc<[u8]>) {
         let shared = &*self.shared;
+        let lines = lines_in(payload);
         let mut queue = shared.lock_queue();
-        queue.last_seq += 1;
-        let seq = queue.last_seq;
+        let seq = queue.last_seq + 1;
+        queue.last_seq += lines;
         let fits = queue.batches.len() < QUEUE_BATCHES
             && queue.bytes.saturating_add(payload.len()) <= QUEUE_BYTES;
         if !fits || !queue.connected || shared.is_stopping() {
             let overflow_begins = queue.connected && !fits && !queue.overflowing;
             queue.overflowing |= overflow_begins;
             drop(queue);
-            shared.unpublished.fetch_add(1, Ordering::Relaxed);
+            shared.unpublished.fetch_add(lines, Ordering::Relaxed);
             if overflow_begins {
                 warn!(
                     "chat bus {}: Redis is not keeping up; dropping lines until it does",
@@ -290,6 +291,7 @@ impl Bus {
 
     /// Whether both connections are up, as far as the bus knows: a connection is found lost when
     /// it is used, or by the subscriber's ping after [`IDLE_CHECK`] of silence.
+    #[cfg(test)]
     pub(crate) fn is_connected(&self) -> bool {
         self.shared.lock_link().down == 0
     }
@@ -347,10 +349,11 @@ struct Shared {
 /// What waits for the publisher.
 #[derive(Default)]
 struct Queue {
-    /// Each with its sequence number.
+    /// Each with its sequence number: its first line's.
     batches: VecDeque<(u64, Arc<[u8]>)>,
     bytes: usize,
-    /// The sequence number of the last batch handed to `publish`, queued or dropped.
+    /// The sequence number of the last line handed to `publish`, queued or dropped: every line
+    /// has one, so that a receiver counts lost lines, not batches.
     last_seq: u64,
     /// The publisher has a connection: batches are queued; without one they are dropped.
     connected: bool,
@@ -540,15 +543,16 @@ impl Shared {
         }
         if let Err(e) = sent {
             self.unpublished
-                .fetch_add(taken.len() as u64, Ordering::Relaxed);
+                .fetch_add(lines_of(taken), Ordering::Relaxed);
             return Err(e);
         }
         // Replies one by one (not `req_packed_commands`, which reads on after an error: each
         // timeout would cost a whole IO_TIMEOUT more).
-        for answered in 0..taken.len() {
+        for (answered, (_, payload)) in taken.iter().enumerate() {
+            let lines = lines_in(payload);
             match connection.recv_response() {
                 Ok(Value::ServerError(e)) => {
-                    self.unpublished.fetch_add(1, Ordering::Relaxed);
+                    self.unpublished.fetch_add(lines, Ordering::Relaxed);
                     if !std::mem::replace(refused, true) {
                         warn!(
                             "chat bus {}: Redis refuses to publish: {e}; dropping lines",
@@ -557,11 +561,11 @@ impl Shared {
                     }
                 }
                 Ok(_) => {
-                    self.published.fetch_add(1, Ordering::Relaxed);
+                    self.published.fetch_add(lines, Ordering::Relaxed);
                     *refused = false;
                 }
                 Err(e) => {
-                    let unanswered = (taken.len() - answered) as u64;
+                    let unanswered = lines_of(&taken[answered..]);
                     self.unpublished.fetch_add(unanswered, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -579,12 +583,11 @@ impl Shared {
             queue.check = false;
             queue.overflowing = false;
             queue.bytes = 0;
-            let dropped = queue.batches.len();
+            let dropped = queue.batches.iter().map(|(_, p)| lines_in(p)).sum::<u64>();
             queue.batches.clear();
             dropped
         };
-        self.unpublished
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+        self.unpublished.fetch_add(dropped, Ordering::Relaxed);
         self.link_lost(PUBLISHER, cause);
     }
 
@@ -692,12 +695,13 @@ impl Shared {
         if envelope.origin == self.origin {
             return; // our own, sent back by Redis
         }
-        match origins.heard(envelope.origin, envelope.seq, now) {
+        let lines = lines_in(envelope.payload);
+        match origins.heard(envelope.origin, envelope.seq, lines, now) {
             Heard::First | Heard::Next => {}
             Heard::Gap(missed) => {
                 self.lost.fetch_add(missed, Ordering::Relaxed);
                 warn!(
-                    "chat bus: {missed} batches of lines from server {}.. lost (Redis pub/sub delivers at most once)",
+                    "chat bus: {missed} lines from server {}.. lost (Redis pub/sub delivers at most once)",
                     short(&envelope.origin)
                 );
             }
@@ -713,7 +717,7 @@ impl Shared {
         if self.is_stopping() {
             return;
         }
-        self.received.fetch_add(1, Ordering::Relaxed);
+        self.received.fetch_add(lines, Ordering::Relaxed);
         (self.deliver)(envelope.payload);
     }
 }
@@ -821,7 +825,8 @@ impl Backoff {
 /// A message on the bus: `plugboard1 <origin> <seq>\n<payload>`.
 ///
 /// `plugboard1` names the format and its version; `<origin>` is the sending server's id, 16
-/// lowercase hex digits; `<seq>` its sequence number, decimal, from 1; then the payload, any
+/// lowercase hex digits; `<seq>` its sequence number, the number of the payload's first line among
+/// all the lines that origin published, decimal, from 1; then the payload, any
 /// bytes. Anyone who can publish on the channel can send anything: what does not parse is
 /// ignored.
 #[derive(Debug, PartialEq, Eq)]
@@ -923,14 +928,16 @@ struct Origins {
 }
 
 impl Origins {
-    /// Records `seq` from `origin`, heard at `now` (unless it is old).
-    fn heard(&mut self, origin: Origin, seq: u64, now: Instant) -> Heard {
-        if let Some((last, at)) = self.last.get_mut(&origin) {
-            if seq <= *last {
-                return Heard::Old(*last);
+    /// Records a batch of `lines` lines from `origin` whose first is line `seq`, heard at `now`
+    /// (unless it is old).
+    fn heard(&mut self, origin: Origin, seq: u64, lines: u64, now: Instant) -> Heard {
+        let last = seq.saturating_add(lines.saturating_sub(1));
+        if let Some((heard, at)) = self.last.get_mut(&origin) {
+            if seq <= *heard {
+                return Heard::Old(*heard);
             }
-            let missed = seq - *last - 1;
-            (*last, *at) = (seq, now);
+            let missed = seq - *heard - 1;
+            (*heard, *at) = (last, now);
             return if missed == 0 {
                 Heard::Next
             } else {
@@ -947,9 +954,19 @@ impl Origins {
                 self.last.remove(&oldest);
             }
         }
-        self.last.insert(origin, (seq, now));
+        self.last.insert(origin, (last, now));
         Heard::First
     }
+}
+
+/// The lines in a batch: each ends with a `\n` (escaping leaves none inside one); at least one.
+fn lines_in(payload: &[u8]) -> u64 {
+    (memchr::memchr_iter(b'\n', payload).count() as u64).max(1)
+}
+
+/// The lines in `batches`.
+fn lines_of(batches: &[(u64, Arc<[u8]>)]) -> u64 {
+    batches.iter().map(|(_, payload)| lines_in(payload)).sum()
 }
 
 /// A client for `url` that speaks RESP2 (see [`Bus::connect`]).
@@ -1331,14 +1348,22 @@ mod tests {
         let mut origins = Origins::default();
         let now = Instant::now();
         let (one, other) = (*b"000000000000000a", *b"000000000000000b");
-        assert_eq!(origins.heard(one, 5, now), Heard::First);
-        assert_eq!(origins.heard(one, 6, now), Heard::Next);
-        assert_eq!(origins.heard(one, 6, now), Heard::Old(6));
-        assert_eq!(origins.heard(one, 2, now), Heard::Old(6));
-        assert_eq!(origins.heard(one, 10, now), Heard::Gap(3));
-        assert_eq!(origins.heard(other, 1, now), Heard::First);
-        assert_eq!(origins.heard(one, 11, now), Heard::Next);
-        assert_eq!(origins.heard(one, u64::MAX, now), Heard::Gap(u64::MAX - 12));
+        assert_eq!(origins.heard(one, 5, 1, now), Heard::First);
+        assert_eq!(origins.heard(one, 6, 1, now), Heard::Next);
+        assert_eq!(origins.heard(one, 6, 1, now), Heard::Old(6));
+        assert_eq!(origins.heard(one, 2, 1, now), Heard::Old(6));
+        assert_eq!(origins.heard(one, 10, 1, now), Heard::Gap(3));
+        assert_eq!(origins.heard(other, 1, 1, now), Heard::First);
+        assert_eq!(origins.heard(one, 11, 1, now), Heard::Next);
+        // Batches of several lines: the next starts after the last's last line.
+        assert_eq!(origins.heard(one, 12, 3, now), Heard::Next);
+        assert_eq!(origins.heard(one, 14, 1, now), Heard::Old(14));
+        assert_eq!(origins.heard(one, 15, 2, now), Heard::Next);
+        assert_eq!(origins.heard(one, 20, 1, now), Heard::Gap(3));
+        assert_eq!(
+            origins.heard(one, u64::MAX, 1, now),
+            Heard::Gap(u64::MAX - 21)
+        );
     }
 
     #[test]
@@ -1353,16 +1378,16 @@ mod tests {
         };
         for i in 0..MAX_ORIGINS * 2 {
             let now = start + Duration::from_millis(i as u64);
-            assert_eq!(origins.heard(origin(i), 1, now), Heard::First);
+            assert_eq!(origins.heard(origin(i), 1, 1, now), Heard::First);
             assert!(origins.last.len() <= MAX_ORIGINS);
         }
         // The most recent are kept; the oldest went first.
         let now = start + Duration::from_secs(3600);
         assert_eq!(
-            origins.heard(origin(MAX_ORIGINS * 2 - 1), 2, now),
+            origins.heard(origin(MAX_ORIGINS * 2 - 1), 2, 1, now),
             Heard::Next
         );
-        assert_eq!(origins.heard(origin(0), 2, now), Heard::First);
+        assert_eq!(origins.heard(origin(0), 2, 1, now), Heard::First);
     }
 
     proptest! {
@@ -1505,7 +1530,17 @@ mod tests {
         d.publish(&batch(b"marker\n"));
         assert_eq!(receive(&at_c, 1), [b"marker\n"]);
 
-        let sent = batches.len() as u64;
+        // Counted in lines: 500, three in the odd one, and one each in the empty and the huge.
+        let sent = 500 + 3 + 1 + 1;
+        assert_eq!(
+            lines_of(
+                &batches
+                    .iter()
+                    .map(|p| (0, Arc::clone(p)))
+                    .collect::<Vec<_>>()
+            ),
+            sent
+        );
         wait_until("all published", || a.counts().published == sent);
         assert_eq!(
             a.counts(),

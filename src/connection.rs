@@ -462,8 +462,11 @@ impl<'a> Reading<'a> {
                     SendError::Failed(e) => End::Failed(e),
                 }),
             Relay::Chat(seat) => {
-                // After a stop the room is closed: nothing is relayed.
-                seat.relay(&ctx.room, peer, batch, ctx.options.send_timeout);
+                // After a stop the room is closed: nothing is relayed, here or elsewhere.
+                let lines = seat.relay(&ctx.room, peer, batch, ctx.options.send_timeout);
+                if !ctx.is_stopping() {
+                    ctx.publish(&lines);
+                }
                 Ok(())
             }
         };

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info};
 
+use crate::bus::{Bus, BusCounts};
 use crate::limits::ThreadRoom;
 use crate::options::ServerOptions;
 use crate::room::Room;
@@ -24,6 +25,8 @@ pub(crate) struct Context {
     pub(crate) sink: Arc<dyn Sink>,
     /// The chat room (empty unless the mode is chat).
     pub(crate) room: Room,
+    /// The chat bus that joins the room to other servers' (`--chat-bus`), once connected.
+    pub(crate) bus: OnceLock<Bus>,
     /// Memory the connections' buffers may take beyond their allowance.
     pub(crate) budget: Budget,
     /// The start of the server's clock for [`Stream::touch`](crate::stream::Stream::touch).
@@ -71,6 +74,7 @@ impl Context {
             options,
             sink,
             room: Room::new(threads),
+            bus: OnceLock::new(),
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             exit_follows: AtomicBool::new(false),
@@ -147,6 +151,18 @@ impl Context {
     /// A connection's PROXY protocol header was missing, malformed or late.
     pub(crate) fn add_proxy_header_failed(&self) {
         self.proxy_headers_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Relays a chat room's lines to the other servers, if there is a chat bus; never waits.
+    pub(crate) fn publish(&self, lines: &Arc<[u8]>) {
+        if let Some(bus) = self.bus.get() {
+            bus.publish(lines);
+        }
+    }
+
+    /// What the chat bus counted, if there is one.
+    pub(crate) fn bus_counts(&self) -> Option<BusCounts> {
+        self.bus.get().map(Bus::counts)
     }
 
     /// `messages` more were handed to the sink, whatever it made of them.

@@ -47,8 +47,6 @@
 #![warn(missing_docs)]
 
 mod addr;
-// Not used yet: the chat server joins its room to others' through it next (issue 13).
-#[allow(dead_code)]
 mod bus;
 mod client;
 mod connection;
@@ -76,7 +74,8 @@ pub use framing::{Batch, DEFAULT_MAX_LINE, Framing, UnknownFraming};
 pub use limits::{Access, BadRange, Range, raise_fd_limit};
 pub use load::{Latency, LoadOptions, LoadReport, Progress, run_load, run_load_across};
 pub use options::{
-    DEFAULT_BUFFER_BUDGET, DEFAULT_GREETING, DEFAULT_TLS_HANDSHAKE_TIMEOUT, Mode, ServerOptions,
+    ChatBus, DEFAULT_BUFFER_BUDGET, DEFAULT_CHAT_ROOM, DEFAULT_GREETING,
+    DEFAULT_PROXY_HEADER_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, Mode, ServerOptions,
 };
 pub use server::{Server, Stopper, Summary};
 pub use sink::{Collector, LineWriterSink, Sink, stdout};

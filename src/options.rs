@@ -36,6 +36,71 @@ pub(crate) const CAN_REUSE_PORT: bool = cfg!(all(
     ))
 ));
 
+/// The room [`ChatBus`] joins when none is named.
+pub const DEFAULT_CHAT_ROOM: &str = "plugboard";
+
+/// How long a chat server waits for Redis at start before it gives up (exit 1).
+pub(crate) const CHAT_BUS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A chat room shared by servers through Redis pub/sub: a Redis URL and the room's name, which
+/// is the channel's.
+///
+/// Every line a server's clients send goes to its own clients as always, and is published once;
+/// every line another server publishes on the channel goes to this server's clients. Redis
+/// pub/sub delivers at most once: lines lost while a server was cut off from Redis are counted
+/// ([`Summary::chat_bus_lost`](crate::Summary::chat_bus_lost)), not repaired.
+///
+/// ```
+/// use plugboard::{ChatBus, Mode, ServerOptions};
+///
+/// let options = ServerOptions::default()
+///     .mode(Mode::Chat)
+///     .chat_bus(Some(ChatBus::new("redis://127.0.0.1:6379").room("lobby")));
+/// assert!(options.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatBus {
+    pub(crate) url: String,
+    pub(crate) room: String,
+}
+
+impl ChatBus {
+    /// The bus at `url`, `redis://HOST:PORT[/DB]`, in room [`DEFAULT_CHAT_ROOM`].
+    pub fn new(url: impl Into<String>) -> ChatBus {
+        ChatBus {
+            url: url.into(),
+            room: DEFAULT_CHAT_ROOM.to_string(),
+        }
+    }
+
+    /// The room: the Redis channel's name; 1 to 256 bytes, no control characters.
+    pub fn room(mut self, room: impl Into<String>) -> ChatBus {
+        self.room = room.into();
+        self
+    }
+
+    /// Why the URL or the room can't be used, if either can't.
+    fn check(&self) -> Result<(), String> {
+        if !self.url.starts_with("redis://") {
+            return Err(format!(
+                "{:?} is not a Redis URL (redis://HOST:PORT[/DB])",
+                self.url
+            ));
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
+            return Err(format!("{:?}: {e}", self.url));
+        }
+        if self.room.is_empty() || self.room.len() > 256 || self.room.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "room {:?}: 1 to 256 bytes with no control characters",
+                self.room
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How long a PROXY protocol header may take to arrive, by default: the specification asks
 /// receivers to wait at least 3 seconds; a proxy sends it at once.
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,6 +164,7 @@ pub struct ServerOptions {
     pub(crate) trusted_proxies: Option<Vec<Range>>,
     pub(crate) proxy_header_timeout: Duration,
     pub(crate) reuse_port: bool,
+    pub(crate) chat_bus: Option<ChatBus>,
     /// For tests: connection threads after which every start fails, as if the system had no
     /// more (see [`ServerOptions::fail_threads_after`]).
     pub(crate) thread_limit: Option<usize>,
@@ -122,6 +188,7 @@ impl Default for ServerOptions {
             trusted_proxies: None,
             proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
             reuse_port: false,
+            chat_bus: None,
             thread_limit: None,
         }
     }
@@ -243,6 +310,13 @@ impl ServerOptions {
         self
     }
 
+    /// In [`Mode::Chat`]: joins the room to the rooms of other servers on the same Redis
+    /// channel (see [`ChatBus`]). `None` (the default): the room is this server's alone.
+    pub fn chat_bus(mut self, bus: Option<ChatBus>) -> ServerOptions {
+        self.chat_bus = bus;
+        self
+    }
+
     /// Fault injection for tests: after `threads` connection threads have started, starting
     /// one fails as if the system had no more threads (or memory for their stacks) to give, so
     /// that a test can see what the server does then without exhausting the machine.
@@ -289,6 +363,14 @@ impl ServerOptions {
                 "reuse_port",
                 "SO_REUSEPORT is not available on this system (Linux and the BSDs have it)",
             );
+        }
+        if let Some(bus) = &self.chat_bus {
+            if self.mode != Mode::Chat {
+                return invalid("chat_bus", "is for chat mode (--mode chat)");
+            }
+            if let Err(problem) = bus.check() {
+                return invalid("chat_bus", &problem);
+            }
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return invalid(

@@ -34,6 +34,10 @@ use crate::send::{SendError, deadline_in};
 use crate::sink::format_batch;
 use crate::stream::Stream;
 
+/// Who [`Room::broadcast`]s lines that came from another server (the chat bus): no member, so
+/// every member gets them.
+pub(crate) const ELSEWHERE: u64 = u64::MAX;
+
 /// Most bytes waiting to be sent to one client; a sender waits for room beyond that.
 pub(crate) const OUTBOX_BYTES: usize = 1024 * 1024;
 
@@ -283,14 +287,15 @@ impl Seat {
         }
     }
 
-    /// Relays `batch`, from `peer`, to everyone else in the room as `PEER MESSAGE` lines.
+    /// Relays `batch`, from `peer`, to everyone else in the room as `PEER MESSAGE` lines;
+    /// returns those lines (for the chat bus to relay to other servers).
     pub(crate) fn relay(
         &mut self,
         room: &Room,
         peer: SocketAddr,
         batch: &Batch,
         send_timeout: Duration,
-    ) {
+    ) -> Arc<[u8]> {
         self.lines.clear();
         format_batch(&mut self.lines, peer, batch);
         let payload: Arc<[u8]> = Arc::from(&self.lines[..]);
@@ -298,6 +303,7 @@ impl Seat {
         if self.lines.capacity() > LARGE_BUFFER {
             self.lines = Vec::new(); // a burst's buffer is not kept for an idle client
         }
+        payload
     }
 
     /// Leaves the room. If `drain`, what is queued for the client is sent first (it closed its

@@ -12,10 +12,14 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, error, info, warn};
 
+use crate::bus::Bus;
 use crate::connection;
 use crate::context::{Context, DRAIN_TIME};
 use crate::limits::{self, ThreadRoom};
-use crate::options::{CONNECTION_STACK, ServerOptions, TLS_CONNECTION_STACK};
+use crate::options::{
+    CHAT_BUS_CONNECT_TIMEOUT, CONNECTION_STACK, ChatBus, ServerOptions, TLS_CONNECTION_STACK,
+};
+use crate::room::ELSEWHERE;
 use crate::sink::Sink;
 use crate::stream::{self, Stream};
 use crate::tls::ServerTls;
@@ -53,6 +57,16 @@ pub struct Summary {
     /// Behind a proxy: connections refused because their PROXY protocol header was missing,
     /// malformed, or late.
     pub proxy_headers_failed: u64,
+    /// With a chat bus: lines of this server's clients published to the other servers.
+    pub chat_bus_published: u64,
+    /// With a chat bus: lines from other servers relayed to this server's clients.
+    pub chat_bus_received: u64,
+    /// With a chat bus: lines of other servers never received (gaps in their sequence numbers,
+    /// as after a Redis outage: Redis pub/sub delivers at most once).
+    pub chat_bus_lost: u64,
+    /// With a chat bus: lines of this server's clients not published (Redis unreachable, or not
+    /// keeping up): the other servers' clients never got them.
+    pub chat_bus_unpublished: u64,
 }
 
 /// A running server: one accept thread, one thread that starts connection threads, and one thread
@@ -164,6 +178,18 @@ impl Server {
                 turnaway,
             }
         });
+        if let Some(config) = &shared.ctx.options.chat_bus {
+            match connect_bus(config, &shared) {
+                Ok(bus) => {
+                    let _ = shared.ctx.bus.set(bus);
+                }
+                Err(e) => {
+                    shared.turnaway.stop();
+                    let _ = turnaway_thread.join();
+                    return Err(e);
+                }
+            }
+        }
         let (accepted, to_start) = mpsc::channel();
         let starter_shared = Arc::clone(&shared);
         let starter = thread::Builder::new()
@@ -312,7 +338,36 @@ impl Server {
                 let_go(thread, connections);
             }
         }
+        // Last: what the connections published on their way out gets its chance to go.
+        if let Some(bus) = self.shared.ctx.bus.get() {
+            bus.stop();
+        }
     }
+}
+
+/// Connects the chat bus that joins this server's room to others' (`--chat-bus`): lines from
+/// other servers are broadcast to every client here, on the bus's own thread.
+fn connect_bus(config: &ChatBus, shared: &Arc<Shared>) -> Result<Bus, Error> {
+    // Weak: the bus belongs to the server, not the other way round. (The bus delivers nothing
+    // once it is stopped, which `join_threads` does before the server goes.)
+    let server = Arc::downgrade(shared);
+    let timeout = shared.ctx.options.send_timeout;
+    let deliver = Box::new(move |lines: &[u8]| {
+        if let Some(server) = server.upgrade() {
+            server
+                .ctx
+                .room
+                .broadcast(ELSEWHERE, &Arc::from(lines), timeout);
+        }
+    });
+    let bus = Bus::connect(&config.url, &config.room, CHAT_BUS_CONNECT_TIMEOUT, deliver)?;
+    info!(
+        "chat bus {}: room {:?}, this server {} on it",
+        config.url,
+        config.room,
+        bus.origin()
+    );
+    Ok(bus)
 }
 
 /// Lets a thread go without joining it: detached, or if the process exits next (`!joining`),
@@ -528,6 +583,7 @@ impl Shared {
 
     fn summary(&self) -> Summary {
         let totals = self.ctx.totals();
+        let bus = self.ctx.bus_counts().unwrap_or_default();
         Summary {
             connections: self.connections.load(Ordering::Relaxed),
             messages: totals.messages,
@@ -535,6 +591,10 @@ impl Shared {
             bytes: totals.bytes,
             handshakes_failed: totals.handshakes_failed,
             proxy_headers_failed: totals.proxy_headers_failed,
+            chat_bus_published: bus.published,
+            chat_bus_received: bus.received,
+            chat_bus_lost: bus.lost,
+            chat_bus_unpublished: bus.unpublished,
         }
     }
 

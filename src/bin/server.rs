@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{CommandFactory, Parser, ValueEnum};
-use plugboard::{Access, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions, ServerTls};
+use plugboard::{
+    Access, ChatBus, DEFAULT_GREETING, Error, Mode, Range, Server, ServerOptions, ServerTls,
+};
 use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
@@ -116,6 +118,19 @@ struct Cli {
     /// the BSDs): the kernel spreads new connections among them.
     #[arg(long, help_heading = "Behind a proxy, and several servers")]
     reuse_port: bool,
+    /// Chat mode: join this server's room to other servers' through Redis pub/sub
+    /// (redis://HOST:PORT[/DB]); every line reaches every client of every server once while
+    /// Redis is up.
+    #[arg(
+        long,
+        value_name = "URL",
+        help_heading = "Behind a proxy, and several servers"
+    )]
+    chat_bus: Option<String>,
+    /// The room to join on the chat bus: the Redis channel's name.
+    #[arg(long, value_name = "NAME", default_value = plugboard::DEFAULT_CHAT_ROOM,
+          requires = "chat_bus", help_heading = "Behind a proxy, and several servers")]
+    chat_room: String,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -185,7 +200,12 @@ fn options(cli: &Cli) -> Result<ServerOptions, Error> {
         .tls_handshake_timeout(cli.tls_handshake_timeout)
         .proxy_protocol(cli.proxy_protocol.then(|| cli.trusted_proxy.clone()))
         .proxy_header_timeout(cli.proxy_header_timeout)
-        .reuse_port(cli.reuse_port);
+        .reuse_port(cli.reuse_port)
+        .chat_bus(
+            cli.chat_bus
+                .as_ref()
+                .map(|url| ChatBus::new(url).room(&cli.chat_room)),
+        );
     options.validate()?;
     Ok(options)
 }
@@ -246,6 +266,15 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
             }
             if summary.proxy_headers_failed > 0 {
                 failures += &format!(", {} bad PROXY headers", summary.proxy_headers_failed);
+            }
+            if cli.chat_bus.is_some() {
+                failures += &format!(
+                    "; chat bus: {} lines published, {} received, {} lost, {} not published",
+                    summary.chat_bus_published,
+                    summary.chat_bus_received,
+                    summary.chat_bus_lost,
+                    summary.chat_bus_unpublished
+                );
             }
             info!(
                 "stopped: {} connections, {} messages, {} bytes{failures}",
