@@ -109,7 +109,12 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     if let Some(relay) = relay {
         relay.finish(ctx, false);
     }
-    log_end(peer, &end, &counts);
+    if stream.proxy_origin() == Some(Origin::Local) && counts.messages == 0 {
+        // A load balancer's health check, every few seconds: not worth a line each time.
+        debug!("{peer}: the proxy's own connection (PROXY LOCAL) ended, nothing sent");
+    } else {
+        log_end(peer, &end, &counts);
+    }
     match end {
         End::Closed => stream.close_cleanly(options.send_timeout),
         End::Stopped => stream.tell_now("server stopping"),
@@ -142,13 +147,24 @@ fn proxy_header(ctx: &Context, stream: &Stream) -> bool {
                 refuse("not allowed");
                 return false;
             }
-            if !stream.is_tls() {
-                info!("{peer} connected ({})", via(stream, origin));
+            match origin {
+                // A health check, most likely: logged at the debug level.
+                Origin::Local => debug!("{peer} connected ({})", via(stream, origin)),
+                Origin::Client(_) if !stream.is_tls() => {
+                    info!("{peer} connected ({})", via(stream, origin));
+                }
+                Origin::Client(_) => {} // logged after the handshake
             }
             true
         }
         Err(_) if stream.was_cut() => {
             debug!("{proxy}: cut off by the server stop before its PROXY protocol header");
+            false
+        }
+        Err(HeaderError::Closed(0)) => {
+            // Connected and closed without a byte: a port probe, such as a plain TCP health
+            // check. Nothing was refused.
+            debug!("{proxy}: closed before sending anything");
             false
         }
         Err(e) => {
@@ -159,7 +175,7 @@ fn proxy_header(ctx: &Context, stream: &Stream) -> bool {
                     refuse("PROXY protocol header expected");
                 }
                 HeaderError::Timeout(_) => refuse("no PROXY protocol header in time"),
-                HeaderError::Closed | HeaderError::Io(_) => {}
+                HeaderError::Closed(_) | HeaderError::Io(_) => {}
             }
             false
         }

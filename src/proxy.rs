@@ -48,8 +48,8 @@ pub(crate) enum HeaderError {
     Malformed(String),
     /// Not all of it arrived in time.
     Timeout(Duration),
-    /// The connection ended first.
-    Closed,
+    /// The connection ended first, after this many bytes of a header.
+    Closed(usize),
     /// Reading failed.
     Io(io::Error),
 }
@@ -66,7 +66,8 @@ impl std::fmt::Display for HeaderError {
                 "no complete PROXY protocol header within {}",
                 humantime::format_duration(*timeout)
             ),
-            HeaderError::Closed => {
+            HeaderError::Closed(0) => f.write_str("closed before sending anything"),
+            HeaderError::Closed(_) => {
                 f.write_str("closed before its PROXY protocol header was complete")
             }
             HeaderError::Io(e) => write!(f, "reading its PROXY protocol header failed: {e}"),
@@ -134,7 +135,7 @@ impl Reader<'_> {
             }
             self.set_timeout()?;
             let seen = match self.tcp.peek(&mut peeked[..room]) {
-                Ok(0) => return Err(HeaderError::Closed),
+                Ok(0) => return Err(HeaderError::Closed(self.header.len())),
                 Ok(seen) => seen,
                 Err(e) => return Err(self.failed(e)),
             };
@@ -167,7 +168,7 @@ impl Reader<'_> {
         match read {
             Ok(0) => {
                 self.header.truncate(start);
-                Err(HeaderError::Closed)
+                Err(HeaderError::Closed(start))
             }
             Ok(n) => {
                 self.header.truncate(start + n);
@@ -389,7 +390,9 @@ mod tests {
     #[test]
     fn a_header_cut_short_or_late_is_an_error() {
         let (origin, _) = read_after(&[b"PROXY TCP4 10.0.0.1 "]);
-        assert!(matches!(origin, Err(HeaderError::Closed)), "{origin:?}");
+        assert!(matches!(origin, Err(HeaderError::Closed(20))), "{origin:?}");
+        let (origin, _) = read_after(&[]);
+        assert!(matches!(origin, Err(HeaderError::Closed(0))), "{origin:?}");
         let (client, server) = pair();
         (&client).write_all(b"PROXY TCP4 10.0.0.1 ").expect("write");
         let at = Instant::now();
