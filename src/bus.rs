@@ -1152,6 +1152,7 @@ mod tests {
         }
 
         /// Stops the process (SIGSTOP): connections stay open, nothing is answered.
+        #[cfg(unix)]
         fn pause(&mut self) {
             self.signal("-STOP");
             self.paused = true;
