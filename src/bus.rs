@@ -4,7 +4,8 @@
 //! channel what the others publish. A [`Bus`] holds two connections to Redis: a publisher thread
 //! owns one and sends, in order, what [`Bus::publish`] queued (the caller never waits: a full
 //! queue or a lost connection drops the batch and counts it), a subscriber thread owns the other
-//! and hands each batch from another server to the `deliver` callback.
+//! and passes each batch from another server to a relay thread, which hands the `deliver`
+//! callback everything that arrived since its last call, as one.
 //!
 //! Every message is wrapped in an envelope (see [`Envelope`]): the sending server's random origin
 //! id and a sequence number per origin. A server ignores its own messages (Redis sends them back
@@ -49,6 +50,10 @@ const PIPELINE_BYTES: usize = 1024 * 1024;
 
 /// ... and at most this many batches.
 const PIPELINE_BATCHES: usize = 1024;
+
+/// Most bytes the subscriber has received and the relay thread not yet taken; beyond, the
+/// subscriber waits (and Redis holds what comes, up to its pub/sub output buffer limit).
+const INBOX_BYTES: usize = 1024 * 1024;
 
 /// The subscriber's read timeout: how often it looks at the stop flag while nothing arrives.
 const POLL: Duration = Duration::from_millis(200);
@@ -96,7 +101,7 @@ const SUBSCRIBER: u8 = 2;
 /// Dropping it stops it (see [`Bus::stop`]).
 pub(crate) struct Bus {
     shared: Arc<Shared>,
-    /// The publisher and subscriber threads, until the stop.
+    /// The publisher, subscriber and relay threads, until the stop.
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -121,16 +126,18 @@ pub(crate) struct BusCounts {
 
 impl Bus {
     /// Connects a publishing connection and a subscribing one to `url` (`redis://HOST:PORT[/DB]`),
-    /// subscribes to `channel` and starts the publisher and subscriber threads.
+    /// subscribes to `channel` and starts the publisher, subscriber and relay threads.
     ///
     /// All within `timeout`: if Redis is down, unreachable or not answering, the start fails with
     /// [`Error::ChatBus`] naming the URL and the cause (a host name is resolved first, and the
     /// system's resolver has no timeout of ours). The bus always speaks RESP2, whatever the URL
     /// asks for: the blocking client's pub/sub reads RESP2 only.
     ///
-    /// `deliver` is called on the subscriber thread with the payload of each batch published by
-    /// another server on the channel (never this one's), in the order that server published them.
-    /// It should not block for long: meanwhile nothing else is delivered.
+    /// `deliver` is called on a relay thread of the bus's with the payloads other servers
+    /// published on the channel (never this one's), each server's in the order it published
+    /// them: everything that arrived since the last call, joined, so a `deliver` that takes
+    /// its time gets larger payloads, not a backlog of small ones. While it runs, the subscriber
+    /// goes on reading Redis into an inbox of [`INBOX_BYTES`], then waits.
     pub(crate) fn connect(
         url: &str,
         channel: &str,
@@ -158,11 +165,12 @@ impl Bus {
 
         let bus = Bus {
             shared: Arc::clone(&shared),
-            threads: Mutex::new(Vec::with_capacity(2)),
+            threads: Mutex::new(Vec::with_capacity(3)),
         };
         for (name, side) in [
             ("plugboard-bus-pub", Side::Publisher(publisher)),
             ("plugboard-bus-sub", Side::Subscriber(subscriber)),
+            ("plugboard-bus-relay", Side::Relay),
         ] {
             let shared = Arc::clone(&shared);
             let thread = thread::Builder::new()
@@ -172,6 +180,7 @@ impl Bus {
                     match side {
                         Side::Publisher(connection) => run_publisher(&shared, connection),
                         Side::Subscriber(connection) => run_subscriber(&shared, connection),
+                        Side::Relay => run_relay(&shared),
                     }
                 })
                 .map_err(Error::Thread)?; // dropping `bus` stops the thread already started
@@ -220,7 +229,7 @@ impl Bus {
         }
     }
 
-    /// Stops both threads; returns within about a second whatever Redis does. The publisher first
+    /// Stops its threads; returns within about a second whatever Redis does. The publisher first
     /// sends what was queued before the stop, if Redis takes it in time. A thread still waiting
     /// for a stuck Redis at the bound is left to end by itself (within [`IO_TIMEOUT`], or the
     /// start timeout if it was connecting again); `deliver` is not called once the subscriber
@@ -235,6 +244,8 @@ impl Bus {
         // Taking each lock once orders the flag before any waiter's next look at it.
         drop(shared.lock_queue());
         shared.wake.notify_all();
+        drop(shared.lock_inbox());
+        shared.inbox_changed.notify_all();
         let mut ended = shared.lock_ended();
         shared.ending.notify_all();
         let deadline = deadline_in(STOP_BOUND);
@@ -317,6 +328,7 @@ impl Drop for Bus {
 enum Side {
     Publisher(Connection),
     Subscriber(Connection),
+    Relay,
 }
 
 /// What the threads share with the [`Bus`].
@@ -329,6 +341,11 @@ struct Shared {
     connect_timeout: Duration,
     origin: Origin,
     deliver: Deliver,
+    /// What the subscriber received and the relay thread has yet to hand to `deliver`.
+    inbox: Mutex<Vec<u8>>,
+    /// Signalled when the inbox gets lines (for the relay thread) and when the relay thread
+    /// empties it (for a subscriber waiting for room), and at the stop.
+    inbox_changed: Condvar,
     queue: Mutex<Queue>,
     /// Wakes the publisher: something was queued, a link to check, the stop.
     wake: Condvar,
@@ -406,6 +423,8 @@ impl Shared {
             connect_timeout,
             origin: new_origin(),
             deliver,
+            inbox: Mutex::new(Vec::new()),
+            inbox_changed: Condvar::new(),
             queue: Mutex::new(Queue {
                 connected: true,
                 ..Queue::default()
@@ -429,6 +448,34 @@ impl Shared {
 
     fn lock_queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_inbox(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts `lines` in the inbox for the relay thread, waiting while it holds [`INBOX_BYTES`]
+    /// (meanwhile Redis keeps what comes for us, up to its output buffer limit); false if the
+    /// bus stopped.
+    fn hand_on(&self, lines: &[u8]) -> bool {
+        let mut inbox = self.lock_inbox();
+        while inbox.len() >= INBOX_BYTES {
+            if self.is_stopping() {
+                return false;
+            }
+            inbox = self
+                .inbox_changed
+                .wait_timeout(inbox, POLL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let was_empty = inbox.is_empty();
+        inbox.extend_from_slice(lines);
+        drop(inbox);
+        if was_empty {
+            self.inbox_changed.notify_all();
+        }
+        true
     }
 
     fn lock_ended(&self) -> MutexGuard<'_, usize> {
@@ -714,11 +761,43 @@ impl Shared {
                 return;
             }
         }
-        if self.is_stopping() {
+        if self.is_stopping() || !self.hand_on(envelope.payload) {
             return;
         }
         self.received.fetch_add(lines, Ordering::Relaxed);
-        (self.deliver)(envelope.payload);
+    }
+}
+
+/// The relay thread: hands `deliver` everything the subscriber received since its last call, as
+/// one payload. So while `deliver` relays one batch to the room, what arrives meanwhile joins the
+/// next: a room that is slow to take lines gets them in fewer, larger writes, not one write per
+/// line from each server, and the subscriber goes on reading Redis meanwhile.
+fn run_relay(shared: &Shared) {
+    let mut taken = Vec::new();
+    loop {
+        {
+            let mut inbox = shared.lock_inbox();
+            while inbox.is_empty() {
+                if shared.is_stopping() {
+                    return;
+                }
+                inbox = shared
+                    .inbox_changed
+                    .wait_timeout(inbox, POLL)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            std::mem::swap(&mut *inbox, &mut taken);
+        }
+        shared.inbox_changed.notify_all();
+        if shared.is_stopping() {
+            return;
+        }
+        (shared.deliver)(&taken);
+        taken.clear();
+        if taken.capacity() > INBOX_BYTES {
+            taken = Vec::new(); // a burst's buffer is not kept
+        }
     }
 }
 
@@ -767,7 +846,7 @@ fn run_publisher(shared: &Shared, connection: Connection) {
     }
 }
 
-/// The subscriber thread: delivers what arrives; reconnects and subscribes again when the
+/// The subscriber thread: hands what arrives to the relay thread; reconnects and subscribes again when the
 /// connection is lost.
 fn run_subscriber(shared: &Shared, connection: Connection) {
     let mut connection = Some(connection);
@@ -1220,24 +1299,31 @@ mod tests {
         (Box::new(deliver), receiver)
     }
 
-    /// The next `n` deliveries, waiting [`PATIENCE`] at most.
-    fn receive(receiver: &mpsc::Receiver<Vec<u8>>, n: usize) -> Vec<Vec<u8>> {
+    /// Waits ([`PATIENCE`] at most) until the deliveries add up to as many bytes as `expected`
+    /// and checks they are `expected`, in order: the relay thread joins what arrives between
+    /// two deliveries, so only the bytes and their order are the same from run to run.
+    fn expect_delivered<T: AsRef<[u8]>>(receiver: &mpsc::Receiver<Vec<u8>>, expected: &[T]) {
+        let expected: Vec<u8> = expected.iter().flat_map(|e| e.as_ref().to_vec()).collect();
         let deadline = Instant::now() + PATIENCE;
-        let mut got = Vec::with_capacity(n);
-        while got.len() < n {
+        let mut got = Vec::with_capacity(expected.len());
+        while got.len() < expected.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match receiver.recv_timeout(left) {
-                Ok(payload) => got.push(payload),
+                Ok(payload) => got.extend_from_slice(&payload),
                 Err(e) => panic!(
-                    "{} of {n} deliveries within {PATIENCE:?} ({e}); got {:?}",
+                    "{} of {} bytes delivered within {PATIENCE:?} ({e}); got {:?}",
                     got.len(),
-                    got.iter()
-                        .map(|p| String::from_utf8_lossy(p))
-                        .collect::<Vec<_>>()
+                    expected.len(),
+                    String::from_utf8_lossy(&got)
                 ),
             }
         }
-        got
+        assert!(
+            got == expected,
+            "delivered {:?}, expected {:?}",
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expected)
+        );
     }
 
     /// Waits (bounded by [`PATIENCE`]) until `done` says so.
@@ -1497,6 +1583,43 @@ mod tests {
         );
     }
 
+    /// While `deliver` is busy with one payload, what arrives waits in the inbox and comes next
+    /// as one: a slow room gets fewer, larger payloads, in order.
+    #[test]
+    fn what_arrives_while_deliver_is_busy_comes_next_as_one() {
+        let redis = Redis::start();
+        let (gate, held) = mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let (sender, delivered) = mpsc::channel();
+        let deliver = move |payload: &[u8]| {
+            let _ = sender.send(payload.to_vec());
+            // Busy until the test says so.
+            let held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = held.recv_timeout(PATIENCE);
+        };
+        let a = Bus::connect(&redis.url(), "room", START, Box::new(deliver)).expect("a starts");
+        let (deliver, _) = collector();
+        let b = Bus::connect(&redis.url(), "room", START, deliver).expect("b starts");
+        b.publish(&batch(b"first\n"));
+        let first = delivered.recv_timeout(PATIENCE).expect("the first line");
+        assert_eq!(first, b"first\n");
+        let lines: Vec<String> = (0..10).map(|i| format!("line {i}\n")).collect();
+        for line in &lines {
+            b.publish(&batch(line.as_bytes()));
+        }
+        wait_until("all received", || a.counts().received == 11);
+        gate.send(()).expect("deliver is waiting");
+        let next = delivered.recv_timeout(PATIENCE).expect("the rest");
+        assert_eq!(
+            String::from_utf8_lossy(&next),
+            lines.concat(),
+            "one payload"
+        );
+        gate.send(()).expect("deliver is waiting");
+        a.stop();
+        b.stop();
+    }
+
     #[test]
     fn servers_hear_each_other_once_in_order_and_never_themselves() {
         show_log();
@@ -1522,14 +1645,14 @@ mod tests {
             a.publish(payload);
         }
         let expected: Vec<Vec<u8>> = batches.iter().map(|p| p.to_vec()).collect();
-        assert_eq!(receive(&at_b, batches.len()), expected);
+        expect_delivered(&at_b, &expected);
 
         // Redis sends each subscriber what was published before this, first: A's own batches
         // would be here ahead of B's answer, and C's channel would have A's ahead of D's.
         b.publish(&batch(b"done\n"));
-        assert_eq!(receive(&at_a, 1), [b"done\n"]);
+        expect_delivered(&at_a, &[b"done\n"]);
         d.publish(&batch(b"marker\n"));
-        assert_eq!(receive(&at_c, 1), [b"marker\n"]);
+        expect_delivered(&at_c, &[b"marker\n"]);
 
         // Counted in lines: 500, three in the odd one, and one each in the empty and the huge.
         let sent = 500 + 3 + 1 + 1;
@@ -1637,7 +1760,7 @@ mod tests {
         let (deliver, at_b) = collector();
         let b = Bus::connect(&redis.url(), "room", START, deliver).expect("b starts");
         a.publish(&batch(b"before\n"));
-        assert_eq!(receive(&at_b, 1), [b"before\n"]);
+        expect_delivered(&at_b, &[b"before\n"]);
 
         redis.kill();
         wait_until("both buses see Redis gone", || {
@@ -1670,9 +1793,9 @@ mod tests {
             a.is_connected() && b.is_connected()
         });
         a.publish(&batch(b"after\n"));
-        assert_eq!(receive(&at_b, 1), [b"after\n"]);
+        expect_delivered(&at_b, &[b"after\n"]);
         b.publish(&batch(b"back\n"));
-        assert_eq!(receive(&at_a, 1), [b"back\n"]);
+        expect_delivered(&at_a, &[b"back\n"]);
         assert_eq!(b.counts().lost, DURING, "B saw A's gap");
         assert_eq!(b.counts().received, 2);
         assert_eq!(a.counts().lost, 0);
@@ -1717,10 +1840,7 @@ mod tests {
             &envelope(a.origin().as_bytes(), "1", b"echo"),
         );
         b.publish(&batch(b"real\n"));
-        assert_eq!(
-            receive(&at_a, 4),
-            [&b"five"[..], b"six", b"nine", b"real\n"]
-        );
+        expect_delivered(&at_a, &[&b"five"[..], b"six", b"nine", b"real\n"]);
         assert_eq!(
             a.counts(),
             BusCounts {
