@@ -3,7 +3,6 @@
 //! and everything before it printed; otherwise the reason and a reset (see `stream`).
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,12 +108,7 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     if let Some(relay) = relay {
         relay.finish(ctx, false);
     }
-    if stream.proxy_origin() == Some(Origin::Local) && counts.messages == 0 {
-        // A load balancer's health check, every few seconds: not worth a line each time.
-        debug!("{peer}: the proxy's own connection (PROXY LOCAL) ended, nothing sent");
-    } else {
-        log_end(peer, &end, &counts);
-    }
+    log_end(stream, &end, &counts);
     match end {
         End::Closed => stream.close_cleanly(options.send_timeout),
         End::Stopped => stream.tell_now("server stopping"),
@@ -186,7 +180,7 @@ fn proxy_header(ctx: &Context, stream: &Stream) -> bool {
 fn via(stream: &Stream, origin: Origin) -> String {
     match origin {
         Origin::Client(_) => format!("via proxy {}", stream.connection_peer()),
-        Origin::Local => "the proxy's own connection: PROXY LOCAL".to_string(),
+        Origin::Local => "the proxy's own connection".to_string(),
     }
 }
 
@@ -258,7 +252,16 @@ fn output_end(ctx: &Context, error: &io::Error) -> End {
     }
 }
 
-fn log_end(peer: SocketAddr, end: &End, counts: &Counts) {
+/// Logs how the connection ended. Not inlined: formatting takes stack, and every page a
+/// connection thread's stack touches is memory held per client.
+#[inline(never)]
+fn log_end(stream: &Stream, end: &End, counts: &Counts) {
+    let peer = stream.peer();
+    if stream.proxy_origin() == Some(Origin::Local) && counts.messages == 0 {
+        // A load balancer's health check, every few seconds: not worth a line each time.
+        debug!("{peer}: the proxy's own connection ended, nothing sent");
+        return;
+    }
     let Counts {
         messages,
         refused,

@@ -142,7 +142,11 @@ impl Stream {
     /// Reads the PROXY protocol header the connection starts with (before any TLS), within
     /// `timeout`; from then on [`peer`](Stream::peer) is the client it names.
     pub(crate) fn read_proxy_header(&self, timeout: Duration) -> Result<Origin, HeaderError> {
-        let origin = proxy::read_header(self.tcp(), timeout)?;
+        let origin = match proxy::read_header(self.tcp(), timeout)? {
+            // The proxy naming itself, as HAProxy's version 1 health checks do.
+            Origin::Client(client) if client == self.peer => Origin::Local,
+            origin => origin,
+        };
         let _ = self.origin.set(origin);
         Ok(origin)
     }

@@ -14,6 +14,7 @@ mod hardening;
 mod library;
 mod load;
 mod modes;
+mod proxy;
 mod scale;
 mod server_client;
 mod tls;

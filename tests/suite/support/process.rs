@@ -6,7 +6,7 @@ use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -69,8 +69,20 @@ impl fmt::Display for Output {
     }
 }
 
-/// A spawned child whose stdout and stderr are drained by background threads.
-struct Captured {
+/// Which output pipe of a [`Captured`] child is also handed over line by line, on the channel
+/// its `spawn` returns: the server's log (stderr), or what a peer program prints (stdout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinesOf {
+    Stdout,
+    Stderr,
+}
+
+/// A spawned child whose stdout and stderr are drained by background threads, one of them also
+/// sent line by line on a channel ([`LinesOf`]); killed on drop if still running (and its output
+/// shown if the test failed). The binaries under test, the peer programs of the TLS tests
+/// ([`Tool`](super::tls::Tool)) and the services ([`Service`](super::services::Service)) are all
+/// run by this.
+pub struct Captured {
     command: String,
     child: Option<Child>,
     stdout: Arc<Mutex<Vec<u8>>>,
@@ -101,23 +113,34 @@ impl Captured {
             command,
             false,
             Stdio::null(),
+            LinesOf::Stderr,
         )
     }
 
     /// Spawn `program args...` (any executable, e.g. a shell wrapping a binary); `command` is how
-    /// failure messages show it.
-    fn spawn_program(program: &OsStr, args: &[&str], command: String) -> (Self, Receiver<String>) {
-        Self::spawn_with(program, args, command, true, Stdio::null())
+    /// failure messages show it. Stderr lines go to the channel.
+    pub fn spawn_program(
+        program: &OsStr,
+        args: &[&str],
+        command: String,
+    ) -> (Self, Receiver<String>) {
+        Self::spawn_with(program, args, command, true, Stdio::null(), LinesOf::Stderr)
     }
 
-    /// Spawn with this stdin; a piped stdin is left in `child` for the caller.
-    fn spawn_with(
+    /// Spawn with this stdin (a piped stdin is left in `child` for the caller), reading stdout
+    /// only if `read_stdout`; the lines of the pipe `lines` names go to the returned channel.
+    pub fn spawn_with(
         program: &OsStr,
         args: &[&str],
         command: String,
         read_stdout: bool,
         stdin: Stdio,
+        lines: LinesOf,
     ) -> (Self, Receiver<String>) {
+        assert!(
+            read_stdout || lines == LinesOf::Stderr,
+            "the lines of a stdout nobody reads"
+        );
         let mut child = Command::new(program)
             .args(args)
             .stdin(stdin)
@@ -126,55 +149,19 @@ impl Captured {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn `{command}`: {e}"));
 
-        let stderr_pipe = child.stderr.take().expect("piped stderr");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
-
-        let out_buf = Arc::clone(&stdout);
         let (closed_tx, closed) = mpsc::channel();
-        let out_closed = closed_tx.clone();
         let mut threads = Vec::new();
         if read_stdout {
-            let mut pipe = child.stdout.take().expect("piped stdout");
-            threads.push(thread::spawn(move || {
-                let mut buf = [0u8; 64 * 1024];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => out_buf
-                            .lock()
-                            .expect("stdout lock")
-                            .extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = out_closed.send(());
-            }));
+            let pipe = child.stdout.take().expect("piped stdout");
+            let tx = (lines == LinesOf::Stdout).then(|| tx.clone());
+            threads.push(drain(pipe, Arc::clone(&stdout), tx, closed_tx.clone()));
         }
-
-        let err_buf = Arc::clone(&stderr);
-        let err_thread = thread::spawn(move || {
-            let mut reader = BufReader::new(stderr_pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        err_buf
-                            .lock()
-                            .expect("stderr lock")
-                            .extend_from_slice(&line);
-                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                        // Nobody listening any more is fine.
-                        let _ = tx.send(text);
-                    }
-                }
-            }
-            let _ = closed_tx.send(());
-        });
-
-        threads.push(err_thread);
+        let pipe = child.stderr.take().expect("piped stderr");
+        let tx = (lines == LinesOf::Stderr).then_some(tx);
+        threads.push(drain(pipe, Arc::clone(&stderr), tx, closed_tx));
         (
             Captured {
                 command,
@@ -189,22 +176,28 @@ impl Captured {
         )
     }
 
+    /// The command line, as failure messages show it.
     #[cfg(unix)]
-    fn pid(&self) -> u32 {
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    #[cfg(unix)]
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("child already reaped").id()
     }
 
     /// The child, while it has not been waited for.
     #[cfg(unix)]
-    fn child(&mut self) -> &mut Child {
+    pub fn child(&mut self) -> &mut Child {
         self.child.as_mut().expect("child already reaped")
     }
 
-    fn stdout_so_far(&self) -> String {
+    pub fn stdout_so_far(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().expect("stdout lock")).into_owned()
     }
 
-    fn stderr_so_far(&self) -> String {
+    pub fn stderr_so_far(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
     }
 
@@ -226,7 +219,7 @@ impl Captured {
     /// Waits (bounded) for the process to exit, seen as the output pipes it reads closing (no
     /// polling: a reader thread reports each close); on timeout kills it and panics with its
     /// output.
-    fn wait_exit(&mut self, timeout: Duration) -> Output {
+    pub fn wait_exit(&mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;
         for _pipe in 0..self.pipes {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -287,6 +280,49 @@ impl Drop for Captured {
             }
         }
     }
+}
+
+/// Reads `pipe` to its end into `buf` on a thread of its own, each complete line also to `lines`
+/// if given (a reader gone is fine); says on `closed` when the pipe has closed.
+fn drain(
+    pipe: impl Read + Send + 'static,
+    buf: Arc<Mutex<Vec<u8>>>,
+    lines: Option<Sender<String>>,
+    closed: Sender<()>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        match lines {
+            Some(lines) => {
+                let mut reader = BufReader::new(pipe);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            buf.lock().expect("output lock").extend_from_slice(&line);
+                            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                            let _ = lines.send(text);
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut pipe = pipe;
+                let mut chunk = [0u8; 64 * 1024];
+                loop {
+                    match pipe.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf
+                            .lock()
+                            .expect("output lock")
+                            .extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        }
+        let _ = closed.send(());
+    })
 }
 
 /// A running `server`. Killed on drop if still running (and its output shown if the test failed).
@@ -623,6 +659,7 @@ pub fn run_client_with_stdin(
         command,
         true,
         Stdio::piped(),
+        LinesOf::Stderr,
     );
     drop(lines);
     let mut stdin = captured.child().stdin.take().expect("piped stdin");
@@ -641,4 +678,16 @@ pub fn run_client_with_stdin(
 /// Run `server args...` expecting it to exit by itself (errors, bad flags).
 pub fn run_server(args: &[&str], timeout: Duration) -> Output {
     run_bin("server", args, timeout)
+}
+
+/// Whether `program` (a name looked up on PATH, or a path) can be run here at all.
+#[cfg(unix)]
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }

@@ -3,13 +3,12 @@
 //! in), rustls configurations for the tests' own TLS peers, and other programs (`openssl`,
 //! `ncat`) run as peers ([`Tool`]).
 
-use std::io::{BufRead, BufReader, Read};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -19,7 +18,8 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{POLL_EVERY, poll_until};
+use super::process::{Captured, LinesOf};
+use super::render_command;
 
 /// A fresh directory under the system's temporary directory, removed with everything in it
 /// when dropped.
@@ -353,90 +353,35 @@ pub fn alternative_names(der: &CertificateDer<'_>) -> Vec<String> {
         .collect()
 }
 
-/// Another program run as a peer (`openssl`, `ncat`), its stdout and stderr captured by threads
-/// (stdout also line by line, for [`wait_for_stdout`](Tool::wait_for_stdout)), its stdin a pipe
+/// Another program run as a peer (`openssl`, `ncat`): a [`Captured`] child whose stdout lines
+/// come over a channel, for [`wait_for_stdout`](Tool::wait_for_stdout), and whose stdin is a pipe
 /// the test writes to and closes. Killed on drop if still running.
 pub struct Tool {
-    command: String,
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
+    process: Captured,
     lines: Receiver<String>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
 }
 
 impl Tool {
     /// Whether `program` can be run here at all.
     pub fn installed(program: &str) -> bool {
-        Command::new(program)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
+        super::installed(program)
     }
 
     /// Spawns `program args...` with piped stdin, stdout and stderr.
     pub fn spawn(program: &str, args: &[&str]) -> Tool {
-        let command = format!("{program} {}", args.join(" "));
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn `{command}`: {e}"));
-        let stdin = child.stdin.take();
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let mut readers = Vec::new();
-        let out_pipe = child.stdout.take().expect("piped stdout");
-        let out = Arc::clone(&stdout);
-        readers.push(thread::spawn(move || {
-            let mut reader = BufReader::new(out_pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line).into_owned();
-                        out.lock().expect("stdout lock").push_str(&text);
-                        let _ = tx.send(text.trim_end().to_string());
-                    }
-                }
-            }
-        }));
-        let mut err_pipe = child.stderr.take().expect("piped stderr");
-        let err = Arc::clone(&stderr);
-        readers.push(thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match err_pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => err
-                        .lock()
-                        .expect("stderr lock")
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                }
-            }
-        }));
-        Tool {
-            command,
-            child: Some(child),
-            stdin,
-            lines,
-            stdout,
-            stderr,
-            readers,
-        }
+        let (process, lines) = Captured::spawn_with(
+            OsStr::new(program),
+            args,
+            render_command(program, args),
+            true,
+            Stdio::piped(),
+            LinesOf::Stdout,
+        );
+        Tool { process, lines }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("still running").id()
+        self.process.pid()
     }
 
     /// Waits (bounded) for a stdout line that `matches` says is the one; returns what it says.
@@ -456,7 +401,7 @@ impl Tool {
                 }
                 Err(_) => panic!(
                     "`{}` printed no such line within {timeout:?}\n{}",
-                    self.command,
+                    self.process.command(),
                     self.so_far()
                 ),
             }
@@ -466,62 +411,37 @@ impl Tool {
     /// Writes `bytes` to its standard input.
     pub fn write_stdin(&mut self, bytes: &[u8]) {
         use std::io::Write;
-        let stdin = self.stdin.as_mut().expect("stdin still open");
+        let command = self.process.command().to_string();
+        let stdin = self
+            .process
+            .child()
+            .stdin
+            .as_mut()
+            .expect("stdin still open");
         stdin
             .write_all(bytes)
-            .unwrap_or_else(|e| panic!("write to `{}`: {e}", self.command));
+            .unwrap_or_else(|e| panic!("write to `{command}`: {e}"));
         stdin.flush().expect("flush stdin");
     }
 
     /// Closes its standard input (end of input).
     pub fn close_stdin(&mut self) {
-        self.stdin = None;
+        self.process.child().stdin = None;
     }
 
     /// What it printed so far, for failure messages.
     pub fn so_far(&self) -> String {
         format!(
             "--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.stdout.lock().expect("stdout lock"),
-            self.stderr.lock().expect("stderr lock")
+            self.process.stdout_so_far(),
+            self.process.stderr_so_far()
         )
     }
 
     /// Waits (bounded) for it to exit; returns its status, stdout and stderr. Kills it and panics
     /// past `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, String, String) {
-        let child = self.child.as_mut().expect("still running");
-        let status = poll_until(timeout, POLL_EVERY, || child.try_wait().expect("try_wait"));
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
-            self.child = None;
-            panic!(
-                "`{}` did not exit within {timeout:?}; killed it\n{}",
-                self.command,
-                self.so_far()
-            );
-        };
-        self.child = None;
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        (
-            status,
-            self.stdout.lock().expect("stdout lock").clone(),
-            self.stderr.lock().expect("stderr lock").clone(),
-        )
-    }
-}
-
-impl Drop for Tool {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            if thread::panicking() {
-                eprintln!("[support] killed `{}`\n{}", self.command, self.so_far());
-            }
-        }
+        let out = self.process.wait_exit(timeout);
+        (out.status, out.stdout, out.stderr)
     }
 }
