@@ -282,14 +282,23 @@ impl Bus {
         }
     }
 
-    /// What the bus counted so far.
+    /// What the bus counted so far. Once stopped, every line handed to
+    /// [`publish`](Bus::publish) is either published or not: what a stuck Redis still had
+    /// queued or on its way at the stop counts as not published.
     pub(crate) fn counts(&self) -> BusCounts {
         let shared = &*self.shared;
+        let published = shared.published.load(Ordering::Relaxed);
+        let unpublished = if shared.is_stopping() {
+            let handed = shared.lock_queue().last_seq;
+            handed.saturating_sub(published)
+        } else {
+            shared.unpublished.load(Ordering::Relaxed)
+        };
         BusCounts {
-            published: shared.published.load(Ordering::Relaxed),
+            published,
             received: shared.received.load(Ordering::Relaxed),
             lost: shared.lost.load(Ordering::Relaxed),
-            unpublished: shared.unpublished.load(Ordering::Relaxed),
+            unpublished,
             malformed: shared.malformed.load(Ordering::Relaxed),
         }
     }
@@ -1051,10 +1060,13 @@ fn lines_of(batches: &[(u64, Arc<[u8]>)]) -> u64 {
 /// A client for `url` that speaks RESP2 (see [`Bus::connect`]).
 fn open_client(url: &str) -> Result<redis::Client, RedisError> {
     let info: ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)?;
+    // No `CLIENT SETINFO` at connect: two more round trips, each of which a stuck Redis would
+    // make wait the whole timeout (the start took 10 s instead of 5).
     let settings = info
         .redis_settings()
         .clone()
-        .set_protocol(ProtocolVersion::RESP2);
+        .set_protocol(ProtocolVersion::RESP2)
+        .set_skip_set_lib_name();
     redis::Client::open(info.set_redis_settings(settings))
 }
 

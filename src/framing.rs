@@ -641,6 +641,25 @@ pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
     out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
 }
 
+/// `lines` made safe to print and relay as a client's lines are: each line escaped (which
+/// leaves a line that already was as it is: escaping is idempotent, since its output has no
+/// character it escapes) and ended with `\n`. For lines that come from elsewhere (the chat
+/// bus), which anyone who can publish there could have written.
+pub(crate) fn escape_lines(lines: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let clean = std::str::from_utf8(lines)
+        .is_ok_and(|text| text.ends_with('\n') && !text.chars().any(|c| needs_escape(c, true)));
+    if clean {
+        return std::borrow::Cow::Borrowed(lines);
+    }
+    let text = String::from_utf8_lossy(lines);
+    let mut out = Vec::with_capacity(text.len() + 1);
+    for line in text.strip_suffix('\n').unwrap_or(&text).split('\n') {
+        escape(&mut out, line, false);
+        out.push(b'\n');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// [`escape_into`], appending to UTF-8 bytes.
 fn escape(out: &mut Vec<u8>, text: &str, keep_newlines: bool) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -694,6 +713,22 @@ fn incomplete_utf8_tail(bytes: &[u8]) -> usize {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Lines from elsewhere are relayed as a client's would be: already-escaped lines pass as
+    /// they are (borrowed), anything else is escaped and cut into lines, each ending with `\n`.
+    #[test]
+    fn lines_from_elsewhere_are_escaped_once() {
+        let clean = "127.0.0.1:5000 hi \\x1b not an escape\n[::1]:7 tab\there\n".as_bytes();
+        assert!(matches!(escape_lines(clean), std::borrow::Cow::Borrowed(_)));
+        let hostile = b"no newline\x1b[2Jevil \xe2\x80\xae\r\nnext\xff";
+        assert_eq!(
+            String::from_utf8_lossy(&escape_lines(hostile)),
+            "no newline\\x1b[2Jevil \\u{202e}\\x0d\nnext\u{fffd}\n"
+        );
+        let once = escape_lines(hostile).into_owned();
+        assert_eq!(escape_lines(&once), once, "escaping twice changes nothing");
+        assert_eq!(&*escape_lines(b""), b"\n");
+    }
 
     /// Messages decoded from `pieces`, and whether a line was too long.
     fn decode_with(decoder: Decoder, pieces: &[&[u8]]) -> (Vec<String>, Option<LineTooLong>) {

@@ -353,11 +353,17 @@ fn connect_bus(config: &ChatBus, shared: &Arc<Shared>) -> Result<Bus, Error> {
     let server = Arc::downgrade(shared);
     let timeout = shared.ctx.options.send_timeout;
     let deliver = Box::new(move |lines: &[u8]| {
+        if lines.is_empty() {
+            return;
+        }
         if let Some(server) = server.upgrade() {
+            // Anyone who can publish on the channel can send anything: relayed only as lines,
+            // escaped, as a client's would be.
+            let lines = crate::framing::escape_lines(lines);
             server
                 .ctx
                 .room
-                .broadcast(ELSEWHERE, &Arc::from(lines), timeout);
+                .broadcast(ELSEWHERE, &Arc::from(&*lines), timeout);
         }
     });
     let bus = Bus::connect(&config.url, &config.room, CHAT_BUS_CONNECT_TIMEOUT, deliver)?;

@@ -9,6 +9,7 @@
 
 mod support;
 
+mod chat_bus;
 mod delivery;
 mod hardening;
 mod library;

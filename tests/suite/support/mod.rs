@@ -1,8 +1,8 @@
 //! Everything the tests share: spawning the real `server` and `client` binaries and capturing
 //! their output ([`process`]), the tests' side of a connection ([`net`]), what /proc says about a
 //! process ([`procfs`], Linux), certificates and peers for the TLS tests ([`tls`], Unix), other
-//! servers run as real peers, such as HAProxy ([`services`], Unix), and reading what the server
-//! printed.
+//! servers run as real peers, such as HAProxy ([`services`], Unix) and Redis ([`redis`], Unix),
+//! and reading what the server printed.
 //!
 //! Nothing here sleeps to synchronise: the server's address comes from its `listening on ADDR`
 //! log line (read by a thread and handed over a channel), a process's exit is seen as its output
@@ -12,6 +12,8 @@ pub mod net;
 pub mod process;
 #[cfg(target_os = "linux")]
 pub mod procfs;
+#[cfg(unix)]
+pub mod redis;
 #[cfg(unix)]
 pub mod services;
 #[cfg(unix)]
