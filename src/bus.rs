@@ -145,7 +145,7 @@ impl Bus {
         deliver: Deliver,
     ) -> Result<Bus, Error> {
         let unreachable = |problem: String| Error::ChatBus {
-            url: url.to_owned(),
+            url: redacted(url),
             problem,
         };
         let client = open_client(url).map_err(|e| unreachable(e.to_string()))?;
@@ -426,7 +426,7 @@ impl Shared {
         deliver: Deliver,
     ) -> Shared {
         Shared {
-            url: url.to_owned(),
+            url: redacted(url),
             channel: channel.to_owned(),
             client,
             connect_timeout,
@@ -1070,6 +1070,21 @@ fn open_client(url: &str) -> Result<redis::Client, RedisError> {
     redis::Client::open(info.set_redis_settings(settings))
 }
 
+/// `url` as it may be shown in a log or an error: its password, if it has one, as `***`.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return url.to_owned();
+    };
+    format!("{scheme}://{user}:***@{host}{}", &rest[authority.len()..])
+}
+
 /// A fresh random origin id.
 fn new_origin() -> Origin {
     let mut random = [0u8; ORIGIN_LEN / 2];
@@ -1593,6 +1608,23 @@ mod tests {
                 envelope(origin, "2", b"second\n")
             ]
         );
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        let cases = [
+            ("redis://127.0.0.1:6379/2", "redis://127.0.0.1:6379/2"),
+            ("redis://:secret@host:6379", "redis://:***@host:6379"),
+            (
+                "redis://user:p@ss:w@rd@host:6379/0",
+                "redis://user:***@host:6379/0",
+            ),
+            ("redis://user@host", "redis://user@host"),
+            ("not a url", "not a url"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redacted(url), shown, "{url}");
+        }
     }
 
     /// While `deliver` is busy with one payload, what arrives waits in the inbox and comes next

@@ -81,14 +81,14 @@ impl ChatBus {
 
     /// Why the URL or the room can't be used, if either can't.
     fn check(&self) -> Result<(), String> {
+        let shown = crate::bus::redacted(&self.url);
         if !self.url.starts_with("redis://") {
             return Err(format!(
-                "{:?} is not a Redis URL (redis://HOST:PORT[/DB])",
-                self.url
+                "{shown:?} is not a Redis URL (redis://HOST:PORT[/DB])"
             ));
         }
         if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
-            return Err(format!("{:?}: {e}", self.url));
+            return Err(format!("{shown:?}: {e}"));
         }
         if self.room.is_empty() || self.room.len() > 256 || self.room.chars().any(char::is_control)
         {

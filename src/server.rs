@@ -369,7 +369,7 @@ fn connect_bus(config: &ChatBus, shared: &Arc<Shared>) -> Result<Bus, Error> {
     let bus = Bus::connect(&config.url, &config.room, CHAT_BUS_CONNECT_TIMEOUT, deliver)?;
     info!(
         "chat bus {}: room {:?}, this server {} on it",
-        config.url,
+        crate::bus::redacted(&config.url),
         config.room,
         bus.origin()
     );
