@@ -671,9 +671,17 @@ impl Shared {
             first
         };
         let cause = describe(cause, IO_TIMEOUT);
+        // Redis closes a subscriber that falls behind by its pub/sub output buffer limit
+        // (`client-output-buffer-limit pubsub`, 32 MiB by default): say so, since the lines it
+        // missed show as lost only once their senders send again.
+        let hint = if side == SUBSCRIBER && !self.is_stopping() {
+            " (if Redis is up, it may have closed this subscriber for falling behind its client-output-buffer-limit for pubsub: lines were lost)"
+        } else {
+            ""
+        };
         if first {
             warn!(
-                "chat bus {}: connection lost: {cause}; reconnecting",
+                "chat bus {}: connection lost: {cause}{hint}; reconnecting",
                 self.url
             );
         } else {
@@ -755,25 +763,34 @@ impl Shared {
         match origins.heard(envelope.origin, envelope.seq, lines, now) {
             Heard::First | Heard::Next => {}
             Heard::Gap(missed) => {
-                self.lost.fetch_add(missed, Ordering::Relaxed);
+                // Saturating: a forged sequence number can claim any gap.
+                let _ = self
+                    .lost
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lost| {
+                        Some(lost.saturating_add(missed))
+                    });
                 warn!(
                     "chat bus: {missed} lines from server {}.. lost (Redis pub/sub delivers at most once)",
                     short(&envelope.origin)
                 );
             }
-            Heard::Old(last) => {
+            Heard::Behind(last) => {
+                // Redis never repeats a message, and a server's numbers only grow: this, or
+                // what came before it, was forged by someone else who can publish. Delivered,
+                // and followed from here, so that a forged jump ahead can't silence a server.
                 debug!(
-                    "chat bus: ignored batch {} from server {}.., which already sent {last}",
+                    "chat bus: line {} from server {}.. after line {last}: counting again from it",
                     envelope.seq,
                     short(&envelope.origin)
                 );
-                return;
             }
         }
-        if self.is_stopping() || !self.hand_on(envelope.payload) {
+        if self.is_stopping() {
             return;
         }
+        // Counted first: once in the inbox, it may be delivered before this thread goes on.
         self.received.fetch_add(lines, Ordering::Relaxed);
+        self.hand_on(envelope.payload);
     }
 }
 
@@ -1005,8 +1022,10 @@ enum Heard {
     Next,
     /// This many were missed before it.
     Gap(u64),
-    /// Not after the last (which it gives): a duplicate or a replay, to drop.
-    Old(u64),
+    /// Not after the last (which it gives): never a server's own doing (Redis doesn't repeat
+    /// messages, a server's numbers only grow), so someone forged this or the last. Counted
+    /// from again.
+    Behind(u64),
 }
 
 /// The last sequence number heard from each origin, bounded (see [`MAX_ORIGINS`]).
@@ -1016,13 +1035,14 @@ struct Origins {
 }
 
 impl Origins {
-    /// Records a batch of `lines` lines from `origin` whose first is line `seq`, heard at `now`
-    /// (unless it is old).
+    /// Records a batch of `lines` lines from `origin` whose first is line `seq`, heard at `now`.
     fn heard(&mut self, origin: Origin, seq: u64, lines: u64, now: Instant) -> Heard {
         let last = seq.saturating_add(lines.saturating_sub(1));
         if let Some((heard, at)) = self.last.get_mut(&origin) {
             if seq <= *heard {
-                return Heard::Old(*heard);
+                let before = *heard;
+                (*heard, *at) = (last, now);
+                return Heard::Behind(before);
             }
             let missed = seq - *heard - 1;
             (*heard, *at) = (last, now);
@@ -1464,20 +1484,24 @@ mod tests {
         let (one, other) = (*b"000000000000000a", *b"000000000000000b");
         assert_eq!(origins.heard(one, 5, 1, now), Heard::First);
         assert_eq!(origins.heard(one, 6, 1, now), Heard::Next);
-        assert_eq!(origins.heard(one, 6, 1, now), Heard::Old(6));
-        assert_eq!(origins.heard(one, 2, 1, now), Heard::Old(6));
-        assert_eq!(origins.heard(one, 10, 1, now), Heard::Gap(3));
+        // A repeat or a step back: counted from again.
+        assert_eq!(origins.heard(one, 6, 1, now), Heard::Behind(6));
+        assert_eq!(origins.heard(one, 2, 1, now), Heard::Behind(6));
+        assert_eq!(origins.heard(one, 3, 1, now), Heard::Next);
+        assert_eq!(origins.heard(one, 7, 1, now), Heard::Gap(3));
         assert_eq!(origins.heard(other, 1, 1, now), Heard::First);
-        assert_eq!(origins.heard(one, 11, 1, now), Heard::Next);
+        assert_eq!(origins.heard(one, 8, 1, now), Heard::Next);
         // Batches of several lines: the next starts after the last's last line.
-        assert_eq!(origins.heard(one, 12, 3, now), Heard::Next);
-        assert_eq!(origins.heard(one, 14, 1, now), Heard::Old(14));
-        assert_eq!(origins.heard(one, 15, 2, now), Heard::Next);
-        assert_eq!(origins.heard(one, 20, 1, now), Heard::Gap(3));
+        assert_eq!(origins.heard(one, 9, 3, now), Heard::Next);
+        assert_eq!(origins.heard(one, 12, 2, now), Heard::Next);
+        assert_eq!(origins.heard(one, 17, 1, now), Heard::Gap(3));
+        // A forged jump ahead: the server's own next line still counts.
         assert_eq!(
             origins.heard(one, u64::MAX, 1, now),
-            Heard::Gap(u64::MAX - 21)
+            Heard::Gap(u64::MAX - 18)
         );
+        assert_eq!(origins.heard(one, 18, 1, now), Heard::Behind(u64::MAX));
+        assert_eq!(origins.heard(one, 19, 1, now), Heard::Next);
     }
 
     #[test]
@@ -1848,7 +1872,7 @@ mod tests {
     }
 
     #[test]
-    fn what_is_not_an_envelope_is_ignored_and_replays_are_dropped() {
+    fn what_is_not_an_envelope_is_ignored_and_numbers_that_go_back_count_again() {
         show_log();
         let redis = Redis::start();
         let (deliver, at_a) = collector();
@@ -1866,7 +1890,8 @@ mod tests {
         for message in garbage {
             publish_raw(&redis, "room", message);
         }
-        // A server of another process, whose batches 7 and 8 got lost, and a replay.
+        // A server of another process, with a repeat, a step back, and lines 4-5 and 7-8
+        // missing.
         let forger = b"00000000000000ff";
         for (seq, payload) in [
             ("5", "five"),
@@ -1884,12 +1909,22 @@ mod tests {
             &envelope(a.origin().as_bytes(), "1", b"echo"),
         );
         b.publish(&batch(b"real\n"));
-        expect_delivered(&at_a, &[&b"five"[..], b"six", b"nine", b"real\n"]);
+        expect_delivered(
+            &at_a,
+            &[
+                &b"five"[..],
+                b"five again",
+                b"three",
+                b"six",
+                b"nine",
+                b"real\n",
+            ],
+        );
         assert_eq!(
             a.counts(),
             BusCounts {
-                received: 4,
-                lost: 2,
+                received: 6,
+                lost: 4,
                 malformed: garbage.len() as u64,
                 ..BusCounts::default()
             }

@@ -75,12 +75,27 @@ impl FromStr for Range {
     type Err = BadRange;
 
     fn from_str(text: &str) -> Result<Range, BadRange> {
-        if let Ok(net) = text.parse::<IpNet>() {
-            return Ok(Range(net.trunc()));
-        }
-        text.parse::<IpAddr>()
-            .map(|ip| Range(IpNet::from(ip)))
-            .map_err(|_| BadRange(text.to_string()))
+        let net = match text.parse::<IpNet>() {
+            Ok(net) => net.trunc(),
+            Err(_) => text
+                .parse::<IpAddr>()
+                .map(IpNet::from)
+                .map_err(|_| BadRange(text.to_string()))?,
+        };
+        Ok(Range(canonical(net)))
+    }
+}
+
+/// An IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) as the IPv4 range it maps
+/// (`10.0.0.0/8`): addresses are judged in their canonical form (a mapped address as the IPv4
+/// address it carries), so ranges must be too, or a mapped range would never match anything.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        net => net,
     }
 }
 
@@ -245,6 +260,24 @@ mod tests {
         );
         assert!(access.permits(ip("::2")));
         assert!(access.permits(ip("127.0.0.1")));
+    }
+
+    /// A range written in IPv4-mapped form judges what it maps, in either form: a dual-stack
+    /// listener sees `::ffff:127.0.0.1`, which is judged as `127.0.0.1`.
+    #[test]
+    fn mapped_ranges_are_the_ipv4_ranges_they_map() {
+        assert_eq!(range("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        assert_eq!(range("::ffff:127.0.0.1").to_string(), "127.0.0.1/32");
+        let access = Access::new().deny(range("::ffff:127.0.0.1"));
+        assert!(!access.permits(ip("::ffff:127.0.0.1")));
+        assert!(!access.permits(ip("127.0.0.1")));
+        assert!(access.permits(ip("127.0.0.2")));
+        let all_mapped = range("::ffff:0:0/96");
+        assert!(all_mapped.contains(ip("192.0.2.1")));
+        assert!(!all_mapped.contains(ip("::1")));
+        // Not mapped: left alone.
+        assert_eq!(range("::/0").to_string(), "::/0");
+        assert_eq!(range("2001:db8::/96").to_string(), "2001:db8::/96");
     }
 
     #[test]

@@ -366,7 +366,7 @@ impl ServerOptions {
         }
         if let Some(bus) = &self.chat_bus {
             if self.mode != Mode::Chat {
-                return invalid("chat_bus", "is for chat mode (--mode chat)");
+                return invalid("chat_bus", "is for chat mode: add --mode chat");
             }
             if let Err(problem) = bus.check() {
                 return invalid("chat_bus", &problem);

@@ -27,6 +27,10 @@ const SHORTEST: usize = 15;
 const V1_LONGEST: usize = 107;
 /// A version 2 header's fixed part: the signature, version and command, family, length.
 const V2_FIXED: usize = 16;
+/// The longest version 2 header taken: the addresses (216 bytes at most) and room for the TLVs a
+/// proxy adds (TLS details, a unique id, a name). Its length field allows 64 KiB, which a
+/// trusted proxy has no reason to send and thousands of pending headers would hold in memory.
+const V2_LONGEST: usize = 8 * 1024;
 
 /// Whom a connection is for, by its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +112,14 @@ impl Reader<'_> {
         }
         if self.header.starts_with(V2_SIGNATURE) {
             self.read_up_to(V2_FIXED)?;
-            let length = u16::from_be_bytes([self.header[14], self.header[15]]);
-            self.read_up_to(V2_FIXED + usize::from(length))
+            let length = usize::from(u16::from_be_bytes([self.header[14], self.header[15]]));
+            if V2_FIXED + length > V2_LONGEST {
+                return Err(HeaderError::Malformed(format!(
+                    "a version 2 header of {} bytes (at most {V2_LONGEST} taken)",
+                    V2_FIXED + length
+                )));
+            }
+            self.read_up_to(V2_FIXED + length)
         } else {
             self.read_v1_line()
         }
@@ -212,7 +222,10 @@ fn could_be_header(start: &[u8]) -> bool {
 
 /// What a complete header says.
 fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
-    let malformed = |e: &dyn std::fmt::Display| HeaderError::Malformed(e.to_string());
+    // The parser's messages may quote `\r\n` as it is: kept to one log line.
+    let malformed = |e: &dyn std::fmt::Display| {
+        HeaderError::Malformed(e.to_string().replace('\r', "\\r").replace('\n', "\\n"))
+    };
     if header.starts_with(V2_SIGNATURE) {
         let header = v2::Header::try_from(header).map_err(|e| malformed(&e))?;
         if header.command == v2::Command::Local {
@@ -227,6 +240,11 @@ fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
             }
             v2::Addresses::Unspecified | v2::Addresses::Unix(_) => Origin::Local,
         });
+    }
+    // "The receiver must ignore anything presented before the CRLF" after UNKNOWN, which the
+    // parser doesn't.
+    if header.starts_with(b"PROXY UNKNOWN") {
+        return Ok(Origin::Local);
     }
     let header = v1::Header::try_from(header).map_err(|e| malformed(&e))?;
     Ok(match header.addresses {
@@ -322,6 +340,10 @@ mod tests {
         let (origin, rest) = read_after(&[b"PROXY UNKNOWN\r\nx"]);
         assert_eq!(origin.expect("a header"), Origin::Local);
         assert_eq!(rest, b"x");
+        // Whatever follows UNKNOWN is ignored, as the specification says.
+        let (origin, rest) = read_after(&[b"PROXY UNKNOWN a b c d e \xff\r\ny"]);
+        assert_eq!(origin.expect("a header"), Origin::Local);
+        assert_eq!(rest, b"y");
     }
 
     #[test]
@@ -385,6 +407,21 @@ mod tests {
             matches!(origin, Err(HeaderError::Malformed(_))),
             "{origin:?}"
         );
+        // Longer than any proxy sends: refused before it is read.
+        let (client, server) = pair();
+        (&client)
+            .write_all(&v2(1, 0x11, &[0; 12])[..14])
+            .expect("write");
+        (&client).write_all(&[0xff, 0xff]).expect("write");
+        let origin = read_header(&server, Duration::from_secs(30));
+        assert!(
+            matches!(&origin, Err(HeaderError::Malformed(why)) if why.contains("65551")),
+            "{origin:?}"
+        );
+        // No message on two lines.
+        let (origin, _) = read_after(&[b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2 3\r\n"]);
+        let said = origin.expect_err("too many fields").to_string();
+        assert!(!said.contains(['\r', '\n']), "{said:?}");
     }
 
     #[test]

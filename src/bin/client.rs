@@ -157,19 +157,26 @@ fn server_name(text: &str) -> Result<String, String> {
 
 /// A `--server`: `HOST:PORT`, with an IPv6 address in brackets (`[::1]:8887`).
 fn host_port(text: &str) -> Result<(String, u16), String> {
-    let (host, port) = text
-        .rsplit_once(':')
-        .ok_or("expected HOST:PORT, such as 127.0.0.1:8887 or [::1]:8887")?;
+    const EXPECTED: &str = "expected HOST:PORT, such as 127.0.0.1:8887 or [::1]:8887";
+    let (host, port) = match text.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, port) = bracketed.split_once(']').ok_or(EXPECTED)?;
+            (host, port.strip_prefix(':').ok_or(EXPECTED)?)
+        }
+        None => {
+            let (host, port) = text.rsplit_once(':').ok_or(EXPECTED)?;
+            if host.contains(':') {
+                return Err(format!("an IPv6 address goes in brackets: [{host}]:{port}"));
+            }
+            (host, port)
+        }
+    };
+    if host.is_empty() {
+        return Err(EXPECTED.to_string());
+    }
     let port = port
         .parse::<u16>()
         .map_err(|e| format!("{port:?} is not a port: {e}"))?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() || host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
-        return Err("expected HOST:PORT, such as 127.0.0.1:8887 or [::1]:8887".to_string());
-    }
     Ok((host.to_string(), port))
 }
 
