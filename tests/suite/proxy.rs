@@ -20,7 +20,7 @@ use socket2::{Domain, Socket, Type};
 use crate::support::services::{Haproxy, Listen};
 use crate::support::{
     self, IO_TIMEOUT, Output, ServerProcess, connect, expect_exactly_then_eof,
-    expect_exactly_then_reset, greeted, greeting, greeting_prefix, messages_from, poll_until,
+    expect_exactly_then_reset, greeted, greeting, greeting_peer, messages_from, poll_until,
     read_line, read_to_eof, run_client_to, run_server,
 };
 
@@ -55,13 +55,7 @@ fn connect_from(source: Ipv4Addr, to: SocketAddr) -> TcpStream {
     socket
         .connect_timeout(&to.into(), IO_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"));
-    let stream = TcpStream::from(socket);
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .expect("set_read_timeout");
-    stream
-        .set_write_timeout(Some(IO_TIMEOUT))
-        .expect("set_write_timeout");
+    let stream = support::bounded_io(TcpStream::from(socket));
     stream.set_nodelay(true).expect("nodelay");
     stream
 }
@@ -89,19 +83,6 @@ fn send_and_finish(stream: &mut TcpStream, reader: BufReader<TcpStream>, lines: 
     expect_exactly_then_eof(reader, "", "after the client's lines and half-close");
 }
 
-/// The client's address, from the greeting it printed first (line framing).
-fn greeting_peer(client: &Output) -> SocketAddr {
-    let first = client
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_else(|| panic!("client printed no greeting\n{client}"));
-    first
-        .strip_prefix(greeting_prefix())
-        .and_then(|peer| peer.parse().ok())
-        .unwrap_or_else(|| panic!("first client line {first:?} is not a greeting\n{client}"))
-}
-
 /// The fingerprint a `--tls-self-signed` server logs, `sha256:HEX`, for the client to pin.
 fn logged_fingerprint(server: &ServerProcess) -> String {
     let logged = server.wait_for_log(&["tls fingerprint sha256:"]);
@@ -117,29 +98,25 @@ fn hello(count: usize) -> Vec<String> {
     (0..count).map(|i| format!("hello world {i}")).collect()
 }
 
-/// The server's `stopped: ...` summary line.
-fn stopped_line(out: &Output) -> String {
-    out.stderr
-        .lines()
-        .find(|l| l.contains(" stopped: "))
-        .unwrap_or_else(|| panic!("no `stopped:` line\n{out}"))
-        .to_string()
+/// HAProxy with two frontends to `server`: `v1` (`send-proxy`) and `v2` (`send-proxy-v2`).
+fn both_versions(server: SocketAddr) -> Haproxy {
+    Haproxy::start(&[
+        Listen {
+            name: "v1",
+            servers: &[server],
+            options: "send-proxy",
+        },
+        Listen {
+            name: "v2",
+            servers: &[server],
+            options: "send-proxy-v2",
+        },
+    ])
 }
 
 /// Asserts the summary counts `n` bad PROXY headers (and says nothing of them for none).
 fn assert_bad_headers(out: &Output, n: usize) {
-    let line = stopped_line(out);
-    if n == 0 {
-        assert!(
-            !line.contains("bad PROXY headers"),
-            "no bad PROXY headers expected: {line}\n{out}"
-        );
-    } else {
-        assert!(
-            line.ends_with(&format!(", {n} bad PROXY headers")),
-            "expected {n} bad PROXY headers: {line}\n{out}"
-        );
-    }
+    support::assert_summary_counts(out, n, "bad PROXY headers");
 }
 
 /// A version 2 header: `command` 0 (LOCAL) or 1 (PROXY), `family` (0x11: TCP over IPv4), and
@@ -222,18 +199,7 @@ fn assert_local_checks_at_debug(out: &Output) {
 #[test]
 fn haproxy_v1_and_v2_headers_name_the_real_client() {
     let mut server = proxied(&[]);
-    let haproxy = Haproxy::start(&[
-        Listen {
-            name: "v1",
-            servers: &[server.addr],
-            options: "send-proxy",
-        },
-        Listen {
-            name: "v2",
-            servers: &[server.addr],
-            options: "send-proxy-v2",
-        },
-    ]);
+    let haproxy = both_versions(server.addr);
     let mut clients = Vec::new();
     for name in ["v1", "v2"] {
         let (mut stream, reader, me) = greeted_from(CLIENT_A, haproxy.frontend(name));
@@ -266,18 +232,7 @@ fn haproxy_v1_and_v2_headers_name_the_real_client() {
 #[test]
 fn the_client_through_haproxy_is_printed_under_its_own_address() {
     let mut server = proxied(&[]);
-    let haproxy = Haproxy::start(&[
-        Listen {
-            name: "v1",
-            servers: &[server.addr],
-            options: "send-proxy",
-        },
-        Listen {
-            name: "v2",
-            servers: &[server.addr],
-            options: "send-proxy-v2",
-        },
-    ]);
+    let haproxy = both_versions(server.addr);
     let mut peers = Vec::new();
     for name in ["v1", "v2"] {
         let client = run_client_to(

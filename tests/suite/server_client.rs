@@ -14,21 +14,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// Parse the greeting line a client printed (first line of its stdout) into the peer address.
-#[cfg(unix)]
-fn greeting_peer(client: &Output) -> SocketAddr {
-    let first = client
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_else(|| panic!("client printed no greeting\n{client}"));
-    let peer = first
-        .strip_prefix(greeting_prefix())
-        .unwrap_or_else(|| panic!("first client line {first:?} is not the greeting\n{client}"));
-    peer.parse()
-        .unwrap_or_else(|e| panic!("greeting address {peer:?} is not a SocketAddr ({e})\n{client}"))
-}
-
 // ------------------------------------------------------------------------------------------------
 // 1. The demo conversation
 // ------------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ use plugboard::{
 
 use crate::support::tls::{Ca, Pki, TempDir, Tool, fingerprint};
 use crate::support::{
-    self, Background, Output, ServerProcess, greeting, greeting_prefix, json_field, messages_from,
-    poll_until, read_line, read_to_eof, run_client, run_client_to, run_client_with_stdin,
-    run_server, skipped,
+    self, Background, Output, ServerProcess, greeting, greeting_peer, greeting_prefix, json_field,
+    messages_from, poll_until, read_line, read_to_eof, run_client, run_client_to,
+    run_client_with_stdin, run_server, skipped,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -42,19 +42,6 @@ fn assert_handshake_failed(client: &Output, server: SocketAddr, why: &str) {
     );
 }
 
-/// The client's address, from the greeting it printed first (line framing).
-fn greeting_peer(client: &Output) -> SocketAddr {
-    let first = client
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_else(|| panic!("client printed no greeting\n{client}"));
-    first
-        .strip_prefix(greeting_prefix())
-        .and_then(|peer| peer.parse().ok())
-        .unwrap_or_else(|| panic!("first client line {first:?} is not a greeting\n{client}"))
-}
-
 /// The one `error:` line a failed client printed.
 fn single_error(client: &Output) -> String {
     let errors = client.error_lines();
@@ -62,29 +49,9 @@ fn single_error(client: &Output) -> String {
     errors[0].clone()
 }
 
-/// The server's `stopped: ...` summary line.
-fn stopped_line(out: &Output) -> String {
-    out.stderr
-        .lines()
-        .find(|l| l.contains(" stopped: "))
-        .unwrap_or_else(|| panic!("no `stopped:` line\n{out}"))
-        .to_string()
-}
-
 /// Asserts the summary counts `n` failed handshakes (and says nothing of them for none).
 fn assert_failed_handshakes(out: &Output, n: usize) {
-    let line = stopped_line(out);
-    if n == 0 {
-        assert!(
-            !line.contains("failed TLS handshakes"),
-            "no failed handshakes expected: {line}\n{out}"
-        );
-    } else {
-        assert!(
-            line.ends_with(&format!(", {n} failed TLS handshakes")),
-            "expected {n} failed TLS handshakes: {line}\n{out}"
-        );
-    }
+    support::assert_summary_counts(out, n, "failed TLS handshakes");
 }
 
 /// How many lines of a log contain `needle`.

@@ -217,3 +217,40 @@ impl XorShift {
         lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
     }
 }
+
+/// The server's `stopped: ...` summary line.
+pub fn stopped_line(out: &Output) -> String {
+    out.stderr
+        .lines()
+        .find(|l| l.contains(" stopped: "))
+        .unwrap_or_else(|| panic!("no `stopped:` line\n{out}"))
+        .to_string()
+}
+
+/// Asserts that the summary line ends with `, N WHAT` (`, 2 failed TLS handshakes`), and says
+/// nothing of `what` for none.
+pub fn assert_summary_counts(out: &Output, n: usize, what: &str) {
+    let line = stopped_line(out);
+    if n == 0 {
+        assert!(!line.contains(what), "no {what} expected: {line}\n{out}");
+    } else {
+        assert!(
+            line.ends_with(&format!(", {n} {what}")),
+            "expected {n} {what}: {line}\n{out}"
+        );
+    }
+}
+
+/// The client's address, from the greeting it printed first (line framing).
+pub fn greeting_peer(client: &Output) -> SocketAddr {
+    let first = client
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("client printed no greeting\n{client}"));
+    let peer = first
+        .strip_prefix(greeting_prefix())
+        .unwrap_or_else(|| panic!("first client line {first:?} is not the greeting\n{client}"));
+    peer.parse()
+        .unwrap_or_else(|e| panic!("greeting address {peer:?} is not an address ({e})\n{client}"))
+}

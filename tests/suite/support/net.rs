@@ -29,6 +29,11 @@ pub fn greeting(peer: SocketAddr) -> String {
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    bounded_io(stream)
+}
+
+/// `stream` with read and write timeouts of [`IO_TIMEOUT`].
+pub fn bounded_io(stream: TcpStream) -> TcpStream {
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .expect("set_read_timeout");
