@@ -219,6 +219,7 @@ impl XorShift {
 }
 
 /// The server's `stopped: ...` summary line.
+#[cfg(unix)]
 pub fn stopped_line(out: &Output) -> String {
     out.stderr
         .lines()
@@ -229,6 +230,7 @@ pub fn stopped_line(out: &Output) -> String {
 
 /// Asserts that the summary line ends with `, N WHAT` (`, 2 failed TLS handshakes`), and says
 /// nothing of `what` for none.
+#[cfg(unix)]
 pub fn assert_summary_counts(out: &Output, n: usize, what: &str) {
     let line = stopped_line(out);
     if n == 0 {
@@ -242,6 +244,7 @@ pub fn assert_summary_counts(out: &Output, n: usize, what: &str) {
 }
 
 /// The client's address, from the greeting it printed first (line framing).
+#[cfg(unix)]
 pub fn greeting_peer(client: &Output) -> SocketAddr {
     let first = client
         .stdout
