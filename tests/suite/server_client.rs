@@ -592,6 +592,35 @@ fn client_connection_refused() {
     );
 }
 
+/// `--color always` colours the log even into a pipe; `never` and the default (stderr is a
+/// pipe here) don't, NO_COLOR or not.
+#[test]
+fn color_flag_decides_the_log_colour() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("local_addr").port()
+    }
+    .to_string();
+    // Load mode against a closed port: a summary line at INFO, then the error.
+    let load = [
+        "--port",
+        port.as_str(),
+        "--connections",
+        "1",
+        "--count",
+        "1",
+    ];
+    let coloured = |extra: &[&str]| {
+        let out = run_client(&[&load[..], extra].concat(), EXIT_TIMEOUT);
+        out.assert_code(1).assert_no_panic();
+        assert!(out.stderr.contains(" connections, "), "{out}");
+        out.stderr.contains("\x1b[")
+    };
+    assert!(coloured(&["--color", "always"]));
+    assert!(!coloured(&["--color", "never"]));
+    assert!(!coloured(&[]), "stderr is not a terminal");
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {

@@ -21,6 +21,29 @@ pub struct LogArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Colour in the log: auto (when stderr is a terminal and NO_COLOR is not set), always,
+    /// never.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, global = true, value_name = "WHEN")]
+    color: ColorChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorChoice {
+    /// Whether to colour, given whether stderr is a terminal and `NO_COLOR`'s value: as
+    /// <https://no-color.org> asks, any non-empty `NO_COLOR` turns colour off unless asked for.
+    fn colours(self, terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => terminal && no_color.is_none_or(|v| v.is_empty()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,7 +106,13 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
         .log_internal_errors(false)
         .with_target(false);
     match args.log_format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR");
+            let ansi = args
+                .color
+                .colours(std::io::stderr().is_terminal(), no_color.as_deref());
+            builder.with_ansi(ansi).init();
+        }
         LogFormat::Json => builder.json().init(),
     }
     log
@@ -114,4 +143,26 @@ pub const LOG_FLUSH: Duration = Duration::from_millis(500);
 pub fn fail(log: &log::Log, error: &anyhow::Error) -> ExitCode {
     log.last_line(&format!("error: {error:#}"), LOG_FLUSH);
     ExitCode::from(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::ColorChoice;
+
+    #[test]
+    fn colour_follows_the_flag_then_no_color_then_the_terminal() {
+        let set = Some(OsStr::new("1"));
+        let empty = Some(OsStr::new(""));
+        assert!(ColorChoice::Auto.colours(true, None));
+        assert!(
+            ColorChoice::Auto.colours(true, empty),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!ColorChoice::Auto.colours(true, set));
+        assert!(!ColorChoice::Auto.colours(false, None));
+        assert!(ColorChoice::Always.colours(false, set), "asked for");
+        assert!(!ColorChoice::Never.colours(true, None));
+    }
 }
