@@ -22,7 +22,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -148,20 +148,33 @@ impl Bus {
             url: redacted(url),
             problem,
         };
-        let client = open_client(url).map_err(|e| unreachable(e.to_string()))?;
-        let deadline = deadline_in(timeout);
-        let left = || {
-            let left = deadline.saturating_duration_since(Instant::now());
-            (!left.is_zero()).then_some(left)
-        };
+        let client = open_client(url).map_err(|e| unreachable(describe(&e, timeout)))?;
         let shared = Arc::new(Shared::new(url, channel, client, timeout, deliver));
         let no_answer = || unreachable(format!("no answer within {}", format_ms(timeout)));
-        let publisher = shared
-            .open_publisher(left().ok_or_else(no_answer)?)
-            .map_err(|e| unreachable(describe(&e, timeout)))?;
-        let subscriber = shared
-            .open_subscriber(left().ok_or_else(no_answer)?)
-            .map_err(|e| unreachable(describe(&e, timeout)))?;
+        // On a thread of its own, waited for `timeout` in all: the client's timeouts are per
+        // read, and a Redis that answers a byte at a time would otherwise hold the start for
+        // as long as it likes. Left behind, the thread ends at its own timeouts.
+        let (opened, opening) = mpsc::channel();
+        let opener = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("plugboard-bus-start".to_owned())
+            .spawn(move || {
+                let deadline = deadline_in(timeout);
+                let left = || {
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1))
+                };
+                let both = opener
+                    .open_publisher(left())
+                    .and_then(|publisher| Ok((publisher, opener.open_subscriber(left())?)));
+                let _ = opened.send(both);
+            })
+            .map_err(Error::Thread)?;
+        let (publisher, subscriber) = match opening.recv_timeout(timeout) {
+            Ok(both) => both.map_err(|e| unreachable(describe(&e, timeout)))?,
+            Err(_) => return Err(no_answer()),
+        };
 
         let bus = Bus {
             shared: Arc::clone(&shared),
@@ -187,7 +200,8 @@ impl Bus {
             bus.lock_threads().push(thread);
         }
         debug!(
-            "chat bus {url}: on channel {channel} as server {}",
+            "chat bus {}: on channel {channel} as server {}",
+            shared.url,
             bus.origin()
         );
         Ok(bus)
@@ -517,7 +531,17 @@ impl Shared {
 
     /// A connection for publishing, made within `timeout`.
     fn open_publisher(&self, timeout: Duration) -> Result<Connection, RedisError> {
-        let connection = self.client.get_connection_with_timeout(timeout)?;
+        let started = Instant::now();
+        let mut connection = self.client.get_connection_with_timeout(timeout)?;
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        connection.set_write_timeout(Some(left))?;
+        connection.set_read_timeout(Some(left))?;
+        // A connect alone proves nothing: a stopped Redis's kernel still completes it. Until
+        // Redis answers, the bus is not back, and lines are not queued to a Redis that may
+        // deliver them minutes late.
+        redis::cmd("PING").exec(&mut connection)?;
         connection.set_write_timeout(Some(IO_TIMEOUT))?;
         connection.set_read_timeout(Some(IO_TIMEOUT))?;
         Ok(connection)
@@ -1132,7 +1156,14 @@ fn describe(e: &RedisError, timeout: Duration) -> String {
     if e.is_timeout() {
         format!("no answer within {}", format_ms(timeout))
     } else {
-        e.to_string()
+        // On one line: a parse error of something that is not Redis spans several.
+        let text = e.to_string();
+        let parts: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        parts.join("; ")
     }
 }
 

@@ -202,6 +202,14 @@ fn handshake(ctx: &Context, stream: &Stream) -> bool {
             debug!("{peer}: cut off by the server stop during its TLS handshake");
             false
         }
+        Err(e) if stream.proxy_origin() == Some(Origin::Local) => {
+            // A load balancer's health check: it connects, sends its header, and goes.
+            debug!(
+                "{peer}: the proxy's own connection ended: {}",
+                e.describe(true)
+            );
+            false
+        }
         Err(e) => {
             ctx.add_handshake_failed();
             info!("{peer}: {}", e.describe(true));

@@ -643,21 +643,37 @@ pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
 
 /// `lines` made safe to print and relay as a client's lines are: each line escaped (which
 /// leaves a line that already was as it is: escaping is idempotent, since its output has no
-/// character it escapes) and ended with `\n`. For lines that come from elsewhere (the chat
-/// bus), which anyone who can publish there could have written.
-pub(crate) fn escape_lines(lines: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+/// character it escapes) and ended with `\n`; a line longer than `longest` bytes is dropped.
+/// For lines that come from elsewhere (the chat bus), which anyone who can publish there could
+/// have written. Returns the lines and how many were dropped.
+pub(crate) fn escape_lines(lines: &[u8], longest: usize) -> (std::borrow::Cow<'_, [u8]>, usize) {
+    let short = || {
+        let mut start = 0;
+        memchr::memchr_iter(b'\n', lines).all(|end| {
+            let fits = end - start <= longest;
+            start = end + 1;
+            fits
+        })
+    };
     let clean = std::str::from_utf8(lines)
         .is_ok_and(|text| text.ends_with('\n') && !text.chars().any(|c| needs_escape(c, true)));
-    if clean {
-        return std::borrow::Cow::Borrowed(lines);
+    if clean && short() {
+        return (std::borrow::Cow::Borrowed(lines), 0);
     }
     let text = String::from_utf8_lossy(lines);
     let mut out = Vec::with_capacity(text.len() + 1);
+    let mut dropped = 0;
     for line in text.strip_suffix('\n').unwrap_or(&text).split('\n') {
+        let start = out.len();
         escape(&mut out, line, false);
-        out.push(b'\n');
+        if out.len() - start > longest {
+            out.truncate(start);
+            dropped += 1;
+        } else {
+            out.push(b'\n');
+        }
     }
-    std::borrow::Cow::Owned(out)
+    (std::borrow::Cow::Owned(out), dropped)
 }
 
 /// [`escape_into`], appending to UTF-8 bytes.
@@ -719,15 +735,27 @@ mod tests {
     #[test]
     fn lines_from_elsewhere_are_escaped_once() {
         let clean = "127.0.0.1:5000 hi \\x1b not an escape\n[::1]:7 tab\there\n".as_bytes();
-        assert!(matches!(escape_lines(clean), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            escape_lines(clean, 100),
+            (std::borrow::Cow::Borrowed(_), 0)
+        ));
         let hostile = b"no newline\x1b[2Jevil \xe2\x80\xae\r\nnext\xff";
+        let (escaped, dropped) = escape_lines(hostile, 100);
         assert_eq!(
-            String::from_utf8_lossy(&escape_lines(hostile)),
+            String::from_utf8_lossy(&escaped),
             "no newline\\x1b[2Jevil \\u{202e}\\x0d\nnext\u{fffd}\n"
         );
-        let once = escape_lines(hostile).into_owned();
-        assert_eq!(escape_lines(&once), once, "escaping twice changes nothing");
-        assert_eq!(&*escape_lines(b""), b"\n");
+        assert_eq!(dropped, 0);
+        let once = escaped.into_owned();
+        assert_eq!(
+            escape_lines(&once, 100).0,
+            once,
+            "escaping twice changes nothing"
+        );
+        assert_eq!(&*escape_lines(b"", 100).0, b"\n");
+        // Too long, before or after escaping: dropped, the others kept.
+        let (kept, dropped) = escape_lines(b"0123456789\nshort\n\x01\x01\x01\n", 9);
+        assert_eq!((&*kept, dropped), (&b"short\n"[..], 2));
     }
 
     /// Messages decoded from `pieces`, and whether a line was too long.

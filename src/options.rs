@@ -79,22 +79,23 @@ impl ChatBus {
         self
     }
 
-    /// Why the URL or the room can't be used, if either can't.
-    fn check(&self) -> Result<(), String> {
+    /// Why the URL (`chat_bus`) or the room (`chat_room`) can't be used, if either can't.
+    fn check(&self) -> Result<(), (&'static str, String)> {
         let shown = crate::bus::redacted(&self.url);
         if !self.url.starts_with("redis://") {
-            return Err(format!(
-                "{shown:?} is not a Redis URL (redis://HOST:PORT[/DB])"
+            return Err((
+                "chat_bus",
+                format!("{shown:?} is not a Redis URL (redis://HOST:PORT[/DB])"),
             ));
         }
         if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
-            return Err(format!("{shown:?}: {e}"));
+            return Err(("chat_bus", format!("{shown:?}: {e}")));
         }
         if self.room.is_empty() || self.room.len() > 256 || self.room.chars().any(char::is_control)
         {
-            return Err(format!(
-                "room {:?}: 1 to 256 bytes with no control characters",
-                self.room
+            return Err((
+                "chat_room",
+                format!("{:?}: 1 to 256 bytes with no control characters", self.room),
             ));
         }
         Ok(())
@@ -368,8 +369,8 @@ impl ServerOptions {
             if self.mode != Mode::Chat {
                 return invalid("chat_bus", "is for chat mode: add --mode chat");
             }
-            if let Err(problem) = bus.check() {
-                return invalid("chat_bus", &problem);
+            if let Err((option, problem)) = bus.check() {
+                return invalid(option, &problem);
             }
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {

@@ -203,6 +203,8 @@ impl Reader<'_> {
 
     fn failed(&self, e: io::Error) -> HeaderError {
         match e.kind() {
+            // Reset before a byte came: a port probe, as a plain TCP health check is.
+            io::ErrorKind::ConnectionReset if self.header.is_empty() => HeaderError::Closed(0),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 HeaderError::Timeout(self.timeout)
             }

@@ -352,6 +352,15 @@ fn connect_bus(config: &ChatBus, shared: &Arc<Shared>) -> Result<Bus, Error> {
     // once it is stopped, which `join_threads` does before the server goes.)
     let server = Arc::downgrade(shared);
     let timeout = shared.ctx.options.send_timeout;
+    // What a relayed line of this server's own can be: the address and --max-line bytes, each
+    // escaped to at most 4 (a control byte as `\x1b`). Servers sharing a room should share
+    // --max-line; a longer line from the bus is dropped, as no client here could have sent it.
+    let longest = shared
+        .ctx
+        .options
+        .max_line
+        .saturating_mul(4)
+        .saturating_add(64);
     let deliver = Box::new(move |lines: &[u8]| {
         if lines.is_empty() {
             return;
@@ -359,11 +368,18 @@ fn connect_bus(config: &ChatBus, shared: &Arc<Shared>) -> Result<Bus, Error> {
         if let Some(server) = server.upgrade() {
             // Anyone who can publish on the channel can send anything: relayed only as lines,
             // escaped, as a client's would be.
-            let lines = crate::framing::escape_lines(lines);
-            server
-                .ctx
-                .room
-                .broadcast(ELSEWHERE, &Arc::from(&*lines), timeout);
+            let (lines, dropped) = crate::framing::escape_lines(lines, longest);
+            if dropped > 0 {
+                warn!(
+                    "chat bus: dropped {dropped} lines from another server longer than this server's lines can be ({longest} bytes with the address, from --max-line)"
+                );
+            }
+            if !lines.is_empty() {
+                server
+                    .ctx
+                    .room
+                    .broadcast(ELSEWHERE, &Arc::from(&*lines), timeout);
+            }
         }
     });
     let bus = Bus::connect(&config.url, &config.room, CHAT_BUS_CONNECT_TIMEOUT, deliver)?;

@@ -164,6 +164,11 @@ fn host_port(text: &str) -> Result<(String, u16), String> {
             (host, port.strip_prefix(':').ok_or(EXPECTED)?)
         }
         None => {
+            if text.parse::<std::net::Ipv6Addr>().is_ok() {
+                return Err(format!(
+                    "an IPv6 address goes in brackets, then its port: [{text}]:PORT"
+                ));
+            }
             let (host, port) = text.rsplit_once(':').ok_or(EXPECTED)?;
             if host.contains(':') {
                 return Err(format!("an IPv6 address goes in brackets: [{host}]:{port}"));

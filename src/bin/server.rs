@@ -254,6 +254,14 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
     if cli.mode != ModeArg::Log {
         info!("mode: {}", Mode::from(cli.mode));
     }
+    // The client reads lines of up to 1 MiB: in echo and chat mode a longer line sent back is
+    // one it refuses (and fails on).
+    if cli.mode != ModeArg::Log && cli.max_line > 1024 * 1024 - 64 {
+        tracing::warn!(
+            "--max-line {} is more than plugboard clients read in a line (1 MiB with the address): a line that long, echoed or relayed, makes them fail",
+            cli.max_line
+        );
+    }
 
     // The process exits next: its connection threads needn't exit one by one. Stdout is not
     // touched here: the sink flushed what it wrote, and a writer stuck on it must not hold the

@@ -520,6 +520,38 @@ fn haproxy_health_checks_are_not_bad_headers() {
     assert!(out.stdout.is_empty(), "{out}");
 }
 
+/// Under TLS too, a health check (its header, then a reset, as HAProxy's checks do; or a reset
+/// before any byte, as a plain TCP check) is no failed handshake and no bad header, and is
+/// logged at the debug level only.
+#[test]
+fn health_checks_under_tls_are_quiet() {
+    let mut server = proxied(&["--tls-self-signed", "-v"]);
+    for header in [v2_local(), Vec::new()] {
+        let mut check = connect(server.addr);
+        check.write_all(&header).expect("send the header");
+        socket2::SockRef::from(&check)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger 0");
+        drop(check); // a reset
+    }
+    // The LOCAL one is logged (at debug) when its handshake ends with the reset.
+    wait_for_lines(&server, 1, |l| {
+        l.contains(" DEBUG ") && l.contains("the proxy's own connection ended")
+    });
+    let out = server.stop_cleanly();
+    assert_bad_headers(&out, 0);
+    support::assert_summary_counts(&out, 0, "failed TLS handshakes");
+    let loud: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && (l.contains("reset") || l.contains("own connection")))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "checks logged above debug: {loud:#?}\n{out}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. Headers by hand, and connections that bring none
 // ------------------------------------------------------------------------------------------------
