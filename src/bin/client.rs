@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Server port.
-    #[arg(long, default_value_t = 8887)]
+    #[arg(short, long, default_value_t = 8887)]
     port: u16,
     /// How many messages to send.
     #[arg(long, default_value_t = 10, value_name = "N")]

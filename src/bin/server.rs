@@ -31,7 +31,7 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on; 0 picks a free one (logged as `listening on ADDR`).
-    #[arg(long, default_value_t = 8887)]
+    #[arg(short, long, default_value_t = 8887)]
     port: u16,
     /// Line sent to each client on connect; `{peer}` becomes its address; '' sends none.
     #[arg(long, default_value = DEFAULT_GREETING)]

@@ -621,6 +621,26 @@ fn color_flag_decides_the_log_colour() {
     assert!(!coloured(&[]), "stderr is not a terminal");
 }
 
+/// `-p` is `--port`, on both sides, as with ncat.
+#[cfg(unix)]
+#[test]
+fn short_port_flag() {
+    let mut server = ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0"]);
+    let port = server.addr.port().to_string();
+    let out = run_client(
+        &["-p", &port, "--count", "1", "--interval", "0"],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(&out);
+    let printed = server.stop();
+    assert_eq!(
+        messages_from(&printed.stdout, peer),
+        ["hello world 0"],
+        "{printed}"
+    );
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
