@@ -641,6 +641,23 @@ fn short_port_flag() {
     );
 }
 
+/// `--help` wraps to the terminal's width (COLUMNS here), words whole: no line is wider.
+#[test]
+fn help_wraps_to_the_terminal() {
+    for bin in ["server", "client"] {
+        let out = std::process::Command::new(bin_path(bin))
+            .arg("--help")
+            .env("COLUMNS", "80")
+            .output()
+            .expect("run --help");
+        assert!(out.status.success(), "{bin} --help: {out:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let wide: Vec<&str> = help.lines().filter(|l| l.chars().count() > 80).collect();
+        assert!(wide.is_empty(), "{bin} --help at 80 columns: {wide:#?}");
+        assert!(help.lines().count() > 20, "{bin} --help: {help}");
+    }
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
