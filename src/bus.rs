@@ -870,17 +870,14 @@ fn run_publisher(shared: &Shared, connection: Connection) {
     let mut refused = false;
     loop {
         let Some(open) = connection.as_mut() else {
-            if !shared.pause(backoff.next()) {
+            let Some(opened) = reconnect(shared, &mut backoff, "publish", Shared::open_publisher)
+            else {
                 return;
+            };
+            if opened.is_some() {
+                shared.publisher_connected();
             }
-            match shared.open_publisher(shared.connect_timeout) {
-                Ok(open) => {
-                    connection = Some(open);
-                    backoff.reset();
-                    shared.publisher_connected();
-                }
-                Err(e) => debug!("chat bus {}: cannot publish yet: {e}", shared.url),
-            }
+            connection = opened;
             continue;
         };
         let done = match shared.next_work(&mut taken) {
@@ -896,25 +893,46 @@ fn run_publisher(shared: &Shared, connection: Connection) {
     }
 }
 
-/// The subscriber thread: hands what arrives to the relay thread; reconnects and subscribes again when the
-/// connection is lost.
+/// One try at making a lost connection again, after the backoff's wait: `None` if the bus
+/// stopped meanwhile, `Some(None)` if the try failed (logged at debug: the loss was warned of).
+fn reconnect(
+    shared: &Shared,
+    backoff: &mut Backoff,
+    to: &str,
+    open: impl Fn(&Shared, Duration) -> Result<Connection, RedisError>,
+) -> Option<Option<Connection>> {
+    if !shared.pause(backoff.next()) {
+        return None;
+    }
+    match open(shared, shared.connect_timeout) {
+        Ok(connection) => {
+            backoff.reset();
+            Some(Some(connection))
+        }
+        Err(e) => {
+            debug!("chat bus {}: cannot {to} yet: {e}", shared.url);
+            Some(None)
+        }
+    }
+}
+
+/// The subscriber thread: hands what arrives to the relay thread; reconnects and subscribes
+/// again when the connection is lost.
 fn run_subscriber(shared: &Shared, connection: Connection) {
     let mut connection = Some(connection);
     let mut origins = Origins::default();
     let mut backoff = Backoff::new();
     loop {
         let Some(open) = connection.as_mut() else {
-            if !shared.pause(backoff.next()) {
+            let Some(opened) =
+                reconnect(shared, &mut backoff, "subscribe", Shared::open_subscriber)
+            else {
                 return;
+            };
+            if opened.is_some() {
+                shared.link_restored(SUBSCRIBER);
             }
-            match shared.open_subscriber(shared.connect_timeout) {
-                Ok(open) => {
-                    connection = Some(open);
-                    backoff.reset();
-                    shared.link_restored(SUBSCRIBER);
-                }
-                Err(e) => debug!("chat bus {}: cannot subscribe yet: {e}", shared.url),
-            }
+            connection = opened;
             continue;
         };
         match shared.listen(open, &mut origins) {
