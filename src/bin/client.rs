@@ -29,7 +29,7 @@ use common::{FramingArg, LogArgs};
 #[command(name = "client", version)]
 struct Cli {
     /// Server address: IPv4, IPv6 or a host name.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
     /// Server port.
     #[arg(short, long, default_value_t = 8887)]

@@ -28,7 +28,7 @@ use common::{FramingArg, LogArgs};
 #[command(group(clap::ArgGroup::new("tls_on").args(["tls_cert", "tls_self_signed"])))]
 struct Cli {
     /// Address to listen on: IPv4, IPv6 or a host name.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
     /// Port to listen on; 0 picks a free one (logged as `listening on ADDR`).
     #[arg(short, long, default_value_t = 8887)]

@@ -658,6 +658,22 @@ fn help_wraps_to_the_terminal() {
     }
 }
 
+/// An address with its port given to `--host` is a usage error that says to use `--port`.
+#[test]
+fn host_with_a_port_says_use_port() {
+    for bin in ["server", "client"] {
+        for (host, says) in [
+            ("127.0.0.1:9000", "--host 127.0.0.1 --port 9000"),
+            ("[::1]:9000", "--host ::1 --port 9000"),
+            ("localhost:9000", "--host localhost --port 9000"),
+        ] {
+            let out = run_bin(bin, &["--host", host], EXIT_TIMEOUT);
+            out.assert_code(2).assert_no_panic();
+            assert!(out.stderr.contains(says), "{bin} --host {host}\n{out}");
+        }
+    }
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {

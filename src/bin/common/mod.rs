@@ -118,6 +118,26 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
     log
 }
 
+/// A `--host`: anything but an address with a port glued on (`127.0.0.1:9000`, `[::1]:9000`,
+/// `localhost:9000`), which is told to use `--port`. Names and addresses are resolved later.
+pub fn host(text: &str) -> Result<String, String> {
+    let with_port = match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) => Some((addr.ip().to_string(), addr.port())),
+        // `name:digits`: one colon, so not an IPv6 address.
+        Err(_) => text
+            .split_once(':')
+            .filter(|(name, port)| !name.is_empty() && !name.contains(':') && !port.contains(':'))
+            .and_then(|(name, port)| Some((name.to_string(), port.parse::<u16>().ok()?))),
+    };
+    match with_port {
+        Some((host, port)) => Err(format!(
+            "a host, without a port: --host {host} --port {port}"
+        )),
+        None if text.is_empty() => Err("empty".to_string()),
+        None => Ok(text.to_string()),
+    }
+}
+
 /// Reports options the library refused ([`plugboard::Error::Options`]) the way clap reports a bad
 /// flag, and exits with status 2: the library's check is the binaries' check.
 pub fn invalid_options(mut command: clap::Command, error: &plugboard::Error) -> ! {
