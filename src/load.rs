@@ -95,6 +95,23 @@ impl LoadOptions {
         if self.size > Self::MAX_SIZE {
             return invalid("size", format!("must be at most {} bytes", Self::MAX_SIZE));
         }
+        // Padding only lengthens: a size below the longest message would be ignored. (Chat's
+        // messages are stamped; their length is the load's business.)
+        if self.size > 0 && !self.chat {
+            let last = self
+                .message
+                .replace("{i}", &self.count.saturating_sub(1).to_string());
+            let longest = last.len() + usize::from(self.framing == Framing::Line);
+            if self.size < longest {
+                return invalid(
+                    "size",
+                    format!(
+                        "{} bytes is less than the message: {last:?} is {longest} bytes on the wire",
+                        self.size
+                    ),
+                );
+            }
+        }
         if self.framing == Framing::Line && self.message.contains('\n') {
             return invalid(
                 "message",

@@ -68,8 +68,7 @@ struct Cli {
     connections: Option<usize>,
     /// Load mode: pad each message to this many bytes on the wire (counting the newline), at
     /// most 16 MiB.
-    #[arg(long, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    #[arg(long, value_name = "BYTES", value_parser = common::bytes)]
     size: Option<usize>,
     /// Load mode, against an echo server: send one message, wait for its echo, repeat; the
     /// summary adds latency percentiles.

@@ -51,8 +51,7 @@ struct Cli {
           value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     max_clients: usize,
     /// Longest line in bytes; a client sending a longer one is told `error: line too long` and closed.
-    #[arg(long, default_value_t = plugboard::DEFAULT_MAX_LINE, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    #[arg(long, default_value = "64KiB", value_name = "BYTES", value_parser = common::bytes)]
     max_line: usize,
     /// Close a client that completes no message for this long (`30s`, `5m`); 0 = never.
     #[arg(long, default_value = "0", value_parser = common::duration, value_name = "DURATION")]
@@ -60,8 +59,7 @@ struct Cli {
     /// Bytes all clients' buffers may hold together beyond each one's small allowance (larger
     /// reads, long unfinished lines); a client whose unfinished line does not fit is told
     /// `error: server busy (buffers full)` and closed.
-    #[arg(long, default_value_t = plugboard::DEFAULT_BUFFER_BUDGET, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    #[arg(long, default_value = "256MiB", value_name = "BYTES", value_parser = common::bytes)]
     buffer_budget: usize,
     /// Admit only clients in this range (CIDR or address; repeatable). Default: everyone.
     #[arg(long, value_name = "CIDR")]

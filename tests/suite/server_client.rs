@@ -674,6 +674,55 @@ fn host_with_a_port_says_use_port() {
     }
 }
 
+/// Byte sizes take units (`--max-line 1KiB`, `--size 1k`), and a `--size` too small for the
+/// message is a usage error, not silently ignored.
+#[cfg(unix)]
+#[test]
+fn sizes_take_units() {
+    let mut server =
+        ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0", "--max-line", "1KiB"]);
+    let port = server.addr.port().to_string();
+    let long = "x".repeat(1025);
+    let out = run_client(
+        &[
+            "-p",
+            &port,
+            "--count",
+            "1",
+            "--interval",
+            "0",
+            "--message",
+            &long,
+        ],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(1).assert_no_panic();
+    assert!(
+        out.stderr.contains("line too long (max 1024 bytes)"),
+        "{out}"
+    );
+    let load = [
+        "-p",
+        &port,
+        "--connections",
+        "1",
+        "--count",
+        "2",
+        "--message",
+        "hi",
+    ];
+    let out = run_client(
+        &[&load[..], &["--size", "1k", "--json"]].concat(),
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    assert_eq!(json_field(&out.stdout, "bytes") as u64, 2000, "{out}");
+    let out = run_client(&[&load[..], &["--size", "2"]].concat(), EXIT_TIMEOUT);
+    out.assert_code(2).assert_no_panic();
+    assert!(out.stderr.contains("less than the message"), "{out}");
+    server.stop();
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {

@@ -118,6 +118,16 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
     log
 }
 
+/// A size in bytes: a number, with a unit or not (`65536`, `64KiB`, `1k` = 1,000, `1MiB`,
+/// `1.5MB`), by the parse-size crate.
+pub fn bytes(text: &str) -> Result<usize, String> {
+    let bytes = parse_size::parse_size(text).map_err(|e| {
+        format!("{e} (a number of bytes, with a unit or not: 65536, 64KiB, 1k, 1MiB)")
+    })?;
+    // Past what this machine can address: as good as no limit.
+    Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
+}
+
 /// A `--host`: anything but an address with a port glued on (`127.0.0.1:9000`, `[::1]:9000`,
 /// `localhost:9000`), which is told to use `--port`. Names and addresses are resolved later.
 pub fn host(text: &str) -> Result<String, String> {
@@ -170,6 +180,17 @@ mod tests {
     use std::ffi::OsStr;
 
     use super::ColorChoice;
+
+    #[test]
+    fn sizes_take_units_and_the_defaults_are_the_library_s() {
+        assert_eq!(super::bytes("64KiB"), Ok(plugboard::DEFAULT_MAX_LINE));
+        assert_eq!(super::bytes("256MiB"), Ok(plugboard::DEFAULT_BUFFER_BUDGET));
+        assert_eq!(super::bytes("1k"), Ok(1000));
+        assert_eq!(super::bytes("1.5 KiB"), Ok(1536));
+        assert_eq!(super::bytes("100"), Ok(100));
+        assert!(super::bytes("-1").is_err());
+        assert!(super::bytes("lots").is_err());
+    }
 
     #[test]
     fn colour_follows_the_flag_then_no_color_then_the_terminal() {
