@@ -548,10 +548,12 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     }
     plugboard::raise_fd_limit().ok();
     let progress = Arc::new(Progress::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = io::stderr().is_terminal().then(|| {
-        let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
-        thread::spawn(move || show_progress(&progress, &done))
+    // Dropped when the load is done: wakes the progress line at once.
+    let (done, finished) = mpsc::channel::<()>();
+    let total = (options.connections as u64).saturating_mul(options.count);
+    let ticker = (io::stderr().is_terminal() && !cli.log.is_quiet()).then(|| {
+        let progress = Arc::clone(&progress);
+        thread::spawn(move || show_progress(&progress, total, &finished))
     });
     let servers: Vec<(&str, u16)> = if cli.server.is_empty() {
         vec![(cli.host.as_str(), cli.port)]
@@ -559,7 +561,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         cli.server.iter().map(|(h, p)| (h.as_str(), *p)).collect()
     };
     let report = run_load_across(&servers, &options, &progress);
-    done.store(true, Ordering::Relaxed);
+    drop(done);
     if let Some(ticker) = ticker {
         let _ = ticker.join();
     }
@@ -580,14 +582,28 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rewrites one progress line on stderr every half second until `done`.
-fn show_progress(progress: &Progress, done: &AtomicBool) {
+/// Rewrites one progress line on stderr every half second (messages sent of `total`, the rate,
+/// and the time left at that rate) until `finished` says the load is done, at once.
+fn show_progress(progress: &Progress, total: u64, finished: &mpsc::Receiver<()>) {
     let started = Instant::now();
-    while !done.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(500)); // a display refresh, not synchronisation
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        finished.recv_timeout(Duration::from_millis(500))
+    {
         let sent = progress.messages();
         let rate = sent as f64 / started.elapsed().as_secs_f64();
-        let _ = write!(io::stderr(), "\r{sent} messages sent, {rate:.0}/s   ");
+        let left = if rate > 0.0 {
+            let secs = total.saturating_sub(sent) as f64 / rate;
+            format!(
+                ", {} left",
+                humantime::format_duration(Duration::from_secs(secs as u64))
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            io::stderr(),
+            "\r{sent} of {total} messages sent, {rate:.0}/s{left}   "
+        );
     }
     let _ = write!(io::stderr(), "\r\x1b[K");
 }

@@ -27,6 +27,14 @@ pub struct LogArgs {
     color: ColorChoice,
 }
 
+impl LogArgs {
+    /// Whether `-q` was given: nothing but warnings and errors on stderr.
+    #[allow(dead_code)] // the client's; this module is compiled into each binary
+    pub fn is_quiet(&self) -> bool {
+        self.quiet > 0
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ColorChoice {
     Auto,
