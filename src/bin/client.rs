@@ -26,65 +26,75 @@ use common::{FramingArg, LogArgs};
 /// half-closes and waits (at most --linger) for the server to close: a plugboard server closes
 /// cleanly only once it has printed everything, so exit status 0 means every message was printed.
 #[derive(Parser, Debug)]
-#[command(name = "client", version)]
+#[command(name = "client", version, after_long_help = EXAMPLES)]
 struct Cli {
     /// Server address: IPv4, IPv6 or a host name.
-    #[arg(long, default_value = "127.0.0.1", value_parser = common::host)]
+    #[arg(help_heading = "Connection", long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
     /// Server port.
-    #[arg(short, long, default_value_t = 8887)]
+    #[arg(help_heading = "Connection", short, long, default_value_t = 8887)]
     port: u16,
     /// How many messages to send.
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    #[arg(
+        help_heading = "Messages",
+        long,
+        default_value_t = 10,
+        value_name = "N"
+    )]
     count: u64,
     /// Pause between messages (`2s`, `500ms`, `0`) [default: 2s; in load mode 0, as fast as
     /// possible].
-    #[arg(long, value_parser = common::duration, value_name = "DURATION")]
+    #[arg(help_heading = "Messages", long, value_parser = common::duration, value_name = "DURATION")]
     interval: Option<Duration>,
     /// Message text; `{i}` becomes the message's number, counting from 0.
-    #[arg(long, default_value = "hello world {i}", value_name = "TEMPLATE")]
+    #[arg(
+        help_heading = "Messages",
+        long,
+        default_value = "hello world {i}",
+        value_name = "TEMPLATE"
+    )]
     message: String,
     /// How long to wait for the connection (`0`: the operating system's limit).
-    #[arg(long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
+    #[arg(help_heading = "Connection", long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
     connect_timeout: Duration,
     /// After the last message, how long to wait for the server to confirm delivery by closing
     /// (with --rtt: also how long to wait for each echo); no close in time means exit status 1.
-    #[arg(long, default_value = "2s", value_parser = positive_duration, value_name = "DURATION")]
+    #[arg(help_heading = "Messages", long, default_value = "2s", value_parser = positive_duration, value_name = "DURATION")]
     linger: Duration,
     /// Give up (exit status 1) when the server takes nothing of what is being sent for this long.
-    #[arg(long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION")]
+    #[arg(help_heading = "Messages", long, default_value = "10s", value_parser = positive_duration, value_name = "DURATION")]
     send_timeout: Duration,
     /// How messages are delimited.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(help_heading = "Connection", long, value_enum, default_value_t)]
     framing: FramingArg,
     /// Send each line typed or piped on standard input instead of numbered messages; at its end,
     /// half-close and wait (at most --linger) for the server to close.
-    #[arg(long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "chat", "json", "size"])]
+    #[arg(help_heading = "Messages", long, conflicts_with_all = ["count", "interval", "message", "connections", "rtt", "chat", "json", "size"])]
     stdin: bool,
     /// Load mode: this many connections in parallel (1 to 100000), each sending --count
     /// messages; a summary (messages/s, MB/s, errors) goes to stderr. Nothing received is
     /// printed.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    #[arg(help_heading = "Load mode", long, value_name = "N", value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     connections: Option<usize>,
     /// Load mode: pad each message to this many bytes on the wire (counting the newline), at
     /// most 16 MiB.
-    #[arg(long, value_name = "BYTES", value_parser = common::bytes)]
+    #[arg(help_heading = "Load mode", long, value_name = "BYTES", value_parser = common::bytes)]
     size: Option<usize>,
     /// Load mode, against an echo server: send one message, wait for its echo, repeat; the
     /// summary adds latency percentiles.
-    #[arg(long)]
+    #[arg(help_heading = "Load mode", long)]
     rtt: bool,
     /// Load mode, against a chat server: every connection joins the room, then sends --count
     /// messages and counts those of the others; the summary adds how many were delivered and
     /// the delivery latency percentiles. A message missing is an error.
-    #[arg(long, conflicts_with = "rtt")]
+    #[arg(help_heading = "Load mode", long, conflicts_with = "rtt")]
     chat: bool,
     /// Load mode: also print the summary as one line of JSON on stdout.
-    #[arg(long)]
+    #[arg(help_heading = "Load mode", long)]
     json: bool,
     /// Load mode across several servers: spread the connections over these (repeatable), in
     /// turn, instead of --host/--port; with --chat, servers sharing a room (server --chat-bus).
-    #[arg(long, value_name = "HOST:PORT", value_parser = host_port,
+    #[arg(help_heading = "Load mode", long, value_name = "HOST:PORT", value_parser = host_port,
           conflicts_with_all = ["host", "port", "stdin"])]
     server: Vec<(String, u16)>,
     #[command(flatten)]
@@ -205,6 +215,16 @@ fn main() -> ExitCode {
         Err(error) => common::fail(&log, &error),
     }
 }
+
+/// The end of `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  client --port 8887                  the demo: 10 messages, 2 s apart
+  client --stdin < lines.txt          send a file; exit 0 once all was printed
+  client --tls-fingerprint sha256:HEX --count 1 --message hello
+  client --connections 100 --count 10000 --size 64      throughput
+  client --rtt --count 20000 --json   round trips, against server --mode echo
+  client --chat --connections 50 --server 10.0.0.1:8887 --server 10.0.0.2:8887";
 
 /// The pause between the demo's messages, as in the original.
 const DEMO_INTERVAL: Duration = Duration::from_secs(2);

@@ -24,52 +24,52 @@ use common::{FramingArg, LogArgs};
 /// Every message goes to stdout as one line `PEER MESSAGE`; the log goes to stderr.
 /// SIGINT or SIGTERM stops it cleanly; a second one exits at once.
 #[derive(Parser, Debug)]
-#[command(name = "server", version)]
+#[command(name = "server", version, after_long_help = EXAMPLES)]
 #[command(group(clap::ArgGroup::new("tls_on").args(["tls_cert", "tls_self_signed"])))]
 struct Cli {
     /// Address to listen on: IPv4, IPv6 or a host name.
-    #[arg(long, default_value = "127.0.0.1", value_parser = common::host)]
+    #[arg(help_heading = "Connection", long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
     /// Port to listen on; 0 picks a free one (logged as `listening on ADDR`).
-    #[arg(short, long, default_value_t = 8887)]
+    #[arg(help_heading = "Connection", short, long, default_value_t = 8887)]
     port: u16,
     /// Line sent to each client on connect; `{peer}` becomes its address; '' sends none.
-    #[arg(long, default_value = DEFAULT_GREETING)]
+    #[arg(help_heading = "Connection", long, default_value = DEFAULT_GREETING)]
     greeting: String,
     /// How messages are delimited.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(help_heading = "Connection", long, value_enum, default_value_t)]
     framing: FramingArg,
     /// What to do with each message besides printing it.
-    #[arg(long, value_enum, default_value_t = ModeArg::Log)]
+    #[arg(help_heading = "Connection", long, value_enum, default_value_t = ModeArg::Log)]
     mode: ModeArg,
     /// A client that takes nothing sent to it for this long (the greeting, echoes, chat lines),
     /// or whose chat queue stays full this long, is disconnected.
-    #[arg(long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
+    #[arg(help_heading = "Limits", long, default_value = "5s", value_parser = common::duration, value_name = "DURATION")]
     send_timeout: Duration,
     /// Most clients at once; one more is told `error: server full (N clients)` and closed.
-    #[arg(long, default_value_t = 10_000, value_name = "N",
+    #[arg(help_heading = "Limits", long, default_value_t = 10_000, value_name = "N",
           value_parser = clap::value_parser!(u64).map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
     max_clients: usize,
     /// Longest line in bytes; a client sending a longer one is told `error: line too long` and closed.
-    #[arg(long, default_value = "64KiB", value_name = "BYTES", value_parser = common::bytes)]
+    #[arg(help_heading = "Limits", long, default_value = "64KiB", value_name = "BYTES", value_parser = common::bytes)]
     max_line: usize,
     /// Close a client that completes no message for this long (`30s`, `5m`); 0 = never.
-    #[arg(long, default_value = "0", value_parser = common::duration, value_name = "DURATION")]
+    #[arg(help_heading = "Limits", long, default_value = "0", value_parser = common::duration, value_name = "DURATION")]
     idle_timeout: Duration,
     /// Bytes all clients' buffers may hold together beyond each one's small allowance (larger
     /// reads, long unfinished lines); a client whose unfinished line does not fit is told
     /// `error: server busy (buffers full)` and closed.
-    #[arg(long, default_value = "256MiB", value_name = "BYTES", value_parser = common::bytes)]
+    #[arg(help_heading = "Limits", long, default_value = "256MiB", value_name = "BYTES", value_parser = common::bytes)]
     buffer_budget: usize,
     /// Admit only clients in this range (CIDR or address; repeatable). Default: everyone.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(help_heading = "Limits", long, value_name = "CIDR")]
     allow: Vec<Range>,
     /// Refuse clients in this range (CIDR or address; repeatable). Deny wins over allow.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(help_heading = "Limits", long, value_name = "CIDR")]
     deny: Vec<Range>,
     /// Listen backlog: connections the kernel queues before they are accepted (Linux caps it at
     /// net.core.somaxconn, 4096 by default).
-    #[arg(long, default_value_t = 4096, value_name = "N",
+    #[arg(help_heading = "Limits", long, default_value_t = 4096, value_name = "N",
           value_parser = clap::value_parser!(i32))]
     backlog: i32,
     /// Serve TLS with this certificate chain (PEM, the server's own first); needs --tls-key.
@@ -132,6 +132,17 @@ struct Cli {
     #[command(flatten)]
     log: LogArgs,
 }
+
+/// The end of `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  server --port 8887                  the demo: print what each client sends
+  server --port 0 --mode chat         a chat room on a free port (logged)
+  server --mode echo --max-clients 100 --idle-timeout 5m
+  server --host :: --allow 10.0.0.0/8 --deny 10.0.0.13
+  server --tls-self-signed            TLS; clients pin the logged fingerprint
+  server --proxy-protocol --trusted-proxy 10.0.0.2 --reuse-port
+  server --mode chat --chat-bus redis://127.0.0.1:6379 --chat-room lobby";
 
 /// [`common::duration`], but more than zero.
 fn positive_duration(text: &str) -> Result<Duration, String> {

@@ -641,7 +641,8 @@ fn short_port_flag() {
     );
 }
 
-/// `--help` wraps to the terminal's width (COLUMNS here), words whole: no line is wider.
+/// `--help` wraps to the terminal's width (COLUMNS here), words whole: no line is wider; it
+/// groups flags under headings and ends with examples, which `-h` leaves out.
 #[test]
 fn help_wraps_to_the_terminal() {
     for bin in ["server", "client"] {
@@ -655,6 +656,19 @@ fn help_wraps_to_the_terminal() {
         let wide: Vec<&str> = help.lines().filter(|l| l.chars().count() > 80).collect();
         assert!(wide.is_empty(), "{bin} --help at 80 columns: {wide:#?}");
         assert!(help.lines().count() > 20, "{bin} --help: {help}");
+        for heading in ["Connection:", "TLS:", "Logging:", "Examples:"] {
+            assert!(
+                help.contains(heading),
+                "{bin} --help has no {heading}\n{help}"
+            );
+        }
+        let short = run_bin(bin, &["-h"], EXIT_TIMEOUT);
+        short.assert_code(0);
+        assert!(
+            !short.stdout.contains("Examples:")
+                && short.stdout.lines().count() < help.lines().count(),
+            "{bin} -h stays short\n{short}"
+        );
     }
 }
 

@@ -13,17 +13,17 @@ use tracing_subscriber::EnvFilter;
 #[derive(Args, Debug)]
 pub struct LogArgs {
     /// More log detail on stderr (-v debug, -vv trace). RUST_LOG, if set, takes precedence.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(help_heading = "Logging", short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Less log detail on stderr (-q warnings and errors only, -qq errors only).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    #[arg(help_heading = "Logging", short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(help_heading = "Logging", long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     /// Colour in the log: auto (when stderr is a terminal and NO_COLOR is not set), always,
     /// never.
-    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, global = true, value_name = "WHEN")]
+    #[arg(help_heading = "Logging", long, value_enum, default_value_t = ColorChoice::Auto, global = true, value_name = "WHEN")]
     color: ColorChoice,
 }
 
