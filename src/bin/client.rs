@@ -99,6 +99,10 @@ struct Cli {
     server: Vec<(String, u16)>,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) or the man page
+    /// (man) to stdout, and exit.
+    #[arg(long, value_enum, value_name = "WHAT", hide_short_help = true)]
+    generate: Option<common::Generate>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -206,6 +210,9 @@ fn fingerprint(text: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(what) = cli.generate {
+        return common::generate(Cli::command(), what);
+    }
     let log = common::init_logging(&cli.log);
     match run(cli) {
         Ok(()) => {

@@ -129,6 +129,10 @@ struct Cli {
     #[arg(long, value_name = "NAME", default_value = plugboard::DEFAULT_CHAT_ROOM,
           requires = "chat_bus", help_heading = "Behind a proxy, and several servers")]
     chat_room: String,
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) or the man page
+    /// (man) to stdout, and exit.
+    #[arg(long, value_enum, value_name = "WHAT", hide_short_help = true)]
+    generate: Option<common::Generate>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -176,6 +180,9 @@ impl From<ModeArg> for Mode {
 fn main() -> ExitCode {
     map_large_blocks_apart();
     let cli = Cli::parse();
+    if let Some(what) = cli.generate {
+        return common::generate(Cli::command(), what);
+    }
     // The library's own check of the options, reported as clap reports a bad flag (exit 2).
     let options = match options(&cli) {
         Ok(options) => options,

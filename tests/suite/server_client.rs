@@ -737,6 +737,35 @@ fn sizes_take_units() {
     server.stop();
 }
 
+/// `--generate` prints shell completions and the man page: the bash script is valid bash that
+/// completes the binary's flags, the man page is roff naming the binary; nothing else starts.
+#[cfg(unix)]
+#[test]
+fn completions_and_man_page() {
+    for bin in ["server", "client"] {
+        let bash = run_bin(bin, &["--generate", "bash"], EXIT_TIMEOUT);
+        bash.assert_code(0).assert_no_panic();
+        assert!(
+            bash.stdout.contains(&format!("complete -F _{bin}")) && bash.stdout.contains("--port"),
+            "{bash}"
+        );
+        let checked = std::process::Command::new("bash")
+            .args(["-n", "-c", &bash.stdout])
+            .status()
+            .expect("run bash -n");
+        assert!(checked.success(), "{bin}'s bash completion does not parse");
+        for shell in ["zsh", "fish", "powershell", "elvish"] {
+            let out = run_bin(bin, &["--generate", shell], EXIT_TIMEOUT);
+            out.assert_code(0).assert_no_panic();
+            assert!(out.stdout.contains("port"), "{bin} {shell}: {out}");
+        }
+        let man = run_bin(bin, &["--generate", "man"], EXIT_TIMEOUT);
+        man.assert_code(0).assert_no_panic();
+        assert!(man.stdout.contains(&format!(".TH {bin} 1")), "{man}");
+        assert!(man.stderr.is_empty(), "nothing started: {man}");
+    }
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {

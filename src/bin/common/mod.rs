@@ -126,6 +126,47 @@ pub fn init_logging(args: &LogArgs) -> log::Log {
     log
 }
 
+/// `--generate`: what to print instead of running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Generate {
+    Bash,
+    Zsh,
+    Fish,
+    Powershell,
+    Elvish,
+    /// the man page (roff)
+    Man,
+}
+
+/// Prints the completion script or man page `what` for `command` to stdout (clap_complete,
+/// clap_mangen, as ripgrep and fd ship them).
+pub fn generate(mut command: clap::Command, what: Generate) -> std::process::ExitCode {
+    use clap_complete::Shell;
+    let name = command.get_name().to_string();
+    let mut out = std::io::stdout().lock();
+    let shell = match what {
+        Generate::Bash => Shell::Bash,
+        Generate::Zsh => Shell::Zsh,
+        Generate::Fish => Shell::Fish,
+        Generate::Powershell => Shell::PowerShell,
+        Generate::Elvish => Shell::Elvish,
+        Generate::Man => {
+            return match clap_mangen::Man::new(command).render(&mut out) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write the man page to stdout: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    clap_complete::generate(shell, &mut command, name, &mut out);
+    std::process::ExitCode::SUCCESS
+}
+
 /// A size in bytes: a number, with a unit or not (`65536`, `64KiB`, `1k` = 1,000, `1MiB`,
 /// `1.5MB`), by the parse-size crate.
 pub fn bytes(text: &str) -> Result<usize, String> {
