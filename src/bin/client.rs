@@ -31,6 +31,10 @@ struct Cli {
     /// Server address: IPv4, IPv6 or a host name.
     #[arg(help_heading = "Connection", long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
+    /// `HOST [PORT]`, as ncat takes them: the same as --host and --port.
+    #[arg(value_name = "HOST [PORT]", num_args = 0..=2, conflicts_with_all = ["host", "port", "server"],
+          help_heading = "Connection")]
+    address: Vec<String>,
     /// Server port.
     #[arg(help_heading = "Connection", short, long, default_value_t = 8887)]
     port: u16,
@@ -209,7 +213,10 @@ fn fingerprint(text: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(problem) = common::positionals(&cli.address, false, &mut cli.host, &mut cli.port) {
+        usage_error(clap::error::ErrorKind::ValueValidation, problem);
+    }
     if let Some(what) = cli.generate {
         return common::generate(Cli::command(), what);
     }

@@ -30,6 +30,10 @@ struct Cli {
     /// Address to listen on: IPv4, IPv6 or a host name.
     #[arg(help_heading = "Connection", long, default_value = "127.0.0.1", value_parser = common::host)]
     host: String,
+    /// `[HOST] PORT`, as ncat takes them: the same as --host and --port.
+    #[arg(value_name = "[HOST] PORT", num_args = 0..=2, conflicts_with_all = ["host", "port"],
+          help_heading = "Connection")]
+    address: Vec<String>,
     /// Port to listen on; 0 picks a free one (logged as `listening on ADDR`).
     #[arg(help_heading = "Connection", short, long, default_value_t = 8887)]
     port: u16,
@@ -179,7 +183,12 @@ impl From<ModeArg> for Mode {
 
 fn main() -> ExitCode {
     map_large_blocks_apart();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(problem) = common::positionals(&cli.address, true, &mut cli.host, &mut cli.port) {
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, problem)
+            .exit();
+    }
     if let Some(what) = cli.generate {
         return common::generate(Cli::command(), what);
     }

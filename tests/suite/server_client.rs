@@ -766,6 +766,40 @@ fn completions_and_man_page() {
     }
 }
 
+/// `server [HOST] PORT` and `client HOST [PORT]`, as ncat takes them, mean --host and --port;
+/// with --port as well, or a third value, they are usage errors.
+#[cfg(unix)]
+#[test]
+fn host_and_port_as_positionals() {
+    let mut server = ServerProcess::spawn(&["127.0.0.1", "0"]);
+    let port = server.addr.port().to_string();
+    let out = run_client(
+        &["127.0.0.1", &port, "--count", "1", "--interval", "0"],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(&out);
+    let printed = server.stop();
+    assert_eq!(
+        messages_from(&printed.stdout, peer),
+        ["hello world 0"],
+        "{printed}"
+    );
+    assert!(
+        printed.stderr.contains("listening on 127.0.0.1:"),
+        "{printed}"
+    );
+    for args in [
+        &["127.0.0.1", "1", "--port", "2"][..],
+        &["a", "1", "extra"],
+        &["127.0.0.1", "notaport"],
+    ] {
+        run_bin("client", args, EXIT_TIMEOUT)
+            .assert_code(2)
+            .assert_no_panic();
+    }
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {

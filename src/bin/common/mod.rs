@@ -167,6 +167,32 @@ pub fn generate(mut command: clap::Command, what: Generate) -> std::process::Exi
     std::process::ExitCode::SUCCESS
 }
 
+/// Positional `HOST PORT` (or just one of them) as ncat takes them: with one value, `port_alone`
+/// says whether it is the port (the server's `[HOST] PORT`) or the host (the client's
+/// `HOST [PORT]`). Sets `host` and `port`; an error names what is wrong.
+pub fn positionals(
+    values: &[String],
+    port_alone: bool,
+    host: &mut String,
+    port: &mut u16,
+) -> Result<(), String> {
+    let port_of = |text: &str| {
+        text.parse::<u16>()
+            .map_err(|e| format!("{text:?} is not a port: {e}"))
+    };
+    match values {
+        [] => {}
+        [one] if port_alone => *port = port_of(one)?,
+        [one] => *host = self::host(one)?,
+        [h, p] => {
+            *host = self::host(h)?;
+            *port = port_of(p)?;
+        }
+        _ => return Err("at most two: HOST PORT".to_string()),
+    }
+    Ok(())
+}
+
 /// A size in bytes: a number, with a unit or not (`65536`, `64KiB`, `1k` = 1,000, `1MiB`,
 /// `1.5MB`), by the parse-size crate.
 pub fn bytes(text: &str) -> Result<usize, String> {
