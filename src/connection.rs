@@ -275,7 +275,12 @@ fn log_end(stream: &Stream, end: &End, counts: &Counts) {
         refused,
         bytes,
     } = counts;
-    let mut counted = format!("after {messages} messages, {bytes} bytes");
+    use crate::unstable::plural;
+    let mut counted = format!(
+        "after {}, {}",
+        plural(*messages, "message"),
+        plural(*bytes, "byte")
+    );
     if *refused > 0 {
         counted.push_str(&format!(" ({refused} messages not printed)"));
     }

@@ -89,4 +89,13 @@ pub mod unstable {
     pub use crate::framing::{Decoder, LineTooLong, escape_into, needs_escape};
     pub use crate::limits::reserve_descriptors;
     pub use crate::sink::format_batch;
+
+    /// `n` and `word`, plural unless `n` is one: `1 connection`, `2 connections`.
+    pub fn plural(n: u64, word: &str) -> String {
+        if n == 1 {
+            format!("1 {word}")
+        } else {
+            format!("{n} {word}s")
+        }
+    }
 }

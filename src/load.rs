@@ -254,16 +254,17 @@ fn json_string(json: &mut String, text: &str) {
 impl std::fmt::Display for LoadReport {
     /// The summary line: counts, rates, errors, and round-trip percentiles if measured.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::unstable::plural;
         write!(
             f,
-            "{} connections, {} messages, {} bytes in {:.3} s: {:.0} messages/s, {:.1} MB/s, {} errors",
-            self.connections,
-            self.messages,
-            self.bytes,
+            "{}, {}, {} in {:.3} s: {:.0} messages/s, {:.1} MB/s, {}",
+            plural(self.connections as u64, "connection"),
+            plural(self.messages, "message"),
+            plural(self.bytes, "byte"),
             self.elapsed.as_secs_f64(),
             self.messages_per_sec(),
             self.mb_per_sec(),
-            self.errors
+            plural(self.errors as u64, "error")
         )?;
         if let Some(error) = &self.first_error {
             write!(f, " (first: {})", error::chain(error))?;

@@ -19,6 +19,7 @@ use plugboard::{Client, Framing, LoadOptions, Progress, Receiver, run_load_acros
 use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
+use plugboard::unstable::plural;
 
 /// A TCP message client: prints every line the server sends and sends `--count` messages.
 ///
@@ -607,9 +608,9 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(error) = report.first_error {
         bail!(
-            "{} of {} connections failed; first: {:#}",
+            "{} of {} failed; first: {:#}",
             report.errors,
-            report.connections,
+            plural(report.connections as u64, "connection"),
             anyhow::Error::new(error)
         );
     }

@@ -18,6 +18,7 @@ use plugboard::{
 use tracing::{debug, info};
 
 use common::{FramingArg, LogArgs};
+use plugboard::unstable::plural;
 
 /// A TCP message server: greets each client and prints each message it sends.
 ///
@@ -295,23 +296,31 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
         Ok(summary) => {
             let mut failures = String::new();
             if summary.handshakes_failed > 0 {
-                failures += &format!(", {} failed TLS handshakes", summary.handshakes_failed);
+                failures += &format!(
+                    ", {}",
+                    plural(summary.handshakes_failed, "failed TLS handshake")
+                );
             }
             if summary.proxy_headers_failed > 0 {
-                failures += &format!(", {} bad PROXY headers", summary.proxy_headers_failed);
+                failures += &format!(
+                    ", {}",
+                    plural(summary.proxy_headers_failed, "bad PROXY header")
+                );
             }
             if cli.chat_bus.is_some() {
                 failures += &format!(
-                    "; chat bus: {} lines published, {} received, {} lost, {} not published",
-                    summary.chat_bus_published,
+                    "; chat bus: {} published, {} received, {} lost, {} not published",
+                    plural(summary.chat_bus_published, "line"),
                     summary.chat_bus_received,
                     summary.chat_bus_lost,
                     summary.chat_bus_unpublished
                 );
             }
             info!(
-                "stopped: {} connections, {} messages, {} bytes{failures}",
-                summary.connections, summary.messages, summary.bytes
+                "stopped: {}, {}, {}{failures}",
+                plural(summary.connections, "connection"),
+                plural(summary.messages, "message"),
+                plural(summary.bytes, "byte")
             );
             if summary.unprinted > 0 {
                 // A batch the output was still writing counts whole: "up to".

@@ -146,8 +146,12 @@ impl BusCounts {
             .collect();
         assert!(
             line.ends_with(&format!(
-                "; chat bus: {} lines published, {} received, {} lost, {} not published",
-                numbers[0], numbers[1], numbers[2], numbers[3]
+                "; chat bus: {} {} published, {} received, {} lost, {} not published",
+                numbers[0],
+                if numbers[0] == 1 { "line" } else { "lines" },
+                numbers[1],
+                numbers[2],
+                numbers[3]
             )),
             "the summary's wording: {line:?}"
         );

@@ -613,7 +613,7 @@ fn color_flag_decides_the_log_colour() {
     let coloured = |extra: &[&str]| {
         let out = run_client(&[&load[..], extra].concat(), EXIT_TIMEOUT);
         out.assert_code(1).assert_no_panic();
-        assert!(out.stderr.contains(" connections, "), "{out}");
+        assert!(out.stderr.contains("1 connection, 0 messages, "), "{out}");
         out.stderr.contains("\x1b[")
     };
     assert!(coloured(&["--color", "always"]));

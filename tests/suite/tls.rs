@@ -1075,7 +1075,7 @@ fn openssl_s_client_over_tls_1_2() {
     s_client.close_stdin();
     let (status, _, stderr) = s_client.wait_exit(TIMEOUT);
     assert!(status.success(), "s_client: {status}\n{stderr}");
-    server.wait_for_log(&[&format!("{peer} disconnected after 1 messages")]);
+    server.wait_for_log(&[&format!("{peer} disconnected after 1 message,")]);
     let out = server.stop_cleanly();
     assert_eq!(messages_from(&out.stdout, peer), ["over tls 1.2"], "{out}");
 }

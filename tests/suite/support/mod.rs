@@ -236,9 +236,14 @@ pub fn assert_summary_counts(out: &Output, n: usize, what: &str) {
     if n == 0 {
         assert!(!line.contains(what), "no {what} expected: {line}\n{out}");
     } else {
+        // `what` in the plural: `1 failed TLS handshake`, `2 failed TLS handshakes`.
+        let counted = match n {
+            1 => format!("1 {}", what.strip_suffix('s').unwrap_or(what)),
+            n => format!("{n} {what}"),
+        };
         assert!(
-            line.ends_with(&format!(", {n} {what}")),
-            "expected {n} {what}: {line}\n{out}"
+            line.ends_with(&format!(", {counted}")),
+            "expected {counted}: {line}\n{out}"
         );
     }
 }
