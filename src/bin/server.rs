@@ -75,7 +75,7 @@ struct Cli {
     /// Listen backlog: connections the kernel queues before they are accepted (Linux caps it at
     /// net.core.somaxconn, 4096 by default).
     #[arg(help_heading = "Limits", long, default_value_t = 4096, value_name = "N",
-          value_parser = clap::value_parser!(i32))]
+          value_parser = backlog)]
     backlog: i32,
     /// Serve TLS with this certificate chain (PEM, the server's own first); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key", help_heading = "TLS")]
@@ -152,6 +152,14 @@ Examples:
   server --tls-self-signed            TLS; clients pin the logged fingerprint
   server --proxy-protocol --trusted-proxy 10.0.0.2 --reuse-port
   server --mode chat --chat-bus redis://127.0.0.1:6379 --chat-room lobby";
+
+/// A `--backlog`: 1 to 2,147,483,647 (what `listen` takes), said in words.
+fn backlog(text: &str) -> Result<i32, String> {
+    text.parse::<i32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| "must be a whole number from 1 to 2147483647".to_string())
+}
 
 /// [`common::duration`], but more than zero.
 fn positive_duration(text: &str) -> Result<Duration, String> {

@@ -803,11 +803,13 @@ fn host_and_port_as_positionals() {
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
-    let cases: [(&str, &[&str]); 4] = [
+    let cases: [(&str, &[&str]); 6] = [
         ("server", &["--port", "notaport"]),
         ("server", &["--framing", "nope"]),
         ("client", &["--interval", "xyz"]),
         ("client", &["--count", "-1"]),
+        ("server", &["--backlog", "99999999999"]),
+        ("client", &["--connections", "0"]),
     ];
     for (bin, args) in cases {
         let out = run_bin(bin, args, EXIT_TIMEOUT);
@@ -816,6 +818,8 @@ fn bad_flags_exit_2() {
             !out.stderr.trim().is_empty(),
             "usage error should explain itself\n{out}"
         );
+        // Ranges in words, not Rust's `1..=100000`.
+        assert!(!out.stderr.contains(".."), "{out}");
     }
 }
 
