@@ -28,7 +28,7 @@ pub struct LoadOptions {
     pub count: u64,
     /// Pause between a connection's messages (zero: as fast as possible).
     pub interval: Duration,
-    /// Message text; `{i}` becomes the message number.
+    /// Message text; `{i}` becomes the message number, `{conn}` the connection's (from 0).
     pub message: String,
     /// Pad each message with `.` to this many bytes on the wire, counting line framing's `\n`.
     pub size: usize,
@@ -100,7 +100,8 @@ impl LoadOptions {
         if self.size > 0 && !self.chat {
             let last = self
                 .message
-                .replace("{i}", &self.count.saturating_sub(1).to_string());
+                .replace("{i}", &self.count.saturating_sub(1).to_string())
+                .replace("{conn}", &self.connections.saturating_sub(1).to_string());
             let longest = last.len() + usize::from(self.framing == Framing::Line);
             if self.size < longest {
                 return invalid(
@@ -362,7 +363,9 @@ pub fn run_load_across(
         .then(|| Arc::new(ChatRun::new(options.connections)));
     let threads: Vec<_> = (0..options.connections)
         .map(|conn| {
-            let options = options.clone();
+            let mut options = options.clone();
+            // `{conn}` is the connection's number, fixed for it: replaced once, here.
+            options.message = options.message.replace("{conn}", &conn.to_string());
             let dialer = dialers[conn % dialers.len()].clone();
             let progress = Arc::clone(progress);
             let chat = chat.clone();

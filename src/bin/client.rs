@@ -51,7 +51,8 @@ struct Cli {
     /// possible].
     #[arg(help_heading = "Messages", long, value_parser = common::duration, value_name = "DURATION")]
     interval: Option<Duration>,
-    /// Message text; `{i}` becomes the message's number, counting from 0.
+    /// Message text; `{i}` becomes the message's number, counting from 0; in load mode `{conn}`
+    /// becomes the connection's.
     #[arg(
         help_heading = "Messages",
         long,

@@ -800,6 +800,40 @@ fn host_and_port_as_positionals() {
     }
 }
 
+/// In load mode `{conn}` in --message is the connection's number and `{i}` the message's.
+#[cfg(unix)]
+#[test]
+fn load_templates_name_connection_and_message() {
+    let mut server = ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0"]);
+    let port = server.addr.port().to_string();
+    let out = run_client(
+        &[
+            "-p",
+            &port,
+            "--connections",
+            "3",
+            "--count",
+            "2",
+            "--message",
+            "c{conn} m{i}",
+        ],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    let printed = server.stop();
+    let mut texts: Vec<&str> = printed
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, text)| text))
+        .collect();
+    texts.sort_unstable();
+    assert_eq!(
+        texts,
+        ["c0 m0", "c0 m1", "c1 m0", "c1 m1", "c2 m0", "c2 m1"],
+        "{printed}"
+    );
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
