@@ -24,8 +24,12 @@ use crate::transport::{self, Dialer, Transport};
 pub struct LoadOptions {
     /// Connections in parallel, one thread each.
     pub connections: usize,
-    /// Messages per connection.
+    /// Messages per connection (unless `duration` is set).
     pub count: u64,
+    /// Instead of `count`: each connection sends for this long from its connect, then ends as
+    /// it would after its last message. Not with `chat`, whose connections must know how many
+    /// messages to expect from the others.
+    pub duration: Option<Duration>,
     /// Pause between a connection's messages (zero: as fast as possible).
     pub interval: Duration,
     /// Message text; `{i}` becomes the message number, `{conn}` the connection's (from 0).
@@ -60,6 +64,7 @@ impl Default for LoadOptions {
         LoadOptions {
             connections: 1,
             count: 10,
+            duration: None,
             interval: Duration::ZERO,
             message: "hello world {i}".to_string(),
             size: 0,
@@ -121,6 +126,16 @@ impl LoadOptions {
         }
         if self.rtt && self.framing != Framing::Line {
             return invalid("rtt", "needs line framing".to_string());
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return invalid("duration", "must be more than 0".to_string());
+        }
+        if self.chat && self.duration.is_some() {
+            return invalid(
+                "duration",
+                "can't be combined with chat: each connection must know how many messages the others send (use count)"
+                    .to_string(),
+            );
         }
         if self.chat && self.rtt {
             return invalid("chat", "can't be combined with rtt".to_string());
@@ -443,6 +458,30 @@ pub fn run_load_across(
     Ok(report)
 }
 
+/// Whether a connection has more to send: `count` messages, or until `duration` has passed
+/// since it began.
+struct More {
+    count: u64,
+    until: Option<Instant>,
+}
+
+impl More {
+    fn new(options: &LoadOptions) -> More {
+        More {
+            count: options.count,
+            until: options.duration.map(|d| Instant::now() + d),
+        }
+    }
+
+    /// Whether to send another after `sent` messages.
+    fn after(&self, sent: u64) -> bool {
+        match self.until {
+            Some(until) => Instant::now() < until,
+            None => sent < self.count,
+        }
+    }
+}
+
 /// The message template, split once at each `{i}`, so that writing message `i` is a few copies:
 /// the load generator shares the machine with the server it measures.
 struct Template {
@@ -731,13 +770,16 @@ fn stream_messages(
     let mut messages = Messages::new(&template);
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0u64;
-    for i in 0..options.count {
+    let more = More::new(options);
+    let mut i = 0;
+    while more.after(i) {
         if i > 0 && !options.interval.is_zero() {
             thread::sleep(options.interval); // pacing the load, as asked
         }
         buf.extend_from_slice(messages.get(i));
         pending += 1;
-        if buf.len() >= 64 * 1024 || !options.interval.is_zero() || i + 1 == options.count {
+        i += 1;
+        if buf.len() >= 64 * 1024 || !options.interval.is_zero() || !more.after(i) {
             send(&stream, &buf).map_err(send_failed)?;
             outcome.messages += pending;
             outcome.bytes += buf.len() as u64;
@@ -798,7 +840,9 @@ fn round_trips(
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         )
     };
-    for i in 0..options.count {
+    let more = More::new(options);
+    let mut i = 0;
+    while more.after(i) {
         if i > 0 && !options.interval.is_zero() {
             thread::sleep(options.interval); // pacing the load, as asked
         }
@@ -839,6 +883,7 @@ fn round_trips(
         outcome.messages += 1;
         outcome.bytes += line.len() as u64;
         progress.messages.fetch_add(1, Ordering::Relaxed);
+        i += 1;
     }
     outcome.latencies = histogram;
     if client.closed_early() {

@@ -95,6 +95,11 @@ struct Cli {
     /// the delivery latency percentiles. A message missing is an error.
     #[arg(help_heading = "Load mode", long, conflicts_with = "rtt")]
     chat: bool,
+    /// Load mode: each connection sends for this long (`30s`, `5m`) instead of --count
+    /// messages.
+    #[arg(help_heading = "Load mode", long, value_parser = positive_duration, value_name = "DURATION",
+          conflicts_with_all = ["count", "chat", "stdin"])]
+    duration: Option<Duration>,
     /// Load mode: also print the summary as one line of JSON on stdout.
     #[arg(help_heading = "Load mode", long)]
     json: bool,
@@ -295,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         || cli.rtt
         || cli.chat
         || cli.json
+        || cli.duration.is_some()
         || !cli.server.is_empty()
     {
         return load(&cli);
@@ -561,6 +567,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     let options = LoadOptions {
         connections: cli.connections.unwrap_or(1),
         count: cli.count,
+        duration: cli.duration,
         interval: cli.interval.unwrap_or(Duration::ZERO),
         message: cli.message.clone(),
         size: cli.size.unwrap_or(0),
@@ -586,7 +593,10 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     let progress = Arc::new(Progress::default());
     // Dropped when the load is done: wakes the progress line at once.
     let (done, finished) = mpsc::channel::<()>();
-    let total = (options.connections as u64).saturating_mul(options.count);
+    let total = match options.duration {
+        Some(duration) => Total::Time(duration),
+        None => Total::Messages((options.connections as u64).saturating_mul(options.count)),
+    };
     let ticker = (io::stderr().is_terminal() && !cli.log.is_quiet()).then(|| {
         let progress = Arc::clone(&progress);
         thread::spawn(move || show_progress(&progress, total, &finished))
@@ -618,27 +628,36 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rewrites one progress line on stderr every half second (messages sent of `total`, the rate,
-/// and the time left at that rate) until `finished` says the load is done, at once.
-fn show_progress(progress: &Progress, total: u64, finished: &mpsc::Receiver<()>) {
+/// How much a load run will send: messages in all, or for how long.
+#[derive(Clone, Copy)]
+enum Total {
+    Messages(u64),
+    Time(Duration),
+}
+
+/// Rewrites one progress line on stderr every half second (messages sent, of how many, the rate,
+/// and the time left) until `finished` says the load is done, at once.
+fn show_progress(progress: &Progress, total: Total, finished: &mpsc::Receiver<()>) {
     let started = Instant::now();
     while let Err(mpsc::RecvTimeoutError::Timeout) =
         finished.recv_timeout(Duration::from_millis(500))
     {
         let sent = progress.messages();
-        let rate = sent as f64 / started.elapsed().as_secs_f64();
-        let left = if rate > 0.0 {
-            let secs = total.saturating_sub(sent) as f64 / rate;
-            format!(
-                ", {} left",
-                humantime::format_duration(Duration::from_secs(secs as u64))
-            )
-        } else {
-            String::new()
+        let elapsed = started.elapsed();
+        let rate = sent as f64 / elapsed.as_secs_f64();
+        let (of, left) = match total {
+            Total::Messages(total) if rate > 0.0 => (
+                format!(" of {total}"),
+                Duration::from_secs((total.saturating_sub(sent) as f64 / rate) as u64),
+            ),
+            Total::Messages(total) => (format!(" of {total}"), Duration::ZERO),
+            Total::Time(duration) => (String::new(), duration.saturating_sub(elapsed)),
         };
+        let left = Duration::from_secs(left.as_secs());
         let _ = write!(
             io::stderr(),
-            "\r{sent} of {total} messages sent, {rate:.0}/s{left}   "
+            "\r{sent}{of} messages sent, {rate:.0}/s, {} left   ",
+            humantime::format_duration(left)
         );
     }
     let _ = write!(io::stderr(), "\r\x1b[K");

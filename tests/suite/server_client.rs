@@ -834,6 +834,35 @@ fn load_templates_name_connection_and_message() {
     );
 }
 
+/// `--duration`: each connection sends until the time is up instead of `--count` messages,
+/// and every message it counts was printed.
+#[cfg(unix)]
+#[test]
+fn load_for_a_duration() {
+    let mut server = ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0"]);
+    let port = server.addr.port().to_string();
+    let load = [
+        "-p",
+        &port,
+        "--connections",
+        "2",
+        "--duration",
+        "300ms",
+        "--interval",
+        "10ms",
+    ];
+    let out = run_client(&[&load[..], &["--json"]].concat(), EXIT_TIMEOUT);
+    out.assert_code(0).assert_no_panic();
+    let messages = json_field(&out.stdout, "messages") as usize;
+    assert!(json_field(&out.stdout, "elapsed_s") >= 0.3, "{out}");
+    assert!(
+        messages >= 2,
+        "each connection sent until the time was up: {out}"
+    );
+    let printed = server.stop();
+    assert_eq!(printed.stdout.lines().count(), messages, "{printed}");
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
