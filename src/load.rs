@@ -32,6 +32,11 @@ pub struct LoadOptions {
     pub duration: Option<Duration>,
     /// Pause between a connection's messages (zero: as fast as possible).
     pub interval: Duration,
+    /// Instead of `interval`: messages per second per connection, sent on a fixed schedule from
+    /// the connection's start whatever the server does (open loop). With `rtt`, each latency is
+    /// counted from when its message was due, not when it went: a stalled server shows in the
+    /// percentiles as the time every message waited behind it (no coordinated omission).
+    pub rate: Option<f64>,
     /// Message text; `{i}` becomes the message number, `{conn}` the connection's (from 0).
     pub message: String,
     /// Pad each message with `.` to this many bytes on the wire, counting line framing's `\n`.
@@ -66,6 +71,7 @@ impl Default for LoadOptions {
             count: 10,
             duration: None,
             interval: Duration::ZERO,
+            rate: None,
             message: "hello world {i}".to_string(),
             size: 0,
             framing: Framing::Line,
@@ -129,6 +135,20 @@ impl LoadOptions {
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
             return invalid("duration", "must be more than 0".to_string());
+        }
+        if let Some(rate) = self.rate {
+            if !(rate > 0.0 && rate <= 1e9) {
+                return invalid(
+                    "rate",
+                    "must be more than 0 and at most 1000000000".to_string(),
+                );
+            }
+            if !self.interval.is_zero() {
+                return invalid("rate", "can't be combined with interval".to_string());
+            }
+            if self.chat {
+                return invalid("rate", "can't be combined with chat yet".to_string());
+            }
         }
         if self.chat && self.duration.is_some() {
             return invalid(
@@ -458,6 +478,49 @@ pub fn run_load_across(
     Ok(report)
 }
 
+/// When each message goes: `interval` after the one before (closed loop), or on a fixed
+/// schedule at `rate` per second from the start (open loop), whatever happened meanwhile.
+struct Pace {
+    interval: Duration,
+    every: Option<Duration>,
+    start: Instant,
+}
+
+impl Pace {
+    fn new(options: &LoadOptions) -> Pace {
+        Pace {
+            interval: options.interval,
+            every: options.rate.map(|rate| Duration::from_secs_f64(1.0 / rate)),
+            start: Instant::now(),
+        }
+    }
+
+    /// Waits for message `i`'s turn (pacing the load, as asked); returns when it was due.
+    fn wait(&self, i: u64) -> Instant {
+        match self.every {
+            Some(every) => {
+                let due = self.start + every.mul_f64(i as f64);
+                let now = Instant::now();
+                if due > now {
+                    thread::sleep(due - now);
+                }
+                due
+            }
+            None => {
+                if i > 0 && !self.interval.is_zero() {
+                    thread::sleep(self.interval);
+                }
+                Instant::now()
+            }
+        }
+    }
+
+    /// Whether messages go one at a time (each sent when its turn comes) rather than in bursts.
+    fn is_paced(&self) -> bool {
+        self.every.is_some() || !self.interval.is_zero()
+    }
+}
+
 /// Whether a connection has more to send: `count` messages, or until `duration` has passed
 /// since it began.
 struct More {
@@ -771,15 +834,14 @@ fn stream_messages(
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0u64;
     let more = More::new(options);
+    let pace = Pace::new(options);
     let mut i = 0;
     while more.after(i) {
-        if i > 0 && !options.interval.is_zero() {
-            thread::sleep(options.interval); // pacing the load, as asked
-        }
+        pace.wait(i);
         buf.extend_from_slice(messages.get(i));
         pending += 1;
         i += 1;
-        if buf.len() >= 64 * 1024 || !options.interval.is_zero() || !more.after(i) {
+        if buf.len() >= 64 * 1024 || pace.is_paced() || !more.after(i) {
             send(&stream, &buf).map_err(send_failed)?;
             outcome.messages += pending;
             outcome.bytes += buf.len() as u64;
@@ -841,11 +903,10 @@ fn round_trips(
         )
     };
     let more = More::new(options);
+    let pace = Pace::new(options);
     let mut i = 0;
     while more.after(i) {
-        if i > 0 && !options.interval.is_zero() {
-            thread::sleep(options.interval); // pacing the load, as asked
-        }
+        let due = pace.wait(i);
         line.clear();
         line.extend_from_slice(messages.get(i));
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();
@@ -878,7 +939,9 @@ fn round_trips(
             }
         }
         if let Some(histogram) = &mut histogram {
-            let _ = histogram.record(sent.elapsed().as_nanos().max(1) as u64);
+            // From when it was due: a message held up behind a slow one waited too.
+            let waited = sent.min(due).elapsed();
+            let _ = histogram.record(waited.as_nanos().max(1) as u64);
         }
         outcome.messages += 1;
         outcome.bytes += line.len() as u64;

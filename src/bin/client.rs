@@ -100,6 +100,12 @@ struct Cli {
     #[arg(help_heading = "Load mode", long, value_parser = positive_duration, value_name = "DURATION",
           conflicts_with_all = ["count", "chat", "stdin"])]
     duration: Option<Duration>,
+    /// Load mode: messages per second per connection, on a fixed schedule whatever the server
+    /// does (open loop); with --rtt each latency counts from when its message was due, so a
+    /// stalled server shows in the percentiles.
+    #[arg(help_heading = "Load mode", long, value_name = "N", value_parser = rate,
+          conflicts_with_all = ["interval", "chat", "stdin"])]
+    rate: Option<f64>,
     /// Load mode: also print the summary as one line of JSON on stdout.
     #[arg(help_heading = "Load mode", long)]
     json: bool,
@@ -209,6 +215,14 @@ fn host_port(text: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// A `--rate`: messages per second, more than 0 (`0.5` is one every two seconds).
+fn rate(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && *r <= 1e9)
+        .ok_or_else(|| "must be a number of messages per second, more than 0".to_string())
+}
+
 /// A `--tls-fingerprint` that is one.
 fn fingerprint(text: &str) -> Result<String, String> {
     plugboard::ClientTls::pinned(text)
@@ -301,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         || cli.chat
         || cli.json
         || cli.duration.is_some()
+        || cli.rate.is_some()
         || !cli.server.is_empty()
     {
         return load(&cli);
@@ -568,6 +583,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         connections: cli.connections.unwrap_or(1),
         count: cli.count,
         duration: cli.duration,
+        rate: cli.rate,
         interval: cli.interval.unwrap_or(Duration::ZERO),
         message: cli.message.clone(),
         size: cli.size.unwrap_or(0),

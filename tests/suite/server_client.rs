@@ -863,6 +863,47 @@ fn load_for_a_duration() {
     assert_eq!(printed.stdout.lines().count(), messages, "{printed}");
 }
 
+/// `--rate` sends on a schedule whatever the server does, and with `--rtt` counts each latency
+/// from when its message was due: an echo server that stalls 300 ms once, at 100 messages a
+/// second, holds up the 30 or so messages due meanwhile, and the percentiles show it (measured
+/// from when each was sent, only the one stalled message would be slow: p90 would stay under a
+/// millisecond).
+#[cfg(unix)]
+#[test]
+fn rate_counts_latency_from_the_schedule() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let echo = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut out = stream.try_clone().expect("clone");
+        for (n, line) in BufReader::new(stream).lines().enumerate() {
+            let Ok(line) = line else { break };
+            if n == 10 {
+                // The stall being measured, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            if writeln!(out, "{line}").is_err() {
+                break;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Write);
+    });
+    let out = run_client(
+        &[
+            "-p", &port, "--rtt", "--rate", "100", "--count", "60", "--json",
+        ],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    let _ = echo.join();
+    let p90_ms = json_field(&out.stdout, "p90") / 1000.0;
+    assert!(
+        p90_ms >= 50.0,
+        "p90 {p90_ms} ms: the stall is in the percentiles\n{out}"
+    );
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
