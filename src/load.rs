@@ -37,6 +37,9 @@ pub struct LoadOptions {
     /// counted from when its message was due, not when it went: a stalled server shows in the
     /// percentiles as the time every message waited behind it (no coordinated omission).
     pub rate: Option<f64>,
+    /// Connections opened per second (`None`: all at once); the report then gives the connect
+    /// latencies (`LoadReport::connect`). Not with `chat`, whose connections join in turn.
+    pub connect_rate: Option<f64>,
     /// Message text; `{i}` becomes the message number, `{conn}` the connection's (from 0).
     pub message: String,
     /// Pad each message with `.` to this many bytes on the wire, counting line framing's `\n`.
@@ -72,6 +75,7 @@ impl Default for LoadOptions {
             duration: None,
             interval: Duration::ZERO,
             rate: None,
+            connect_rate: None,
             message: "hello world {i}".to_string(),
             size: 0,
             framing: Framing::Line,
@@ -150,6 +154,20 @@ impl LoadOptions {
                 return invalid("rate", "can't be combined with chat yet".to_string());
             }
         }
+        if let Some(rate) = self.connect_rate {
+            if !(rate > 0.0 && rate <= 1e9) {
+                return invalid(
+                    "connect_rate",
+                    "must be more than 0 and at most 1000000000".to_string(),
+                );
+            }
+            if self.chat {
+                return invalid(
+                    "connect_rate",
+                    "can't be combined with chat, whose connections join in turn".to_string(),
+                );
+            }
+        }
         if self.chat && self.duration.is_some() {
             return invalid(
                 "duration",
@@ -203,6 +221,19 @@ pub struct Latency {
     pub max: Duration,
 }
 
+impl Latency {
+    fn of(histogram: &Histogram<u64>) -> Latency {
+        let at = |q: f64| Duration::from_nanos(histogram.value_at_quantile(q));
+        Latency {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: Duration::from_nanos(histogram.max()),
+        }
+    }
+}
+
 /// What a load run measured.
 #[derive(Debug)]
 pub struct LoadReport {
@@ -225,6 +256,8 @@ pub struct LoadReport {
     /// With `chat`: messages received from the other connections (all of them, when every
     /// connection joined: `connections × (connections − 1) × count`).
     pub delivered: Option<u64>,
+    /// With `connect_rate`: how long connecting took (TCP, and the TLS handshake under TLS).
+    pub connect: Option<Latency>,
 }
 
 impl LoadReport {
@@ -266,6 +299,17 @@ impl LoadReport {
                 us(l.p99),
                 us(l.p999),
                 us(l.max)
+            ));
+        }
+        if let Some(c) = self.connect {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            json.push_str(&format!(
+                ",\"connect_us\":{{\"p50\":{:.1},\"p90\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}}",
+                us(c.p50),
+                us(c.p90),
+                us(c.p99),
+                us(c.p999),
+                us(c.max)
             ));
         }
         json.push('}');
@@ -329,6 +373,17 @@ impl std::fmt::Display for LoadReport {
                 us(l.max)
             )?;
         }
+        if let Some(c) = self.connect {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            write!(
+                f,
+                "; connect p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us",
+                us(c.p50),
+                us(c.p90),
+                us(c.p99),
+                us(c.max)
+            )?;
+        }
         Ok(())
     }
 }
@@ -354,6 +409,8 @@ struct Outcome {
     delivered: u64,
     error: Option<Error>,
     latencies: Option<Histogram<u64>>,
+    /// How long its connect took, if it connected.
+    connect: Option<Duration>,
 }
 
 /// Runs the load against `host:port` and reports it. Connection failures are counted, not fatal;
@@ -404,11 +461,20 @@ pub fn run_load_across(
             let dialer = dialers[conn % dialers.len()].clone();
             let progress = Arc::clone(progress);
             let chat = chat.clone();
+            // With a connect rate, connection `conn` opens at its time on the schedule.
+            let opens = options
+                .connect_rate
+                .map(|rate| started + Duration::from_secs_f64(conn as f64 / rate));
             thread::Builder::new()
                 .stack_size(256 * 1024)
-                .spawn(move || match chat {
-                    Some(run) => chat_connection(&dialer, conn, &options, &run, &progress),
-                    None => one_connection(&dialer, &options, &progress),
+                .spawn(move || {
+                    if let Some(opens) = opens {
+                        thread::sleep(opens.saturating_duration_since(Instant::now()));
+                    }
+                    match chat {
+                        Some(run) => chat_connection(&dialer, conn, &options, &run, &progress),
+                        None => one_connection(&dialer, &options, &progress),
+                    }
                 })
         })
         .collect();
@@ -428,8 +494,10 @@ pub fn run_load_across(
         first_error: None,
         latency: None,
         delivered: chat.as_ref().map(|_| 0),
+        connect: None,
     };
     let mut latencies: Option<Histogram<u64>> = None;
+    let mut connects = fanout::latency_histogram();
     for thread in threads {
         let outcome = match thread
             .map_err(Error::Thread)
@@ -442,8 +510,12 @@ pub fn run_load_across(
                 delivered: 0,
                 error: Some(error),
                 latencies: None,
+                connect: None,
             },
         };
+        if let (Some(all), Some(took)) = (&mut connects, outcome.connect) {
+            let _ = all.record(took.as_nanos().max(1) as u64);
+        }
         report.messages += outcome.messages;
         if let Some(delivered) = &mut report.delivered {
             *delivered += outcome.delivered;
@@ -465,16 +537,10 @@ pub fn run_load_across(
     // A chat run counts from its start line: the joins, one after another, are not the load.
     let started = chat.and_then(|run| run.started()).unwrap_or(started);
     report.elapsed = started.elapsed();
-    report.latency = latencies.filter(|h| !h.is_empty()).map(|h| {
-        let at = |q: f64| Duration::from_nanos(h.value_at_quantile(q));
-        Latency {
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: Duration::from_nanos(h.max()),
-        }
-    });
+    report.latency = latencies.filter(|h| !h.is_empty()).map(|h| Latency::of(&h));
+    if options.connect_rate.is_some() {
+        report.connect = connects.filter(|h| !h.is_empty()).map(|h| Latency::of(&h));
+    }
     Ok(report)
 }
 
@@ -698,6 +764,7 @@ fn chat_connection(
         delivered: chat.delivered,
         error: chat.error,
         latencies: chat.latencies,
+        connect: None,
     }
 }
 
@@ -708,9 +775,14 @@ fn one_connection(dialer: &Dialer, options: &LoadOptions, progress: &Progress) -
         delivered: 0,
         error: None,
         latencies: None,
+        connect: None,
     };
+    let dialing = Instant::now();
     let (stream, peer) = match dialer.connect(options.connect_timeout) {
-        Ok(connected) => connected,
+        Ok(connected) => {
+            outcome.connect = Some(dialing.elapsed());
+            connected
+        }
         Err(e) => {
             outcome.error = Some(e);
             return outcome;
@@ -1051,10 +1123,17 @@ mod tests {
                 max: Duration::from_micros(90),
             }),
             delivered: Some(10),
+            connect: Some(Latency {
+                p50: Duration::from_micros(5),
+                p90: Duration::from_micros(6),
+                p99: Duration::from_micros(7),
+                p999: Duration::from_micros(8),
+                max: Duration::from_micros(9),
+            }),
         };
         assert_eq!(
             report.to_json(),
-            "{\"connections\":2,\"messages\":10,\"bytes\":640,\"elapsed_s\":0.500000,\"messages_per_s\":20.0,\"mb_per_s\":0.001,\"errors\":0,\"delivered\":10,\"latency_us\":{\"p50\":50.0,\"p90\":60.0,\"p99\":70.0,\"p999\":80.0,\"max\":90.0}}"
+            "{\"connections\":2,\"messages\":10,\"bytes\":640,\"elapsed_s\":0.500000,\"messages_per_s\":20.0,\"mb_per_s\":0.001,\"errors\":0,\"delivered\":10,\"latency_us\":{\"p50\":50.0,\"p90\":60.0,\"p99\":70.0,\"p999\":80.0,\"max\":90.0},\"connect_us\":{\"p50\":5.0,\"p90\":6.0,\"p99\":7.0,\"p999\":8.0,\"max\":9.0}}"
         );
     }
 }

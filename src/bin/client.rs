@@ -106,6 +106,11 @@ struct Cli {
     #[arg(help_heading = "Load mode", long, value_name = "N", value_parser = rate,
           conflicts_with_all = ["interval", "chat", "stdin"])]
     rate: Option<f64>,
+    /// Load mode: open this many connections a second instead of all at once; the summary adds
+    /// connect latency percentiles.
+    #[arg(help_heading = "Load mode", long, value_name = "N", value_parser = rate,
+          conflicts_with_all = ["chat", "stdin"])]
+    connect_rate: Option<f64>,
     /// Load mode: also print the summary as one line of JSON on stdout.
     #[arg(help_heading = "Load mode", long)]
     json: bool,
@@ -316,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         || cli.json
         || cli.duration.is_some()
         || cli.rate.is_some()
+        || cli.connect_rate.is_some()
         || !cli.server.is_empty()
     {
         return load(&cli);
@@ -584,6 +590,7 @@ fn load(cli: &Cli) -> anyhow::Result<()> {
         count: cli.count,
         duration: cli.duration,
         rate: cli.rate,
+        connect_rate: cli.connect_rate,
         interval: cli.interval.unwrap_or(Duration::ZERO),
         message: cli.message.clone(),
         size: cli.size.unwrap_or(0),

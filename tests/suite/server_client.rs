@@ -904,6 +904,35 @@ fn rate_counts_latency_from_the_schedule() {
     );
 }
 
+/// `--connect-rate`: connections open on a schedule (10 at 50 a second take at least 0.18 s),
+/// and the summary adds connect latency percentiles.
+#[cfg(unix)]
+#[test]
+fn connect_rate_spreads_connects_and_times_them() {
+    let mut server = ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0"]);
+    let port = server.addr.port().to_string();
+    let out = run_client(
+        &[
+            "-p",
+            &port,
+            "--connections",
+            "10",
+            "--connect-rate",
+            "50",
+            "--count",
+            "1",
+            "--json",
+        ],
+        EXIT_TIMEOUT,
+    );
+    out.assert_code(0).assert_no_panic();
+    assert!(json_field(&out.stdout, "elapsed_s") >= 0.18, "{out}");
+    assert!(out.stdout.contains("\"connect_us\":{\"p50\":"), "{out}");
+    assert!(out.stderr.contains("; connect p50 "), "{out}");
+    let printed = server.stop();
+    assert_eq!(printed.stdout.lines().count(), 10, "{printed}");
+}
+
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
