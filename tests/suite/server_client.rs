@@ -621,26 +621,6 @@ fn color_flag_decides_the_log_colour() {
     assert!(!coloured(&[]), "stderr is not a terminal");
 }
 
-/// `-p` is `--port`, on both sides, as with ncat.
-#[cfg(unix)]
-#[test]
-fn short_port_flag() {
-    let mut server = ServerProcess::spawn(&["--host", "127.0.0.1", "-p", "0"]);
-    let port = server.addr.port().to_string();
-    let out = run_client(
-        &["-p", &port, "--count", "1", "--interval", "0"],
-        EXIT_TIMEOUT,
-    );
-    out.assert_code(0).assert_no_panic();
-    let peer = greeting_peer(&out);
-    let printed = server.stop();
-    assert_eq!(
-        messages_from(&printed.stdout, peer),
-        ["hello world 0"],
-        "{printed}"
-    );
-}
-
 /// `--help` wraps to the terminal's width (COLUMNS here), words whole: no line is wider; it
 /// groups flags under headings and ends with examples, which `-h` leaves out.
 #[test]
@@ -766,25 +746,30 @@ fn completions_and_man_page() {
     }
 }
 
-/// `server [HOST] PORT` and `client HOST [PORT]`, as ncat takes them, mean --host and --port;
-/// with --port as well, or a third value, they are usage errors.
+/// `server [HOST] PORT` and `client HOST [PORT]`, as ncat takes them, mean --host and --port,
+/// and `-p` is `--port`; with --port as well, or a third value, they are usage errors.
 #[cfg(unix)]
 #[test]
-fn host_and_port_as_positionals() {
+fn host_and_port_as_positionals_and_short_port() {
     let mut server = ServerProcess::spawn(&["127.0.0.1", "0"]);
     let port = server.addr.port().to_string();
-    let out = run_client(
-        &["127.0.0.1", &port, "--count", "1", "--interval", "0"],
-        EXIT_TIMEOUT,
-    );
-    out.assert_code(0).assert_no_panic();
-    let peer = greeting_peer(&out);
+    let mut peers = Vec::new();
+    for args in [&["127.0.0.1", &port][..], &["-p", &port]] {
+        let out = run_client(
+            &[args, &["--count", "1", "--interval", "0"]].concat(),
+            EXIT_TIMEOUT,
+        );
+        out.assert_code(0).assert_no_panic();
+        peers.push(greeting_peer(&out));
+    }
     let printed = server.stop();
-    assert_eq!(
-        messages_from(&printed.stdout, peer),
-        ["hello world 0"],
-        "{printed}"
-    );
+    for peer in peers {
+        assert_eq!(
+            messages_from(&printed.stdout, peer),
+            ["hello world 0"],
+            "{printed}"
+        );
+    }
     assert!(
         printed.stderr.contains("listening on 127.0.0.1:"),
         "{printed}"
