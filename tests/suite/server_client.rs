@@ -861,14 +861,16 @@ fn rate_counts_latency_from_the_schedule() {
     let port = listener.local_addr().expect("addr").port().to_string();
     let echo = std::thread::spawn(move || {
         let (stream, _) = listener.accept().expect("accept");
+        // Each echo in one write, at once: no Nagle delay mistaken for the stall.
+        stream.set_nodelay(true).expect("nodelay");
         let mut out = stream.try_clone().expect("clone");
         for (n, line) in BufReader::new(stream).lines().enumerate() {
             let Ok(line) = line else { break };
             if n == 10 {
-                // The stall being measured, not a wait for anything.
-                std::thread::sleep(Duration::from_millis(300));
+                // The stall being measured: a slow peer, not a wait for anything.
+                pace(Duration::from_millis(300));
             }
-            if writeln!(out, "{line}").is_err() {
+            if out.write_all(format!("{line}\n").as_bytes()).is_err() {
                 break;
             }
         }
@@ -883,6 +885,7 @@ fn rate_counts_latency_from_the_schedule() {
     out.assert_code(0).assert_no_panic();
     let _ = echo.join();
     let p90_ms = json_field(&out.stdout, "p90") / 1000.0;
+    eprintln!("p90 with a 300 ms stall: {p90_ms} ms");
     assert!(
         p90_ms >= 50.0,
         "p90 {p90_ms} ms: the stall is in the percentiles\n{out}"
