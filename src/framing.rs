@@ -655,9 +655,13 @@ pub(crate) fn escape_lines(lines: &[u8], longest: usize) -> (std::borrow::Cow<'_
             fits
         })
     };
-    let clean = std::str::from_utf8(lines)
-        .is_ok_and(|text| text.ends_with('\n') && !text.chars().any(|c| needs_escape(c, true)));
-    if clean && short() {
+    // Printable ASCII, the usual case, by the decoder's own vectorised check; other text
+    // character by character.
+    let clean = lines.ends_with(b"\n")
+        && (scan::is_plain_lines(lines)
+            || std::str::from_utf8(lines)
+                .is_ok_and(|text| !text.chars().any(|c| needs_escape(c, true))));
+    if clean && (lines.len() <= longest || short()) {
         return (std::borrow::Cow::Borrowed(lines), 0);
     }
     let text = String::from_utf8_lossy(lines);
