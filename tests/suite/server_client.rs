@@ -743,6 +743,29 @@ fn completions_and_man_page() {
         man.assert_code(0).assert_no_panic();
         assert!(man.stdout.contains(&format!(".TH {bin} 1")), "{man}");
         assert!(man.stderr.is_empty(), "nothing started: {man}");
+        // A stdout that can't be written: one line and exit 1, not a panic.
+        #[cfg(target_os = "linux")]
+        for what in ["bash", "man"] {
+            let full = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .expect("/dev/full");
+            let out = std::process::Command::new(bin_path(bin))
+                .args(["--generate", what])
+                .stdout(full)
+                .output()
+                .expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{bin} --generate {what}: {stderr}"
+            );
+            assert!(
+                stderr.starts_with("error: cannot write to stdout"),
+                "{stderr}"
+            );
+        }
     }
 }
 

@@ -139,11 +139,12 @@ pub enum Generate {
 }
 
 /// Prints the completion script or man page `what` for `command` to stdout (clap_complete,
-/// clap_mangen, as ripgrep and fd ship them).
+/// clap_mangen, as ripgrep and fd ship them). Made in memory first: clap_complete panics on a
+/// write that fails, and `server --generate bash | head` closes stdout early.
 pub fn generate(mut command: clap::Command, what: Generate) -> std::process::ExitCode {
     use clap_complete::Shell;
     let name = command.get_name().to_string();
-    let mut out = std::io::stdout().lock();
+    let mut text = Vec::new();
     let shell = match what {
         Generate::Bash => Shell::Bash,
         Generate::Zsh => Shell::Zsh,
@@ -151,20 +152,26 @@ pub fn generate(mut command: clap::Command, what: Generate) -> std::process::Exi
         Generate::Powershell => Shell::PowerShell,
         Generate::Elvish => Shell::Elvish,
         Generate::Man => {
-            return match clap_mangen::Man::new(command).render(&mut out) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: cannot write the man page to stdout: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            };
+            // Into a Vec: writing can't fail.
+            let _ = clap_mangen::Man::new(command).render(&mut text);
+            return print_generated(&text);
         }
     };
-    clap_complete::generate(shell, &mut command, name, &mut out);
-    std::process::ExitCode::SUCCESS
+    clap_complete::generate(shell, &mut command, name, &mut text);
+    print_generated(&text)
+}
+
+/// Writes what `--generate` made to stdout; a reader that left early is no failure.
+fn print_generated(text: &[u8]) -> std::process::ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Positional `HOST PORT` (or just one of them) as ncat takes them: with one value, `port_alone`
