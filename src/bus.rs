@@ -27,7 +27,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use redis::{Connection, ConnectionInfo, ProtocolVersion, RedisError, Value};
-use ring::rand::{SecureRandom, SystemRandom};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
@@ -235,7 +234,11 @@ impl Bus {
         }
         let was_empty = queue.batches.is_empty();
         queue.bytes += payload.len();
-        queue.batches.push_back((seq, Arc::clone(payload)));
+        queue.batches.push_back(Queued {
+            seq,
+            lines,
+            payload: Arc::clone(payload),
+        });
         drop(queue);
         // The publisher looks at the queue before it waits: only an empty one can have it asleep.
         if was_empty {
@@ -260,6 +263,12 @@ impl Bus {
         shared.wake.notify_all();
         drop(shared.lock_inbox());
         shared.inbox_changed.notify_all();
+        // Stopped from one of its own threads (the relay's `deliver` dropping the last handle
+        // on the server): that thread can't be waited for; the others end by themselves.
+        let me = thread::current().id();
+        if threads.iter().any(|thread| thread.thread().id() == me) {
+            return;
+        }
         let mut ended = shared.lock_ended();
         shared.ending.notify_all();
         let deadline = deadline_in(STOP_BOUND);
@@ -386,11 +395,19 @@ struct Shared {
     malformed: AtomicU64,
 }
 
+/// A batch waiting for the publisher, with its lines counted once.
+struct Queued {
+    /// The sequence number of its first line.
+    seq: u64,
+    lines: u64,
+    payload: Arc<[u8]>,
+}
+
 /// What waits for the publisher.
 #[derive(Default)]
 struct Queue {
     /// Each with its sequence number: its first line's.
-    batches: VecDeque<(u64, Arc<[u8]>)>,
+    batches: VecDeque<Queued>,
     bytes: usize,
     /// The sequence number of the last line handed to `publish`, queued or dropped: every line
     /// has one, so that a receiver counts lost lines, not batches.
@@ -570,18 +587,18 @@ impl Shared {
 
     /// For the publisher: waits for something to do; takes into `taken` the batches of the next
     /// pipeline.
-    fn next_work(&self, taken: &mut Vec<(u64, Arc<[u8]>)>) -> Work {
+    fn next_work(&self, taken: &mut Vec<Queued>) -> Work {
         let mut queue = self.lock_queue();
         loop {
             if !queue.batches.is_empty() {
                 let mut bytes = 0;
-                while let Some((_, payload)) = queue.batches.front() {
-                    let full =
-                        taken.len() >= PIPELINE_BATCHES || bytes + payload.len() > PIPELINE_BYTES;
+                while let Some(front) = queue.batches.front() {
+                    let len = front.payload.len();
+                    let full = taken.len() >= PIPELINE_BATCHES || bytes + len > PIPELINE_BYTES;
                     if full && !taken.is_empty() {
                         break;
                     }
-                    bytes += payload.len();
+                    bytes += len;
                     taken.extend(queue.batches.pop_front());
                 }
                 queue.bytes -= bytes;
@@ -609,12 +626,12 @@ impl Shared {
     fn publish_batches(
         &self,
         connection: &mut Connection,
-        taken: &[(u64, Arc<[u8]>)],
+        taken: &[Queued],
         packed: &mut Vec<u8>,
         refused: &mut bool,
     ) -> Result<(), RedisError> {
         packed.clear();
-        for (seq, payload) in taken {
+        for Queued { seq, payload, .. } in taken {
             pack_publish(packed, self.channel.as_bytes(), &self.origin, *seq, payload);
         }
         let sent = connection.send_packed_command(packed);
@@ -628,8 +645,7 @@ impl Shared {
         }
         // Replies one by one (not `req_packed_commands`, which reads on after an error: each
         // timeout would cost a whole IO_TIMEOUT more).
-        for (answered, (_, payload)) in taken.iter().enumerate() {
-            let lines = lines_in(payload);
+        for (answered, &Queued { lines, .. }) in taken.iter().enumerate() {
             match connection.recv_response() {
                 Ok(Value::ServerError(e)) => {
                     self.unpublished.fetch_add(lines, Ordering::Relaxed);
@@ -663,7 +679,7 @@ impl Shared {
             queue.check = false;
             queue.overflowing = false;
             queue.bytes = 0;
-            let dropped = queue.batches.iter().map(|(_, p)| lines_in(p)).sum::<u64>();
+            let dropped = lines_of(queue.batches.make_contiguous());
             queue.batches.clear();
             dropped
         };
@@ -1115,8 +1131,8 @@ fn lines_in(payload: &[u8]) -> u64 {
 }
 
 /// The lines in `batches`.
-fn lines_of(batches: &[(u64, Arc<[u8]>)]) -> u64 {
-    batches.iter().map(|(_, payload)| lines_in(payload)).sum()
+fn lines_of(batches: &[Queued]) -> u64 {
+    batches.iter().map(|queued| queued.lines).sum()
 }
 
 /// A client for `url` that speaks RESP2 (see [`Bus::connect`]).
@@ -1149,18 +1165,11 @@ pub(crate) fn redacted(url: &str) -> String {
 
 /// A fresh random origin id.
 fn new_origin() -> Origin {
-    let mut random = [0u8; ORIGIN_LEN / 2];
-    if SystemRandom::new().fill(&mut random).is_err() {
-        // An id, not a secret: it must only differ between servers, which std's randomly keyed
-        // hasher (seeded from the system too, by other means) gives well enough.
-        let mixed = RandomState::new().hash_one((std::process::id(), SystemTime::now()));
-        random = mixed.to_le_bytes();
-    }
+    // An id, not a secret: it must only differ between servers, which std's hasher gives, keyed
+    // from the system's randomness; the process and the time mixed in on top.
+    let id = RandomState::new().hash_one((std::process::id(), SystemTime::now()));
     let mut origin = [0u8; ORIGIN_LEN];
-    for (pair, byte) in origin.chunks_exact_mut(2).zip(random) {
-        pair[0] = b"0123456789abcdef"[usize::from(byte >> 4)];
-        pair[1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
-    }
+    origin.copy_from_slice(format!("{id:016x}").as_bytes());
     origin
 }
 
@@ -1773,15 +1782,7 @@ mod tests {
 
         // Counted in lines: 500, three in the odd one, and one each in the empty and the huge.
         let sent = 500 + 3 + 1 + 1;
-        assert_eq!(
-            lines_of(
-                &batches
-                    .iter()
-                    .map(|p| (0, Arc::clone(p)))
-                    .collect::<Vec<_>>()
-            ),
-            sent
-        );
+        assert_eq!(batches.iter().map(|p| lines_in(p)).sum::<u64>(), sent);
         wait_until("all published", || a.counts().published == sent);
         assert_eq!(
             a.counts(),
