@@ -81,21 +81,7 @@ impl Node {
 
     /// Polls (bounded by `within`) until the log has a line with every one of `needles`.
     fn wait_for_log_within(&self, within: Duration, needles: &[&str]) -> String {
-        let found = poll_until(within, support::POLL_EVERY, || {
-            self.server
-                .stderr_so_far()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .map(str::to_string)
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "server {} logged no line with all of {needles:?} within {within:?}\n--- stderr \
-                 ---\n{}",
-                self.addr(),
-                self.server.stderr_so_far()
-            )
-        })
+        self.server.wait_for_log_within(within, needles)
     }
 
     /// SIGTERM; it must exit 0 without a panic. Returns its output and its bus counts.
@@ -127,11 +113,7 @@ impl BusCounts {
     }
 
     fn of(out: &Output) -> BusCounts {
-        let line = out
-            .stderr
-            .lines()
-            .find(|l| l.contains("stopped: "))
-            .unwrap_or_else(|| panic!("no summary line\n{out}"));
+        let line = support::stopped_line(out);
         let numbers: Vec<u64> = line
             .split("; chat bus: ")
             .nth(1)

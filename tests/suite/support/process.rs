@@ -418,7 +418,12 @@ impl ServerProcess {
 
     /// Polls (bounded) until the server's log has a line with every one of `needles`; returns it.
     pub fn wait_for_log(&self, needles: &[&str]) -> String {
-        let found = poll_until(POLL_DEADLINE, POLL_EVERY, || {
+        self.wait_for_log_within(POLL_DEADLINE, needles)
+    }
+
+    /// [`wait_for_log`](ServerProcess::wait_for_log), waiting at most `within`.
+    pub fn wait_for_log_within(&self, within: Duration, needles: &[&str]) -> String {
+        let found = poll_until(within, POLL_EVERY, || {
             self.stderr_so_far()
                 .lines()
                 .find(|l| needles.iter().all(|n| l.contains(n)))
@@ -426,7 +431,7 @@ impl ServerProcess {
         });
         found.unwrap_or_else(|| {
             panic!(
-                "server logged no line containing all of {needles:?} within {POLL_DEADLINE:?}\n--- stderr ---\n{}",
+                "server logged no line containing all of {needles:?} within {within:?}\n--- stderr ---\n{}",
                 self.stderr_so_far()
             )
         })
