@@ -14,7 +14,7 @@ use crate::options::Mode;
 use crate::proxy::{HeaderError, Origin};
 use crate::room::Seat;
 use crate::send::{SendError, is_timeout};
-use crate::stream::{LINGER_AFTER_ERROR, Stream};
+use crate::stream::{LINGER_AFTER_ERROR, STOPPING, Stream};
 use crate::transport::HandshakeError;
 
 /// The first read size; once a read fills it, reads are of [`MAX_READ`] (while the buffer budget
@@ -26,6 +26,12 @@ const MAX_READ: usize = crate::framing::LARGE_BUFFER;
 /// A connection whose buffers grew gives them back once its client has sent nothing for this
 /// long.
 const QUIET: Duration = Duration::from_secs(1);
+
+/// Windows: how often a blocked read wakes to see whether the server cut its connection (a
+/// stop, an eviction). Elsewhere the cut's shutdown wakes it; on Windows, Wine's at least
+/// doesn't, and a stop would wait for its 3 s bound on every quiet client.
+#[cfg(windows)]
+const LOOK_FOR_CUT: Duration = Duration::from_millis(250);
 
 /// Bytes of buffers a connection holds without drawing on the server's buffer budget: its five
 /// buffers (read, line ends, unfinished line, copy, echo) at their small size (4 KiB each, see
@@ -111,8 +117,8 @@ pub(crate) fn serve(ctx: &Arc<Context>, id: u64, stream: &Arc<Stream>) {
     log_end(stream, &end, &counts);
     match end {
         End::Closed => stream.close_cleanly(options.send_timeout),
-        End::Stopped => stream.tell_now("server stopping"),
-        End::OutputFailed => stream.tell_now("server output failed"),
+        End::Stopped => stream.tell_before_reset(STOPPING),
+        End::OutputFailed => stream.tell_before_reset("server output failed"),
         End::Idle => stream.refuse("idle timeout", LINGER_AFTER_ERROR),
         End::TooLong(e) => stream.refuse(&e.to_string(), LINGER_AFTER_ERROR),
         End::Busy => stream.refuse("server busy (buffers full)", LINGER_AFTER_ERROR),
@@ -353,6 +359,8 @@ impl<'a> Reading<'a> {
             let mid_message = self.decoder.pending_len() > 0;
             let large = self.read_size > FIRST_READ || self.held() > QUIET_SIZE;
             let quiet = (large && !self.shrunk).then_some(QUIET);
+            #[cfg(windows)]
+            let quiet = Some(quiet.map_or(LOOK_FOR_CUT, |quiet| quiet.min(LOOK_FOR_CUT)));
             // Straight into the batch: plain lines are decoded where they are read.
             let room = self.decoder.read_room(&mut self.batch, self.read_size);
             let n = match self.reader.read(room, mid_message, quiet) {
@@ -381,7 +389,9 @@ impl<'a> Reading<'a> {
                     if self.reader.idle_expired(mid_message) {
                         return End::Idle;
                     }
-                    self.shrink();
+                    if self.quiet_for(ctx, QUIET) {
+                        self.shrink();
+                    }
                     continue;
                 }
                 Err(e) => return End::Failed(e),
@@ -517,6 +527,12 @@ impl<'a> Reading<'a> {
     /// Bytes the buffers hold.
     fn held(&self) -> usize {
         self.batch.capacity_bytes() + self.decoder.capacity_bytes()
+    }
+
+    /// Whether the client has sent nothing for `quiet`.
+    fn quiet_for(&self, ctx: &Context, quiet: Duration) -> bool {
+        let quiet_ms = u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX);
+        ctx.now_ms().saturating_sub(self.stream.last_read()) >= quiet_ms
     }
 
     /// Gives the buffers back to their small size (what an unfinished line holds stays).

@@ -21,7 +21,7 @@ use crate::options::{
 };
 use crate::room::ELSEWHERE;
 use crate::sink::Sink;
-use crate::stream::{self, Stream};
+use crate::stream::{self, STOPPING, Stream};
 use crate::tls::ServerTls;
 use crate::turnaway::Turnaway;
 use crate::{Error, addr};
@@ -311,8 +311,8 @@ impl Server {
                     // Stuck in the sink, most likely: their sockets reset when they are closed,
                     // at the latest when the process exits.
                     warn!(
-                        "{} connections still busy {} after the stop; giving up on them",
-                        registry.live.len(),
+                        "{} still busy {} after the stop; giving up on them",
+                        crate::unstable::plural(registry.live.len() as u64, "connection"),
                         humantime::format_duration(STOP_BOUND)
                     );
                     for live in registry.live.values_mut() {
@@ -461,7 +461,7 @@ fn accept_loop(
         if shared.ctx.is_stopping() {
             if let Ok((stream, _)) = accepted {
                 // A client (or the stop's own wake-up) that came just as it stopped.
-                shared.turn_away_now(&stream, "server stopping");
+                shared.turn_away_now(&stream, STOPPING);
             }
             break;
         }
@@ -503,7 +503,7 @@ fn start_loop(accepted: &mpsc::Receiver<(TcpStream, SocketAddr)>, shared: &Arc<S
     for (stream, peer) in accepted {
         if shared.ctx.is_stopping() {
             // Accepted but never served: told so, and reset.
-            shared.turn_away_now(&stream, "server stopping");
+            shared.turn_away_now(&stream, STOPPING);
         } else {
             shared.start_connection(stream, peer);
         }
@@ -710,7 +710,7 @@ impl Shared {
             (!registry.live.is_empty(), cut)
         };
         for stream in cut {
-            stream.cut();
+            stream.cut_telling(STOPPING);
         }
         left
     }
@@ -720,7 +720,7 @@ impl Shared {
         // Checked under the lock that stop() takes, so no connection escapes its cut.
         if self.ctx.is_stopping() {
             drop(registry);
-            return self.turn_away_now(&tcp, "server stopping");
+            return self.turn_away_now(&tcp, STOPPING);
         }
         let live = registry.live.len();
         if live >= self.ctx.options.max_clients {

@@ -52,6 +52,13 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// accept (`turnaway`) and later ([`Stream::refuse`]).
 pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_millis(500);
 
+/// What a client cut off by a stop is told.
+pub(crate) const STOPPING: &str = "server stopping";
+
+/// How long a client cut off by a stop has to read why before the reset
+/// ([`Stream::tell_before_reset`]). Short: it lengthens every stop that cuts a client.
+const READ_BEFORE_RESET: Duration = Duration::from_millis(100);
+
 /// One client's socket, shared by its connection thread, chat senders and its drainer, the
 /// registry and the chat room.
 #[derive(Debug)]
@@ -203,6 +210,15 @@ impl Stream {
         let _ = self.tcp().shutdown(how);
     }
 
+    /// [`cut`](Stream::cut), for a stop. On Windows, where a cut shuts the write side too, the
+    /// client is told first (`error: REASON`, never waiting): it could not be told after.
+    pub(crate) fn cut_telling(&self, reason: &str) {
+        if cfg!(windows) {
+            self.tell_now(reason);
+        }
+        self.cut();
+    }
+
     /// Whether the server cut this connection: an end of stream read now may be its own doing.
     pub(crate) fn was_cut(&self) -> bool {
         self.cut.load(Ordering::Acquire)
@@ -291,6 +307,16 @@ impl Stream {
             let _ = self.tcp().set_nodelay(true);
             self.wire.write_now(format!("error: {reason}\n").as_bytes());
         }
+    }
+
+    /// [`tell_now`](Stream::tell_now), then a pause before the reset that follows: a client on
+    /// Windows drops what it has not read yet when a reset arrives, so without the pause the
+    /// line would be lost there. For a stop, where the client must not hold anything up (a
+    /// pause, unlike [`refuse`](Stream::refuse), does not wait on it) and, its read side shut,
+    /// the client's hanging up can't be seen.
+    pub(crate) fn tell_before_reset(&self, reason: &str) {
+        self.tell_now(reason);
+        std::thread::sleep(READ_BEFORE_RESET);
     }
 
     /// Tells the client in one line why it is cut off, then lets it read that line: reads and
