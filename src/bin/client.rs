@@ -281,7 +281,8 @@ enum Event {
 struct Ending {
     /// The connection failed (a reset: the server refused or cut us off), or our stdout did.
     failure: Option<anyhow::Error>,
-    /// The last line received, if it is a server's `error: ` line: the reason for a failure.
+    /// The last line received, if it is a server's `error: ` line: the reason for a failure or
+    /// an early close (after a confirming close, just text).
     reason: Option<String>,
 }
 
@@ -296,6 +297,19 @@ impl Ending {
             .into(),
             (None, Some(failure)) => failure,
             (None, None) => anyhow!("{server} closed the connection"),
+        }
+    }
+
+    /// For a server that closed its side before ours: its reason if it gave one (a plugboard
+    /// server on Windows says why it stops, then sends FIN), else that it closed early.
+    fn into_early_error(self, server: SocketAddr) -> anyhow::Error {
+        match self.reason {
+            Some(reason) => plugboard::Error::Ended {
+                addr: server,
+                reason,
+            }
+            .into(),
+            None => plugboard::Error::ClosedEarly { addr: server }.into(),
         }
     }
 }
@@ -360,7 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // A server that closes its side early has only stopped sending (as `ncat -l < /dev/null`
     // does): that ends what we read, not what we send. A plugboard server never does: it closes
     // cleanly only after reading our end of stream, and otherwise resets the connection.
-    let mut closed_early = false;
+    let mut closed_early = None;
     let sent = if cli.stdin {
         send_stdin(&client, &events, events_tx, &mut closed_early)
     } else {
@@ -369,20 +383,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let ending = match sent {
         Ok(()) => {
             // Asked before our own close: after it, the server's close is the confirmation.
-            let early = closed_early || client.closed_early();
+            let early = closed_early.is_some() || client.closed_early();
             if let Err(e) = client.finish() {
                 // The connection has failed; the reader will say how.
                 debug!("half-close: {e:#}");
             }
             let printed = PRINTED.load(Ordering::Acquire);
-            let ending = if closed_early {
-                None // the reader has ended already
-            } else {
-                wait_for_end(&events, cli.linger)
-            };
+            // The reader has ended already if the server closed early.
+            let ending = closed_early.or_else(|| wait_for_end(&events, cli.linger));
             match ending {
                 Some(ending) if ending.failure.is_some() => ending,
-                _ if early => return Err(plugboard::Error::ClosedEarly { addr: server }.into()),
+                Some(ending) if early => return Err(ending.into_early_error(server)),
+                None if early => {
+                    return Err(plugboard::Error::ClosedEarly { addr: server }.into());
+                }
                 Some(ending) => ending,
                 None => {
                     client.close();
@@ -407,19 +421,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Err(Stopped::ServerEnded(ending)) => ending,
         // Nothing more to hear: the reader has ended, or the server takes nothing at all.
         Err(Stopped::Send(error))
-            if closed_early
+            if closed_early.is_some()
                 || matches!(
                     error.downcast_ref(),
                     Some(plugboard::Error::SendTimeout { .. })
                 ) =>
         {
-            return Err(error);
+            // A server that said why before it closed early: that, not the failed send.
+            return Err(match closed_early {
+                Some(early) if early.reason.is_some() => early.into_early_error(server),
+                _ => error,
+            });
         }
         Err(Stopped::Send(error)) => {
             // The server most likely refused or cut us off: its reason, if it sent one, is on
             // its way to the reader, which sees the reset right after.
             match wait_for_end(&events, cli.linger) {
-                Some(ending) if ending.reason.is_some() => ending,
+                Some(ending) if ending.failure.is_some() && ending.reason.is_some() => ending,
                 _ => return Err(error),
             }
         }
@@ -445,11 +463,11 @@ fn wait_for_end(events: &mpsc::Receiver<Event>, timeout: Duration) -> Option<End
 
 /// Takes the news that the server's side ended while sending: a clean close (it stopped
 /// sending) is noted and sending goes on; a failure stops it.
-fn server_ended(ending: Ending, closed_early: &mut bool) -> Result<(), Stopped> {
+fn server_ended(ending: Ending, closed_early: &mut Option<Ending>) -> Result<(), Stopped> {
     if ending.failure.is_some() {
         return Err(Stopped::ServerEnded(ending));
     }
-    *closed_early = true;
+    *closed_early = Some(ending);
     Ok(())
 }
 
@@ -458,7 +476,7 @@ fn send_numbered(
     client: &Client,
     cli: &Cli,
     events: &mpsc::Receiver<Event>,
-    closed_early: &mut bool,
+    closed_early: &mut Option<Ending>,
 ) -> Result<(), Stopped> {
     let interval = cli.interval.unwrap_or(DEMO_INTERVAL);
     for i in 0..cli.count {
@@ -488,7 +506,7 @@ fn send_stdin(
     client: &Client,
     events: &mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
-    closed_early: &mut bool,
+    closed_early: &mut Option<Ending>,
 ) -> Result<(), Stopped> {
     let sender = client.clone();
     // Not joined: if the server fails first, this thread may be blocked reading a terminal,
@@ -574,12 +592,9 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
         }
         last = Some(message);
     }
-    // Only a connection that failed has a reason: after a clean close an `error: ` line is just
-    // text (an echo server sending back what we sent, say).
-    let reason = failure
-        .as_ref()
-        .and(last)
-        .filter(|line| line.starts_with("error: "));
+    // A reason only explains a failure, or a close before ours: after a confirming close an
+    // `error: ` line is just text (an echo server sending back what we sent, say).
+    let reason = last.filter(|line| line.starts_with("error: "));
     Ending { failure, reason }
 }
 

@@ -55,6 +55,44 @@ fn a_server_that_half_closes_early_still_gets_every_message() {
     assert_eq!(received, expected, "{client}");
 }
 
+/// A server that says why before its early close (a plugboard server on Windows, stopped, sends
+/// `error: server stopping`, then FIN, then a reset): the client reports that reason, whether it
+/// still got all its messages out or a send failed after the close.
+#[test]
+fn a_reason_before_an_early_close_is_what_the_client_reports() {
+    for read_on in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+            let mut reader = BufReader::new(&stream);
+            let mut first = String::new();
+            reader.read_line(&mut first).expect("the first message");
+            (&stream)
+                .write_all(b"error: going away\n")
+                .expect("say why");
+            stream.shutdown(Shutdown::Write).expect("half-close");
+            if read_on {
+                let mut rest = String::new();
+                reader
+                    .read_to_string(&mut rest)
+                    .expect("read to the client's end");
+            }
+            // Otherwise closed with the client's next messages unread: a reset.
+        });
+        let client = run_client_to(addr, &["--count", "10", "--interval", "10ms"], TIMEOUT);
+        server.join().expect("server thread");
+        client.assert_code(1).assert_no_panic();
+        let errors = client.error_lines();
+        assert_eq!(errors.len(), 1, "{client}");
+        assert!(
+            errors[0].ends_with(&format!("{addr} closed the connection: error: going away")),
+            "read on: {read_on}\n{client}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. Load mode: a refusal is an error
 // ------------------------------------------------------------------------------------------------
