@@ -19,3 +19,5 @@ mod proxy;
 mod scale;
 mod server_client;
 mod tls;
+#[cfg(target_os = "linux")]
+mod windows;

@@ -2,7 +2,7 @@
 //! their output ([`process`]), the tests' side of a connection ([`net`]), what /proc says about a
 //! process ([`procfs`], Linux), certificates and peers for the TLS tests ([`tls`], Unix), other
 //! servers run as real peers, such as HAProxy ([`services`], Unix) and Redis ([`redis`], Unix),
-//! and reading what the server printed.
+//! the Windows binaries under Wine ([`wine`], Linux), and reading what the server printed.
 //!
 //! Nothing here sleeps to synchronise: the server's address comes from its `listening on ADDR`
 //! log line (read by a thread and handed over a channel), a process's exit is seen as its output
@@ -18,6 +18,8 @@ pub mod redis;
 pub mod services;
 #[cfg(unix)]
 pub mod tls;
+#[cfg(target_os = "linux")]
+pub mod wine;
 
 pub use net::*;
 pub use process::*;
