@@ -36,7 +36,7 @@ struct Cli {
           help_heading = "Connection")]
     address: Vec<String>,
     /// Port to listen on; 0 picks a free one (logged as `listening on ADDR`).
-    #[arg(help_heading = "Connection", short, long, default_value_t = 8887)]
+    #[arg(help_heading = "Connection", short, long, default_value_t = 8887, value_parser = common::port)]
     port: u16,
     /// Line sent to each client on connect; `{peer}` becomes its address; '' sends none.
     #[arg(help_heading = "Connection", long, default_value = DEFAULT_GREETING)]

@@ -947,8 +947,11 @@ fn connect_rate_spreads_connects_and_times_them() {
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 9] = [
         ("server", &["--port", "notaport"]),
+        ("server", &["--port", "99999"]),
+        ("client", &["-p", "65536"]),
+        ("server", &["99999"]),
         ("server", &["--framing", "nope"]),
         ("client", &["--interval", "xyz"]),
         ("client", &["--count", "-1"]),
@@ -967,6 +970,12 @@ fn bad_flags_exit_2() {
             !out.stderr.contains("..=") && !out.stderr.contains("1.."),
             "{out}"
         );
+        if args.contains(&"99999") || args.contains(&"65536") {
+            assert!(
+                out.stderr.contains("must be a port number from 0 to 65535"),
+                "{out}"
+            );
+        }
     }
 }
 

@@ -183,10 +183,7 @@ pub fn positionals(
     host: &mut String,
     port: &mut u16,
 ) -> Result<(), String> {
-    let port_of = |text: &str| {
-        text.parse::<u16>()
-            .map_err(|e| format!("{text:?} is not a port: {e}"))
-    };
+    let port_of = |text: &str| self::port(text).map_err(|e| format!("{text:?}: {e}"));
     match values {
         [] => {}
         [one] if port_alone => *port = port_of(one)?,
@@ -208,6 +205,12 @@ pub fn bytes(text: &str) -> Result<usize, String> {
     })?;
     // Past what this machine can address: as good as no limit.
     Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
+}
+
+/// A `--port` (or a `PORT` given alone), said in words when it is none.
+pub fn port(text: &str) -> Result<u16, String> {
+    text.parse::<u16>()
+        .map_err(|_| "must be a port number from 0 to 65535".to_string())
 }
 
 /// A `--host`: anything but an address with a port glued on (`127.0.0.1:9000`, `[::1]:9000`,
