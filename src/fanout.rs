@@ -3,7 +3,8 @@
 //! receipt. None of ncat, socat or tcpkali measures fan-out this way.
 //!
 //! A message is `chat CONN I T` padded with `.` to the size asked for, where `T` is when it was
-//! sent, in nanoseconds since the run began: all connections are in this one process, so one clock
+//! due (when it was made; with `--rate`, its slot in the schedule, so that a server that holds up
+//! the senders shows in the latencies), in nanoseconds since the run began: all connections are in this one process, so one clock
 //! times both ends. The server relays it to the others as `PEER chat CONN I T...`.
 
 use std::io::{self, Write};
@@ -18,6 +19,7 @@ use hdrhistogram::Histogram;
 use memchr::memmem;
 
 use crate::error::Error;
+use crate::pace::Pace;
 use crate::send;
 use crate::transport::{self, Dialer, Transport};
 
@@ -138,8 +140,9 @@ impl ChatRun {
         self.started.get().copied()
     }
 
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// `at`, in nanoseconds since the run began: the timestamps in messages.
+    fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -148,6 +151,9 @@ pub(crate) struct ChatTask<'a> {
     pub(crate) conn: usize,
     pub(crate) count: u64,
     pub(crate) interval: Duration,
+    /// Messages a second, on a fixed schedule (open loop): each is stamped with when it was
+    /// due, so its latency counts from then.
+    pub(crate) rate: Option<f64>,
     pub(crate) size: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) linger: Duration,
@@ -286,13 +292,12 @@ fn exchange(
     let send = |bytes: &[u8]| transport::send_to(&stream, peer, bytes, send_timeout);
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0;
+    let pace = Pace::new(task.interval, task.rate);
     for i in 0..task.count {
-        if i > 0 && !task.interval.is_zero() {
-            thread::sleep(task.interval); // pacing the load, as asked
-        }
-        message(&mut buf, task, i);
+        let due = pace.wait(i);
+        message(&mut buf, task, i, due);
         pending += 1;
-        if buf.len() >= 64 * 1024 || !task.interval.is_zero() || i + 1 == task.count {
+        if buf.len() >= 64 * 1024 || pace.is_paced() || i + 1 == task.count {
             send(&buf)?;
             outcome.sent += pending;
             outcome.bytes += buf.len() as u64;
@@ -371,10 +376,11 @@ fn exchange(
     }
 }
 
-/// Appends message `i` of this connection, stamped with the time, padded to the size asked for.
-fn message(buf: &mut Vec<u8>, task: &ChatTask<'_>, i: u64) {
+/// Appends message `i` of this connection, stamped with when it was due (at once, but with
+/// `--rate`), padded to the size asked for.
+fn message(buf: &mut Vec<u8>, task: &ChatTask<'_>, i: u64, due: Instant) {
     let start = buf.len();
-    let _ = write!(buf, "chat {} {i} {}", task.conn, task.run.now_ns());
+    let _ = write!(buf, "chat {} {i} {}", task.conn, task.run.ns_at(due));
     let len = buf.len() - start + 1;
     if len < task.size {
         buf.resize(buf.len() + task.size - len, b'.');
@@ -561,7 +567,9 @@ pub(crate) fn latency_histogram() -> Option<Histogram<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Tally, sent_at};
+    use std::time::Duration;
+
+    use super::{ChatRun, ChatTask, Tally, message, sent_at};
 
     /// Counts `text` as one read, and line by line: both must agree.
     fn counted(conn: usize, text: &str) -> (u64, u64, Option<String>) {
@@ -612,6 +620,30 @@ mod tests {
         // One in 64 of 200 lines: 4 timed, each sent at 400 ns and received at 1,000.
         assert_eq!(latencies.len(), 4);
         assert_eq!(latencies.max(), 600);
+    }
+
+    /// With `--rate`, a message made late (the sender held up) still says when it was due, so
+    /// its latency counts the wait too.
+    #[test]
+    fn a_message_is_stamped_with_when_it_was_due() {
+        let run = ChatRun::new(1);
+        let task = ChatTask {
+            conn: 0,
+            count: 8,
+            interval: Duration::ZERO,
+            rate: Some(10.0),
+            size: 64,
+            connect_timeout: Duration::ZERO,
+            linger: Duration::ZERO,
+            send_timeout: Duration::ZERO,
+            run: &run,
+        };
+        let due = run.epoch + Duration::from_millis(5);
+        let mut buf = Vec::new();
+        message(&mut buf, &task, 7, due);
+        assert_eq!(buf.len(), 64);
+        assert!(buf.starts_with(b"chat 0 7 5000000."), "{buf:?}");
+        assert_eq!(sent_at(&buf), Some(5_000_000));
     }
 
     #[test]

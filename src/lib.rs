@@ -57,6 +57,7 @@ mod framing;
 mod limits;
 mod load;
 mod options;
+mod pace;
 mod proxy;
 mod room;
 mod scan;

@@ -15,6 +15,7 @@ use crate::client::{Client, Receiver};
 use crate::error::{self, Error};
 use crate::fanout::{self, ChatRun, ChatTask, latency_histogram};
 use crate::framing::Framing;
+use crate::pace::Pace;
 use crate::send;
 use crate::tls::ClientTls;
 use crate::transport::{self, Dialer, Transport};
@@ -33,9 +34,10 @@ pub struct LoadOptions {
     /// Pause between a connection's messages (zero: as fast as possible).
     pub interval: Duration,
     /// Instead of `interval`: messages per second per connection, sent on a fixed schedule from
-    /// the connection's start whatever the server does (open loop). With `rtt`, each latency is
-    /// counted from when its message was due, not when it went: a stalled server shows in the
-    /// percentiles as the time every message waited behind it (no coordinated omission).
+    /// the connection's start (with `chat`, from when all have joined) whatever the server does
+    /// (open loop). With `rtt` and `chat`, each latency is counted from when its message was
+    /// due, not when it went: a stalled server shows in the percentiles as the time every
+    /// message waited behind it (no coordinated omission).
     pub rate: Option<f64>,
     /// Connections opened per second (`None`: all at once); the report then gives the connect
     /// latencies (`LoadReport::connect`). Not with `chat`, whose connections join in turn.
@@ -50,8 +52,9 @@ pub struct LoadOptions {
     pub rtt: bool,
     /// Chat fan-out, against a chat server: every connection joins the room (reads its
     /// greeting) before any sends, then each sends its messages and counts those of the others,
-    /// recording the time from each send to each receipt. A message is `chat CONN I T` (the
-    /// connection, the message number, the send time) padded to `size`; `message` is not used.
+    /// recording the time from each send (with `rate`, from when it was due) to each receipt. A
+    /// message is `chat CONN I T` (the connection, the message number, the send time) padded to
+    /// `size`; `message` is not used.
     pub chat: bool,
     /// Connect timeout per connection (zero: the operating system's).
     pub connect_timeout: Duration,
@@ -149,9 +152,6 @@ impl LoadOptions {
             }
             if !self.interval.is_zero() {
                 return invalid("rate", "can't be combined with interval".to_string());
-            }
-            if self.chat {
-                return invalid("rate", "can't be combined with chat yet".to_string());
             }
         }
         if let Some(rate) = self.connect_rate {
@@ -544,49 +544,6 @@ pub fn run_load_across(
     Ok(report)
 }
 
-/// When each message goes: `interval` after the one before (closed loop), or on a fixed
-/// schedule at `rate` per second from the start (open loop), whatever happened meanwhile.
-struct Pace {
-    interval: Duration,
-    every: Option<Duration>,
-    start: Instant,
-}
-
-impl Pace {
-    fn new(options: &LoadOptions) -> Pace {
-        Pace {
-            interval: options.interval,
-            every: options.rate.map(|rate| Duration::from_secs_f64(1.0 / rate)),
-            start: Instant::now(),
-        }
-    }
-
-    /// Waits for message `i`'s turn (pacing the load, as asked); returns when it was due.
-    fn wait(&self, i: u64) -> Instant {
-        match self.every {
-            Some(every) => {
-                let due = self.start + every.mul_f64(i as f64);
-                let now = Instant::now();
-                if due > now {
-                    thread::sleep(due - now);
-                }
-                due
-            }
-            None => {
-                if i > 0 && !self.interval.is_zero() {
-                    thread::sleep(self.interval);
-                }
-                Instant::now()
-            }
-        }
-    }
-
-    /// Whether messages go one at a time (each sent when its turn comes) rather than in bursts.
-    fn is_paced(&self) -> bool {
-        self.every.is_some() || !self.interval.is_zero()
-    }
-}
-
 /// Whether a connection has more to send: `count` messages, or until `duration` has passed
 /// since it began.
 struct More {
@@ -751,6 +708,7 @@ fn chat_connection(
         conn,
         count: options.count,
         interval: options.interval,
+        rate: options.rate,
         size: options.size,
         connect_timeout: options.connect_timeout,
         linger: options.linger,
@@ -906,7 +864,7 @@ fn stream_messages(
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0u64;
     let more = More::new(options);
-    let pace = Pace::new(options);
+    let pace = Pace::new(options.interval, options.rate);
     let mut i = 0;
     while more.after(i) {
         pace.wait(i);
@@ -975,7 +933,7 @@ fn round_trips(
         )
     };
     let more = More::new(options);
-    let pace = Pace::new(options);
+    let pace = Pace::new(options.interval, options.rate);
     let mut i = 0;
     while more.after(i) {
         let due = pace.wait(i);

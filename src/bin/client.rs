@@ -101,10 +101,10 @@ struct Cli {
           conflicts_with_all = ["count", "chat", "stdin"])]
     duration: Option<Duration>,
     /// Load mode: messages per second per connection, on a fixed schedule whatever the server
-    /// does (open loop); with --rtt each latency counts from when its message was due, so a
-    /// stalled server shows in the percentiles.
+    /// does (open loop); with --rtt and --chat each latency counts from when its message was
+    /// due, so a stalled server shows in the percentiles.
     #[arg(help_heading = "Load mode", long, value_name = "N", value_parser = rate,
-          conflicts_with_all = ["interval", "chat", "stdin"])]
+          conflicts_with_all = ["interval", "stdin"])]
     rate: Option<f64>,
     /// Load mode: open this many connections a second instead of all at once; the summary adds
     /// connect latency percentiles.

@@ -125,6 +125,40 @@ fn chat_load_counts_every_delivery() {
     assert_eq!(out.stdout.lines().count(), 300, "{out}");
 }
 
+/// `--chat --rate`: the fan-out on a schedule (open loop): everything is delivered, and the run
+/// can't be over before the last message was due.
+#[test]
+fn chat_load_at_a_rate_keeps_its_schedule() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let started = std::time::Instant::now();
+    let client = run_client_to(
+        server.addr,
+        &[
+            "--chat",
+            "--connections",
+            "3",
+            "--count",
+            "20",
+            "--rate",
+            "100",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    let took = started.elapsed();
+    client.assert_code(0).assert_no_panic();
+    let json = client.stdout.trim();
+    assert_eq!(field(json, "messages"), 60.0, "{client}");
+    assert_eq!(field(json, "delivered"), (3 * 2 * 20) as f64, "{client}");
+    assert_eq!(field(json, "errors"), 0.0, "{client}");
+    assert!(json.contains("\"latency_us\""), "{client}");
+    // The 20th message of each was due 190 ms after the start.
+    assert!(took >= Duration::from_millis(190), "{took:?}\n{client}");
+    let out = server.stop();
+    out.assert_code(0);
+    assert_eq!(out.stdout.lines().count(), 60, "{out}");
+}
+
 /// Against a server that relays nothing (log mode), `--chat` gets none of the others' messages:
 /// each connection is an error saying how many were missing, and the client exits 1.
 #[test]
