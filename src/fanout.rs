@@ -4,8 +4,9 @@
 //!
 //! A message is `chat CONN I T` padded with `.` to the size asked for, where `T` is when it was
 //! due (when it was made; with `--rate`, its slot in the schedule, so that a server that holds up
-//! the senders shows in the latencies), in nanoseconds since the run began: all connections are in this one process, so one clock
-//! times both ends. The server relays it to the others as `PEER chat CONN I T...`.
+//! the senders shows in the latencies), in nanoseconds since the run began: all connections are
+//! in this one process, so one clock times both ends. The server relays it to the others as
+//! `PEER chat CONN I T...`.
 
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr};
