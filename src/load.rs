@@ -114,7 +114,8 @@ impl LoadOptions {
             return invalid("size", format!("must be at most {} bytes", Self::MAX_SIZE));
         }
         // Padding only lengthens: a size below the longest message would be ignored. (Chat's
-        // messages are stamped; their length is the load's business.)
+        // messages are stamped; their length is the load's business. With `duration` the count
+        // is unknown: `count`'s longest is checked, and longer ones later go as they are.)
         if self.size > 0 && !self.chat {
             let last = self
                 .message
