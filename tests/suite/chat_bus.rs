@@ -406,11 +406,7 @@ fn the_load_client_across_two_servers_gets_every_message() {
     );
     let took = started.elapsed();
     client.assert_code(0).assert_no_panic();
-    let json = client
-        .stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON summary\n{client}"));
+    let json = support::json_summary(&client);
     assert_eq!(json_field(json, "connections"), 20.0, "{json}");
     assert_eq!(json_field(json, "messages"), 1000.0, "{json}");
     assert_eq!(json_field(json, "errors"), 0.0, "{json}");

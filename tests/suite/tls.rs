@@ -126,15 +126,7 @@ fn demo_conversation_over_tls() {
         &pki.client_args(&["--count", "3", "--interval", "10ms"]),
         TIMEOUT,
     );
-    client.assert_code(0).assert_no_panic();
-    let peer = greeting_peer(&client);
-    assert_eq!(client.stdout, greeting(peer), "{client}");
-    assert!(
-        client
-            .stderr
-            .contains(&format!("connected to {}", server.addr)),
-        "{client}"
-    );
+    let peer = support::assert_demo_client(&client, server.addr);
 
     let out = server.stop_cleanly();
     let expected: Vec<String> = hello(3).iter().map(|m| format!("{peer} {m}")).collect();

@@ -97,15 +97,7 @@ fn the_windows_client_holds_the_demo_conversation() {
         &["--port", &port, "--count", "10", "--interval", "10ms"],
         EXIT_TIMEOUT,
     );
-    client.assert_code(0).assert_no_panic();
-    let peer = greeting_peer(&client);
-    assert_eq!(client.stdout, greeting(peer), "{client}");
-    assert!(
-        client
-            .stderr
-            .contains(&format!("connected to {}", server.addr)),
-        "{client}"
-    );
+    let peer = support::assert_demo_client(&client, server.addr);
     assert!(client.stderr.contains("sent \"hello world 9\""), "{client}");
     assert!(
         !client.stderr.contains('\x1b'),
@@ -203,11 +195,7 @@ fn the_windows_server_echoes_over_tls_under_load() {
         EXIT_TIMEOUT,
     );
     client.assert_code(0).assert_no_panic();
-    let json = client
-        .stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON summary\n{client}"));
+    let json = support::json_summary(&client);
     assert_eq!(json_field(json, "connections"), 8.0, "{json}");
     assert_eq!(json_field(json, "messages"), 1600.0, "{json}");
     assert_eq!(json_field(json, "errors"), 0.0, "{json}");

@@ -250,6 +250,30 @@ pub fn assert_summary_counts(out: &Output, n: usize, what: &str) {
     }
 }
 
+/// Checks a demo client's side: it exited 0, printed nothing but its greeting and logged
+/// `connected to SERVER`. Returns its address, from the greeting.
+#[cfg(unix)]
+pub fn assert_demo_client(client: &Output, server: SocketAddr) -> SocketAddr {
+    client.assert_code(0).assert_no_panic();
+    let peer = greeting_peer(client);
+    assert_eq!(client.stdout, greeting(peer), "{client}");
+    assert!(
+        client.stderr.contains(&format!("connected to {server}")),
+        "the client should log `connected to {server}`\n{client}"
+    );
+    peer
+}
+
+/// The `--json` summary line a load client printed.
+#[cfg(unix)]
+pub fn json_summary(client: &Output) -> &str {
+    client
+        .stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary\n{client}"))
+}
+
 /// The client's address, from the greeting it printed first (line framing).
 #[cfg(unix)]
 pub fn greeting_peer(client: &Output) -> SocketAddr {
