@@ -310,21 +310,15 @@ fn load_over_tls_prints_every_message() {
 #[test]
 fn self_signed_server_with_a_pinned_fingerprint() {
     let mut server = ServerProcess::start(&["--tls-self-signed", "--greeting", ""]);
-    let line = server.wait_for_log(&["tls fingerprint "]);
-    let pin = line
-        .split("tls fingerprint ")
-        .nth(1)
-        .expect("after the needle")
-        .trim()
-        .to_string();
+    let pin = support::logged_fingerprint(&server);
     let hex = pin
         .strip_prefix("sha256:")
-        .unwrap_or_else(|| panic!("not sha256: {line}"));
-    assert_eq!(hex.len(), 64, "{line}");
+        .unwrap_or_else(|| panic!("not sha256: {pin}"));
+    assert_eq!(hex.len(), 64, "{pin}");
     assert!(
         hex.chars()
             .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
-        "not lowercase hex: {line}"
+        "not lowercase hex: {pin}"
     );
 
     let send = |pin: &str, tag: &str| {

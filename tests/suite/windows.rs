@@ -173,13 +173,7 @@ fn the_windows_server_cuts_a_quiet_client_at_a_stop() {
 #[test]
 fn the_windows_server_echoes_over_tls_under_load() {
     let mut server = wine().server(&on_port_0(&["--mode", "echo", "--tls-self-signed"]));
-    let line = server.wait_for_log(&["tls fingerprint "]);
-    let pin = line
-        .split("tls fingerprint ")
-        .nth(1)
-        .expect("after the needle")
-        .trim()
-        .to_string();
+    let pin = support::logged_fingerprint(&server);
     let client = run_client_to(
         server.addr,
         &[

@@ -264,6 +264,17 @@ pub fn assert_demo_client(client: &Output, server: SocketAddr) -> SocketAddr {
     peer
 }
 
+/// The pin a `--tls-self-signed` server logs (`tls fingerprint sha256:HEX`), once it has.
+#[cfg(unix)]
+pub fn logged_fingerprint(server: &ServerProcess) -> String {
+    let line = server.wait_for_log(&["tls fingerprint "]);
+    line.split("tls fingerprint ")
+        .nth(1)
+        .expect("after the needle")
+        .trim()
+        .to_string()
+}
+
 /// The `--json` summary line a load client printed.
 #[cfg(unix)]
 pub fn json_summary(client: &Output) -> &str {
