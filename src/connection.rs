@@ -28,8 +28,9 @@ const MAX_READ: usize = crate::framing::LARGE_BUFFER;
 const QUIET: Duration = Duration::from_secs(1);
 
 /// Windows: how often a blocked read wakes to see whether the server cut its connection (a
-/// stop, an eviction). Elsewhere the cut's shutdown wakes it; on Windows, Wine's at least
-/// doesn't, and a stop would wait for its 3 s bound on every quiet client.
+/// stop, an eviction). Elsewhere the cut shuts the read side, which wakes it; on Windows that
+/// has no such use (see `Stream::cut`), and a stop would wait for its 3 s bound on every quiet
+/// client.
 #[cfg(windows)]
 const LOOK_FOR_CUT: Duration = Duration::from_millis(250);
 

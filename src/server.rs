@@ -710,7 +710,7 @@ impl Shared {
             (!registry.live.is_empty(), cut)
         };
         for stream in cut {
-            stream.cut_telling(STOPPING);
+            stream.cut();
         }
         left
     }

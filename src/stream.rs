@@ -198,25 +198,16 @@ impl Stream {
     }
 
     /// Wakes the reader, which then sees [`was_cut`](Stream::was_cut) and ends the connection
-    /// with a reset. Shutting the read side sends nothing to the client (Windows needs both sides
-    /// shut to wake a blocked receive).
+    /// with a reset. Shutting the read side sends nothing to the client.
+    ///
+    /// Not on Windows: there shutting the read side resets the connection at once if the
+    /// client's data is queued, before it could be told why; shutting the write side sends a
+    /// FIN, which a client that has sent everything takes for the confirmation; and neither
+    /// wakes a blocked receive under Wine. The reader looks for the cut every 0.25 s instead.
     pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::Release);
-        let how = if cfg!(windows) {
-            Shutdown::Both
-        } else {
-            Shutdown::Read
-        };
-        let _ = self.tcp().shutdown(how);
-    }
-
-    /// [`cut`](Stream::cut), for a stop. On Windows, where a cut shuts the write side too, the
-    /// client is told first (`error: REASON`, never waiting): it could not be told after.
-    pub(crate) fn cut_telling(&self, reason: &str) {
-        if cfg!(windows) {
-            self.tell_now(reason);
-        }
-        self.cut();
+        #[cfg(not(windows))]
+        let _ = self.tcp().shutdown(Shutdown::Read);
     }
 
     /// Whether the server cut this connection: an end of stream read now may be its own doing.

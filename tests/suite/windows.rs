@@ -145,6 +145,31 @@ fn a_stop_cuts_off_a_client_with_exit_1_either_way_round() {
     cut_off(&client.wait_exit(EXIT_TIMEOUT));
 }
 
+/// A Windows server whose stdout fails (`/dev/full`) confirms nothing: the client whose line it
+/// could not print is told why and exits 1. (A cut there once shut the socket's write side,
+/// and the FIN that sent came before the reset: a client that had sent everything took it for
+/// the confirmation and exited 0.)
+#[test]
+fn a_windows_server_that_cannot_print_confirms_nothing() {
+    for _ in 0..3 {
+        let mut server = wine().server_printing_to("/dev/full", &on_port_0(&[]));
+        let client = run_client_to(
+            server.addr,
+            &["--count", "1", "--interval", "0"],
+            EXIT_TIMEOUT,
+        );
+        client.assert_code(1).assert_no_panic();
+        assert!(
+            single_error_line(&client)
+                .ends_with("closed the connection: error: server output failed"),
+            "{client}"
+        );
+        let out = server.wait_exit(EXIT_TIMEOUT);
+        out.assert_code(1).assert_no_panic();
+        assert!(out.stderr.contains("cannot write output"), "{out}");
+    }
+}
+
 /// A stop on Windows doesn't wait on quiet clients: one connected and silent is told why and cut
 /// at once, not given up on at the stop's 3 s bound (Wine's shutdown doesn't wake a blocked
 /// receive; the reader looks for the cut itself).

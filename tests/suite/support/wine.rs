@@ -137,6 +137,16 @@ impl Wine {
         self.spawn(program, args).wait_exit(timeout)
     }
 
+    /// Starts the Windows server with `args`, its stdout sent to `path` (such as `/dev/full`) by
+    /// a shell that then execs it, and waits for its `listening on ADDR` line.
+    pub fn server_printing_to(&self, path: &str, args: &[&str]) -> ServerProcess {
+        let (env, line) = self.command_line("server", args);
+        let script = format!("exec \"$@\" >{path}");
+        let mut argv = vec!["-c", script.as_str(), "sh", env.as_str()];
+        argv.extend(line.iter().map(String::as_str));
+        ServerProcess::spawn_program("sh", &argv)
+    }
+
     /// Starts the Windows server with `args` and waits for its `listening on ADDR` line.
     pub fn server(&self, args: &[&str]) -> ServerProcess {
         let (env, line) = self.command_line("server", args);
