@@ -100,6 +100,12 @@ impl LoadOptions {
     /// connection.
     pub const MAX_SIZE: usize = 16 * 1024 * 1024;
 
+    /// The slowest `rate` and `connect_rate`: one every 1,000 s.
+    pub const MIN_RATE: f64 = 0.001;
+
+    /// The fastest `rate` and `connect_rate`: one a nanosecond.
+    pub const MAX_RATE: f64 = 1e9;
+
     /// Checks that the options make sense ([`run_load`] does, first): [`Error::Options`] names
     /// the first that doesn't.
     pub fn validate(&self) -> Result<(), Error> {
@@ -145,21 +151,18 @@ impl LoadOptions {
             return invalid("duration", "must be more than 0".to_string());
         }
         if let Some(rate) = self.rate {
-            if !(rate > 0.0 && rate <= 1e9) {
-                return invalid(
-                    "rate",
-                    "must be more than 0 and at most 1000000000".to_string(),
-                );
+            if !(Self::MIN_RATE..=Self::MAX_RATE).contains(&rate) {
+                return invalid("rate", "must be from 0.001 to 1000000000".to_string());
             }
             if !self.interval.is_zero() {
                 return invalid("rate", "can't be combined with interval".to_string());
             }
         }
         if let Some(rate) = self.connect_rate {
-            if !(rate > 0.0 && rate <= 1e9) {
+            if !(Self::MIN_RATE..=Self::MAX_RATE).contains(&rate) {
                 return invalid(
                     "connect_rate",
-                    "must be more than 0 and at most 1000000000".to_string(),
+                    "must be from 0.001 to 1000000000".to_string(),
                 );
             }
             if self.chat {
@@ -1017,6 +1020,35 @@ fn until_end(replies: &mut Receiver, mut reason: Option<String>) -> Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rates outside what a schedule can hold are refused, not a panic later (one message
+    /// every 1e20 s is more than a `Duration` holds).
+    #[test]
+    fn rates_are_checked() {
+        for rate in [0.0, 1e-20, 1e-300, 1e10, f64::NAN, f64::INFINITY, -1.0] {
+            for chat in [false, true] {
+                let options = LoadOptions {
+                    rate: Some(rate),
+                    chat,
+                    ..LoadOptions::default()
+                };
+                assert!(options.validate().is_err(), "rate {rate}");
+            }
+            let options = LoadOptions {
+                connect_rate: Some(rate),
+                ..LoadOptions::default()
+            };
+            assert!(options.validate().is_err(), "connect rate {rate}");
+        }
+        for rate in [LoadOptions::MIN_RATE, 1.0, LoadOptions::MAX_RATE] {
+            let options = LoadOptions {
+                rate: Some(rate),
+                connect_rate: Some(rate),
+                ..LoadOptions::default()
+            };
+            assert!(options.validate().is_ok(), "rate {rate}");
+        }
+    }
 
     #[test]
     fn messages_are_padded_to_size_on_the_wire() {

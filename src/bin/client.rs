@@ -224,8 +224,8 @@ fn host_port(text: &str) -> Result<(String, u16), String> {
 fn rate(text: &str) -> Result<f64, String> {
     text.parse::<f64>()
         .ok()
-        .filter(|r| *r > 0.0 && *r <= 1e9)
-        .ok_or_else(|| "must be a number of messages per second, more than 0".to_string())
+        .filter(|r| (LoadOptions::MIN_RATE..=LoadOptions::MAX_RATE).contains(r))
+        .ok_or_else(|| "must be a number per second from 0.001 to 1000000000".to_string())
 }
 
 /// A `--tls-fingerprint` that is one.

@@ -947,8 +947,12 @@ fn connect_rate_spreads_connects_and_times_them() {
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
-    let cases: [(&str, &[&str]); 9] = [
+    let cases: [(&str, &[&str]); 12] = [
         ("server", &["--port", "notaport"]),
+        // Once a panic: one message every 1e20 s is more than a Duration holds.
+        ("client", &["--rate", "1e-20"]),
+        ("client", &["--chat", "--rate", "1e-300"]),
+        ("client", &["--connect-rate", "0"]),
         ("server", &["--port", "99999"]),
         ("client", &["-p", "65536"]),
         ("server", &["99999"]),
