@@ -487,10 +487,15 @@ impl Tally {
             self.one_by_one(text, now);
             return;
         }
-        // The lines about every `stride` bytes, from the middle of the first stride on.
-        let sampled = lines.div_ceil(LATENCY_SAMPLE);
-        let stride = (text.len() / sampled).max(1);
-        for at in (stride / 2..text.len()).step_by(stride).take(sampled) {
+        // The lines numbered (counting across reads) a multiple of LATENCY_SAMPLE, as
+        // `one_by_one` takes them, each found about where it is: messages are about the same
+        // length. Not so many a read: a stall's backlog arrives in a few long reads, and timing
+        // a share of each read would leave it to a few samples among the one-line reads after.
+        let per_line = text.len() / lines.max(1);
+        let first =
+            (LATENCY_SAMPLE - (self.count % LATENCY_SAMPLE as u64) as usize) % LATENCY_SAMPLE;
+        for line in (first..lines).step_by(LATENCY_SAMPLE) {
+            let at = (line * per_line + per_line / 2).min(text.len().saturating_sub(1));
             let start = memchr::memrchr(b'\n', &text[..at]).map_or(0, |nl| nl + 1);
             let end = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |nl| at + nl);
             self.time(&text[start..end], now);
@@ -645,6 +650,26 @@ mod tests {
         assert_eq!(buf.len(), 64);
         assert!(buf.starts_with(b"chat 0 7 5000000."), "{buf:?}");
         assert_eq!(sent_at(&buf), Some(5_000_000));
+    }
+
+    /// One line in 64 is timed however the lines arrive: a stall's backlog in one long read
+    /// weighs as much as the same lines one a read would (it once got one sample a read, so
+    /// the one-line reads after a stall outweighed it).
+    #[test]
+    fn a_backlog_read_at_once_weighs_as_its_lines() {
+        let mut tally = Tally::new(0);
+        for i in 0..640 {
+            tally.lines(format!("127.0.0.1:5000 chat 1 {i} 900\n").as_bytes(), 1_000);
+        }
+        let backlog: String = (0..640)
+            .map(|i| format!("127.0.0.1:5000 chat 1 {i} 0\n"))
+            .collect();
+        tally.lines(backlog.as_bytes(), 1_000_000);
+        let latencies = tally.latencies.expect("a histogram");
+        assert_eq!(tally.count, 1280);
+        assert_eq!(latencies.len(), 20);
+        // Half the lines waited the stall, and half the samples say so.
+        assert_eq!(latencies.count_between(999_000, 1_001_000), 10);
     }
 
     #[test]
