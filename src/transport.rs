@@ -134,12 +134,23 @@ impl HandshakeError {
             HandshakeError::Closed => "the server closed the connection during the handshake (not a TLS server, or it refused this client?)".to_string(),
             HandshakeError::Io(e) if server => e.to_string(),
             HandshakeError::Io(e) => format!("{e} (not a TLS server, or it refused this client?)"),
-            HandshakeError::Tls(e) if server => format!("TLS handshake failed: {e}"),
+            HandshakeError::Tls(e) if server => format!("TLS handshake failed: {}", text(e)),
             HandshakeError::Tls(e) if is_ca_as_end_entity(e) => {
                 "invalid peer certificate: the server presents a CA certificate as its own (pin it with --tls-fingerprint, or give the server a certificate that CA signed)".to_string()
             }
-            HandshakeError::Tls(e) => format!("{e}{}", hint(e)),
+            HandshakeError::Tls(e) => format!("{}{}", text(e), hint(e)),
         }
+    }
+}
+
+/// `e` as a phrase. rustls shows a certificate error of a verifier's own (the pin's mismatch)
+/// in its debug form, `Other(OtherError(Custom { .. }))`: here, its text.
+fn text(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            format!("invalid peer certificate: {other}")
+        }
+        e => e.to_string(),
     }
 }
 
@@ -152,7 +163,7 @@ fn is_ca_as_end_entity(e: &rustls::Error) -> bool {
 
 /// A session's failure as the error of a read or a send, with what can be done about it.
 fn failure(e: &rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("{e}{}", hint(e)))
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}{}", text(e), hint(e)))
 }
 
 /// What a client can do about a certificate it refused.

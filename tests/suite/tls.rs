@@ -367,10 +367,12 @@ fn self_signed_server_with_a_pinned_fingerprint() {
     );
     assert!(
         error.contains(&format!(
-            "the server's certificate is {pin}, not the pinned {wrong}"
+            "invalid peer certificate: the server's certificate is {pin}, not the pinned {wrong}"
         )),
         "{refused}"
     );
+    // In words, not rustls's debug form (`Other(OtherError(Custom { .. }))`).
+    assert!(!error.contains("Custom {"), "{refused}");
     assert_eq!(refused.stdout, "", "{refused}");
 
     wait_for_failed_handshakes(&server, 1);
