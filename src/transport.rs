@@ -163,7 +163,10 @@ fn is_ca_as_end_entity(e: &rustls::Error) -> bool {
 
 /// A session's failure as the error of a read or a send, with what can be done about it.
 fn failure(e: &rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("{}{}", text(e), hint(e)))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}{}", text(e), hint(e)),
+    )
 }
 
 /// What a client can do about a certificate it refused.

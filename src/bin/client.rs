@@ -37,7 +37,7 @@ struct Cli {
           help_heading = "Connection")]
     address: Vec<String>,
     /// Server port.
-    #[arg(help_heading = "Connection", short, long, default_value_t = 8887, value_parser = common::port)]
+    #[arg(help_heading = "Connection", short, long, default_value_t = 8887, value_parser = common::port_to_connect)]
     port: u16,
     /// How many messages to send.
     #[arg(

@@ -661,9 +661,12 @@ fn host_with_a_port_says_use_port() {
             ("[::1]:9000", "--host ::1 --port 9000"),
             ("localhost:9000", "--host localhost --port 9000"),
         ] {
-            let out = run_bin(bin, &["--host", host], EXIT_TIMEOUT);
-            out.assert_code(2).assert_no_panic();
-            assert!(out.stderr.contains(says), "{bin} --host {host}\n{out}");
+            // As --host, and as the one positional (the server's PORT, the client's HOST).
+            for args in [&["--host", host][..], &[host][..]] {
+                let out = run_bin(bin, args, EXIT_TIMEOUT);
+                out.assert_code(2).assert_no_panic();
+                assert!(out.stderr.contains(says), "{bin} {args:?}\n{out}");
+            }
         }
     }
 }
@@ -947,7 +950,9 @@ fn connect_rate_spreads_connects_and_times_them() {
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
-    let cases: [(&str, &[&str]); 12] = [
+    let cases: [(&str, &[&str]); 14] = [
+        ("client", &["--port", "0"]),
+        ("server", &["", "0"]),
         ("server", &["--port", "notaport"]),
         // Once a panic: one message every 1e20 s is more than a Duration holds.
         ("client", &["--rate", "1e-20"]),
@@ -975,8 +980,14 @@ fn bad_flags_exit_2() {
             "{out}"
         );
         if args.contains(&"99999") || args.contains(&"65536") {
+            let range = if bin == "server" {
+                "0 to 65535"
+            } else {
+                "1 to 65535"
+            };
             assert!(
-                out.stderr.contains("must be a port number from 0 to 65535"),
+                out.stderr
+                    .contains(&format!("must be a port number from {range}")),
                 "{out}"
             );
         }

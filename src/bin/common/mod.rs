@@ -183,7 +183,18 @@ pub fn positionals(
     host: &mut String,
     port: &mut u16,
 ) -> Result<(), String> {
-    let port_of = |text: &str| self::port(text).map_err(|e| format!("{text:?}: {e}"));
+    let port_of = |text: &str| {
+        let port = if port_alone {
+            self::port(text)
+        } else {
+            self::port_to_connect(text)
+        };
+        port.map_err(|e| match self::host(text) {
+            // `127.0.0.1:9000` where the port goes: the hint --host gives.
+            Err(hint) if text.contains(':') => hint,
+            _ => format!("{text:?}: {e}"),
+        })
+    };
     match values {
         [] => {}
         [one] if port_alone => *port = port_of(one)?,
@@ -207,10 +218,21 @@ pub fn bytes(text: &str) -> Result<usize, String> {
     Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
 }
 
-/// A `--port` (or a `PORT` given alone), said in words when it is none.
+/// A `--port` to listen on (or a `PORT` given alone), said in words when it is none.
 pub fn port(text: &str) -> Result<u16, String> {
     text.parse::<u16>()
         .map_err(|_| "must be a port number from 0 to 65535".to_string())
+}
+
+/// A `--port` to connect to: not 0, which only a listener can ask for.
+pub fn port_to_connect(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(0) => Err(
+            "must be a port number from 1 to 65535 (0 is for a server: any free port)".to_string(),
+        ),
+        Ok(port) => Ok(port),
+        Err(_) => Err("must be a port number from 1 to 65535".to_string()),
+    }
 }
 
 /// A `--host`: anything but an address with a port glued on (`127.0.0.1:9000`, `[::1]:9000`,
@@ -228,7 +250,7 @@ pub fn host(text: &str) -> Result<String, String> {
         Some((host, port)) => Err(format!(
             "a host, without a port: --host {host} --port {port}"
         )),
-        None if text.is_empty() => Err("empty".to_string()),
+        None if text.is_empty() => Err("must be a host name or address, not empty".to_string()),
         None => Ok(text.to_string()),
     }
 }
