@@ -13,7 +13,7 @@ use crate::framing::{Batch, Decoder, Framing, LineTooLong};
 use crate::options::Mode;
 use crate::proxy::{HeaderError, Origin};
 use crate::room::Seat;
-use crate::send::{SendError, is_timeout};
+use crate::send::{self, SendError, is_timeout};
 use crate::stream::{LINGER_AFTER_ERROR, STOPPING, Stream};
 use crate::transport::HandshakeError;
 
@@ -26,13 +26,6 @@ const MAX_READ: usize = crate::framing::LARGE_BUFFER;
 /// A connection whose buffers grew gives them back once its client has sent nothing for this
 /// long.
 const QUIET: Duration = Duration::from_secs(1);
-
-/// Windows: how often a blocked read wakes to see whether the server cut its connection (a
-/// stop, an eviction). Elsewhere the cut shuts the read side, which wakes it; on Windows that
-/// has no such use (see `Stream::cut`), and a stop would wait for its 3 s bound on every quiet
-/// client.
-#[cfg(windows)]
-const LOOK_FOR_CUT: Duration = Duration::from_millis(250);
 
 /// Bytes of buffers a connection holds without drawing on the server's buffer budget: its five
 /// buffers (read, line ends, unfinished line, copy, echo) at their small size (4 KiB each, see
@@ -360,8 +353,12 @@ impl<'a> Reading<'a> {
             let mid_message = self.decoder.pending_len() > 0;
             let large = self.read_size > FIRST_READ || self.held() > QUIET_SIZE;
             let quiet = (large && !self.shrunk).then_some(QUIET);
-            #[cfg(windows)]
-            let quiet = Some(quiet.map_or(LOOK_FOR_CUT, |quiet| quiet.min(LOOK_FOR_CUT)));
+            // On Windows, a wait that the cut can't end: it looks for the cut now and then.
+            let quiet = if cfg!(windows) {
+                Some(quiet.map_or(send::LOOK_FOR_CUT, send::read_slice))
+            } else {
+                quiet
+            };
             // Straight into the batch: plain lines are decoded where they are read.
             let room = self.decoder.read_room(&mut self.batch, self.read_size);
             let n = match self.reader.read(room, mid_message, quiet) {

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use ppp::{v1, v2};
 
+use crate::send;
+
 /// The 12 bytes a version 2 header starts with.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// What a version 1 header starts with.
@@ -79,13 +81,19 @@ impl std::fmt::Display for HeaderError {
     }
 }
 
-/// Reads the PROXY protocol header that starts `tcp`, within `timeout`, and not a byte more.
-/// Leaves the socket's read timeout unset.
-pub(crate) fn read_header(tcp: &TcpStream, timeout: Duration) -> Result<Origin, HeaderError> {
+/// Reads the PROXY protocol header that starts `tcp`, within `timeout`, and not a byte more;
+/// gives up (`Closed`) if `cut` says the connection was cut (a stop) while it waited. Leaves
+/// the socket's read timeout unset.
+pub(crate) fn read_header(
+    tcp: &TcpStream,
+    timeout: Duration,
+    cut: &dyn Fn() -> bool,
+) -> Result<Origin, HeaderError> {
     let mut reader = Reader {
         tcp,
         deadline: Instant::now() + timeout,
         timeout,
+        cut,
         header: Vec::with_capacity(V1_LONGEST),
     };
     let read = reader.read();
@@ -98,6 +106,7 @@ struct Reader<'a> {
     tcp: &'a TcpStream,
     deadline: Instant,
     timeout: Duration,
+    cut: &'a dyn Fn() -> bool,
     header: Vec<u8>,
 }
 
@@ -143,11 +152,9 @@ impl Reader<'_> {
                     "no line end within {V1_LONGEST} bytes"
                 )));
             }
-            self.set_timeout()?;
-            let seen = match self.tcp.peek(&mut peeked[..room]) {
-                Ok(0) => return Err(HeaderError::Closed(self.header.len())),
-                Ok(seen) => seen,
-                Err(e) => return Err(self.failed(e)),
+            let seen = match self.wait(self.header.len(), |tcp| tcp.peek(&mut peeked[..room]))? {
+                0 => return Err(HeaderError::Closed(self.header.len())),
+                seen => seen,
             };
             // A `\r` already read may end with a `\n` just arrived.
             let last_cr = self.header.last() == Some(&b'\r');
@@ -171,45 +178,54 @@ impl Reader<'_> {
 
     /// One read of at most `most` bytes onto the header.
     fn read_some(&mut self, most: usize) -> Result<(), HeaderError> {
-        self.set_timeout()?;
         let start = self.header.len();
-        self.header.resize(start + most, 0);
-        let read = self.tcp.read(&mut self.header[start..]);
-        match read {
-            Ok(0) => {
-                self.header.truncate(start);
-                Err(HeaderError::Closed(start))
-            }
-            Ok(n) => {
-                self.header.truncate(start + n);
-                Ok(())
-            }
-            Err(e) => {
-                self.header.truncate(start);
-                Err(self.failed(e))
-            }
+        // Read in place (a buffer on the stack would be memory held by every connection
+        // thread), so the header is taken out of `self` meanwhile.
+        let mut header = std::mem::take(&mut self.header);
+        header.resize(start + most, 0);
+        let read = self.wait(start, |mut tcp| tcp.read(&mut header[start..]));
+        header.truncate(start + read.as_ref().map_or(0, |n| *n));
+        self.header = header;
+        match read? {
+            0 => Err(HeaderError::Closed(start)),
+            _ => Ok(()),
         }
     }
 
-    fn set_timeout(&self) -> Result<(), HeaderError> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HeaderError::Timeout(self.timeout));
-        }
-        self.tcp
-            .set_read_timeout(Some(left))
-            .map_err(HeaderError::Io)
-    }
-
-    fn failed(&self, e: io::Error) -> HeaderError {
-        match e.kind() {
-            // Reset before a byte came: a port probe, as a plain TCP health check is.
-            io::ErrorKind::ConnectionReset if self.header.is_empty() => HeaderError::Closed(0),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                HeaderError::Timeout(self.timeout)
+    /// Runs `op` (a read or a peek, with `held` bytes of the header read so far) until it
+    /// returns, the deadline passes or the connection is cut: on Windows it waits in slices,
+    /// looking for the cut after each.
+    fn wait(
+        &self,
+        held: usize,
+        mut op: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Result<usize, HeaderError> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HeaderError::Timeout(self.timeout));
             }
-            _ => HeaderError::Io(e),
+            self.tcp
+                .set_read_timeout(Some(send::read_slice(left)))
+                .map_err(HeaderError::Io)?;
+            match op(self.tcp) {
+                Err(e) if send::is_timeout(&e) && (self.cut)() => {
+                    return Err(HeaderError::Closed(held));
+                }
+                Err(e) if send::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(e, held)),
+                Ok(n) => return Ok(n),
+            }
         }
+    }
+}
+
+/// What a failed read means, with `held` bytes of the header read.
+fn failed(e: io::Error, held: usize) -> HeaderError {
+    match e.kind() {
+        // Reset before a byte came: a port probe, as a plain TCP health check is.
+        io::ErrorKind::ConnectionReset if held == 0 => HeaderError::Closed(0),
+        _ => HeaderError::Io(e),
     }
 }
 
@@ -286,7 +302,7 @@ mod tests {
         client
             .shutdown(std::net::Shutdown::Write)
             .expect("shutdown");
-        let origin = read_header(&server, Duration::from_secs(5));
+        let origin = read_header(&server, Duration::from_secs(5), &|| false);
         let mut rest = Vec::new();
         let _ = (&server).read_to_end(&mut rest);
         (origin, rest)
@@ -377,7 +393,7 @@ mod tests {
             (&client).write_all(start).expect("write");
             // Not all 15 bytes are there, and none will come: refused on what did come.
             let at = Instant::now();
-            let origin = read_header(&server, Duration::from_secs(30));
+            let origin = read_header(&server, Duration::from_secs(30), &|| false);
             assert!(
                 matches!(origin, Err(HeaderError::NotProxy)),
                 "{start:?}: {origin:?}"
@@ -415,7 +431,7 @@ mod tests {
             .write_all(&v2(1, 0x11, &[0; 12])[..14])
             .expect("write");
         (&client).write_all(&[0xff, 0xff]).expect("write");
-        let origin = read_header(&server, Duration::from_secs(30));
+        let origin = read_header(&server, Duration::from_secs(30), &|| false);
         assert!(
             matches!(&origin, Err(HeaderError::Malformed(why)) if why.contains("65551")),
             "{origin:?}"
@@ -435,7 +451,7 @@ mod tests {
         let (client, server) = pair();
         (&client).write_all(b"PROXY TCP4 10.0.0.1 ").expect("write");
         let at = Instant::now();
-        let origin = read_header(&server, Duration::from_millis(300));
+        let origin = read_header(&server, Duration::from_millis(300), &|| false);
         assert!(matches!(origin, Err(HeaderError::Timeout(_))), "{origin:?}");
         assert!(at.elapsed() >= Duration::from_millis(300));
         assert!(at.elapsed() < Duration::from_secs(5));

@@ -791,7 +791,9 @@ mod tests {
         let handshake = thread::spawn(move || {
             let name = client_tls.name_for("localhost").expect("name");
             let client = Transport::tls_client(client, client_tls.config(), name).expect("session");
-            client.handshake(Duration::from_secs(5)).map(|()| client)
+            client
+                .handshake(Duration::from_secs(5), &|| false)
+                .map(|()| client)
         });
         stream.handshake(Duration::from_secs(5)).expect("handshake");
         let client = handshake.join().expect("thread").expect("handshake");

@@ -163,6 +163,21 @@ pub(crate) fn deadline_in(timeout: Duration) -> Instant {
     now.checked_add(timeout).unwrap_or_else(|| now + CENTURY)
 }
 
+/// How long a blocked read may wait, of the `left` it has, before it looks whether the server
+/// cut its connection. All of it but on Windows, where a cut can't wake a read (see
+/// `Stream::cut`): there [`LOOK_FOR_CUT`] at the most.
+pub(crate) fn read_slice(left: Duration) -> Duration {
+    if cfg!(windows) {
+        left.min(LOOK_FOR_CUT)
+    } else {
+        left
+    }
+}
+
+/// Windows: how often a blocked read wakes to see whether the server cut its connection (a
+/// stop, an eviction); elsewhere the cut's shutdown wakes it.
+pub(crate) const LOOK_FOR_CUT: Duration = Duration::from_millis(250);
+
 /// A socket call that gave up waiting: `WouldBlock` on Unix, `TimedOut` on Windows.
 pub(crate) fn is_timeout(e: &io::Error) -> bool {
     matches!(

@@ -577,7 +577,10 @@ impl Drop for Deregister<'_> {
             }
         }
         self.park.set(park);
-        debug!("{} clients connected", registry.live.len());
+        debug!(
+            "{} connected",
+            crate::unstable::plural(registry.live.len() as u64, "client")
+        );
         if registry.live.is_empty() {
             self.shared.idle.notify_all();
         }
@@ -808,7 +811,10 @@ impl Shared {
                     },
                 );
                 drop(registry);
-                debug!("{} clients connected", live + 1);
+                debug!(
+                    "{} connected",
+                    crate::unstable::plural(live as u64 + 1, "client")
+                );
             }
             Err(e) => {
                 drop(registry);

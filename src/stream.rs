@@ -117,9 +117,9 @@ impl Stream {
         self.wire.is_tls()
     }
 
-    /// Runs the TLS handshake, if any, within `timeout`.
+    /// Runs the TLS handshake, if any, within `timeout`; a cut ends it.
     pub(crate) fn handshake(&self, timeout: Duration) -> Result<(), HandshakeError> {
-        self.wire.handshake(timeout)
+        self.wire.handshake(timeout, &|| self.was_cut())
     }
 
     /// Under TLS, the protocol and the client certificate's name, for the log.
@@ -149,7 +149,7 @@ impl Stream {
     /// Reads the PROXY protocol header the connection starts with (before any TLS), within
     /// `timeout`; from then on [`peer`](Stream::peer) is the client it names.
     pub(crate) fn read_proxy_header(&self, timeout: Duration) -> Result<Origin, HeaderError> {
-        let origin = match proxy::read_header(self.tcp(), timeout)? {
+        let origin = match proxy::read_header(self.tcp(), timeout, &|| self.was_cut())? {
             // The proxy naming itself, as HAProxy's version 1 health checks do.
             Origin::Client(client) if client == self.peer => Origin::Local,
             origin => origin,

@@ -249,10 +249,12 @@ impl Transport {
         } else {
             timeout
         };
-        transport.handshake(timeout).map_err(|e| Error::Handshake {
-            addr: peer,
-            problem: e.describe(false),
-        })?;
+        transport
+            .handshake(timeout, &|| false)
+            .map_err(|e| Error::Handshake {
+                addr: peer,
+                problem: e.describe(false),
+            })?;
         Ok((transport, peer))
     }
 
@@ -272,13 +274,18 @@ impl Transport {
     }
 
     /// Runs the TLS handshake (nothing in the clear), within `timeout` in all: a peer that
-    /// sends nothing, or stalls halfway, is given up on then. Restores a read timeout of none.
-    pub(crate) fn handshake(&self, timeout: Duration) -> Result<(), HandshakeError> {
+    /// sends nothing, or stalls halfway, is given up on then, and so is one whose connection
+    /// `cut` says was cut (a stop) while it waited. Restores a read timeout of none.
+    pub(crate) fn handshake(
+        &self,
+        timeout: Duration,
+        cut: &dyn Fn() -> bool,
+    ) -> Result<(), HandshakeError> {
         let Some(tls) = &self.tls else {
             return Ok(());
         };
         let deadline = deadline_in(timeout);
-        let result = self.handshake_until(tls, deadline, timeout);
+        let result = self.handshake_until(tls, deadline, timeout, cut);
         if result.is_ok() {
             self.tcp
                 .set_read_timeout(None)
@@ -292,6 +299,7 @@ impl Transport {
         tls: &Tls,
         deadline: Instant,
         timeout: Duration,
+        cut: &dyn Fn() -> bool,
     ) -> Result<(), HandshakeError> {
         let mut first = true;
         let mut out = Vec::new();
@@ -320,7 +328,7 @@ impl Transport {
                 return Err(HandshakeError::Timeout(timeout));
             }
             self.tcp
-                .set_read_timeout(Some(left))
+                .set_read_timeout(Some(send::read_slice(left)))
                 .map_err(HandshakeError::Io)?;
             let mut byte = [0u8; 1];
             match self.tcp.peek(&mut byte) {
@@ -331,7 +339,9 @@ impl Transport {
                 }
                 Ok(_) => first = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_timeout(&e) => return Err(HandshakeError::Timeout(timeout)),
+                Err(e) if is_timeout(&e) && cut() => return Err(HandshakeError::Closed),
+                // A slice of the wait, on Windows: the deadline says whether it is over.
+                Err(e) if is_timeout(&e) => continue,
                 Err(e) => return Err(HandshakeError::Io(e)),
             }
             let mut session = tls.session();

@@ -171,8 +171,9 @@ fn a_windows_server_that_cannot_print_confirms_nothing() {
 }
 
 /// A stop on Windows doesn't wait on quiet clients: one connected and silent is told why and cut
-/// at once, not given up on at the stop's 3 s bound (Wine's shutdown doesn't wake a blocked
-/// receive; the reader looks for the cut itself).
+/// at once, and so is one silent in its TLS handshake or before its PROXY protocol header, not
+/// given up on at the stop's 3 s bound (a cut can't wake a blocked read there; the reader looks
+/// for the cut itself).
 #[test]
 fn the_windows_server_cuts_a_quiet_client_at_a_stop() {
     let mut server = wine().server(&on_port_0(&["-v"]));
@@ -190,6 +191,29 @@ fn the_windows_server_cuts_a_quiet_client_at_a_stop() {
     );
     assert!(!out.stderr.contains("giving up"), "{out}");
     drop(stream);
+
+    for (flags, cut) in [
+        (
+            &["--tls-self-signed"][..],
+            "cut off by the server stop during its TLS handshake",
+        ),
+        (
+            &["--proxy-protocol", "--trusted-proxy", "127.0.0.1"][..],
+            "cut off by the server stop before its PROXY protocol header",
+        ),
+    ] {
+        let mut args = vec!["-v"];
+        args.extend_from_slice(flags);
+        let mut server = wine().server(&on_port_0(&args));
+        let silent = support::connect(server.addr);
+        server.wait_for_log(&["1 client connected"]);
+        signal(server.pid(), "INT");
+        let out = server.wait_exit(EXIT_TIMEOUT);
+        out.assert_code(0).assert_no_panic();
+        assert!(out.stderr.contains(cut), "{out}");
+        assert!(!out.stderr.contains("giving up"), "{out}");
+        drop(silent);
+    }
 }
 
 /// The Windows server as an echo server over TLS (ring's code built by mingw), with a
