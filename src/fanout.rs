@@ -295,7 +295,8 @@ fn exchange(
     let mut pending = 0;
     let pace = Pace::new(task.interval, task.rate);
     for i in 0..task.count {
-        let due = pace.wait(i);
+        // No `--duration` with chat: every message is sent.
+        let due = pace.wait(i, None).unwrap_or_else(Instant::now);
         message(&mut buf, task, i, due);
         pending += 1;
         if buf.len() >= 64 * 1024 || pace.is_paced() || i + 1 == task.count {

@@ -871,7 +871,10 @@ fn stream_messages(
     let pace = Pace::new(options.interval, options.rate);
     let mut i = 0;
     while more.after(i) {
-        pace.wait(i);
+        // Paced, each message went when it was made: nothing is left in `buf` at a break.
+        if pace.wait(i, more.until).is_none() {
+            break;
+        }
         buf.extend_from_slice(messages.get(i));
         pending += 1;
         i += 1;
@@ -940,7 +943,9 @@ fn round_trips(
     let pace = Pace::new(options.interval, options.rate);
     let mut i = 0;
     while more.after(i) {
-        let due = pace.wait(i);
+        let Some(due) = pace.wait(i, more.until) else {
+            break;
+        };
         line.clear();
         line.extend_from_slice(messages.get(i));
         let expected = std::str::from_utf8(&line[..line.len() - 1]).unwrap_or_default();

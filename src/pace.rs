@@ -22,23 +22,25 @@ impl Pace {
         }
     }
 
-    /// Waits for message `i`'s turn (pacing the load, as asked); returns when it was due.
-    pub(crate) fn wait(&self, i: u64) -> Instant {
+    /// Waits for message `i`'s turn (pacing the load, as asked); returns when it was due. If
+    /// that is not before `until` (a `--duration`'s end), waits only until then and returns
+    /// `None`: a slow pace neither holds a run past its end nor sends after it.
+    pub(crate) fn wait(&self, i: u64, until: Option<Instant>) -> Option<Instant> {
+        let turn = match self.every {
+            Some(every) => self.start + every.mul_f64(i as f64),
+            None if i > 0 && !self.interval.is_zero() => Instant::now() + self.interval,
+            None => return Some(Instant::now()),
+        };
+        let ends_first = until.is_some_and(|until| until <= turn);
+        let wake = until.map_or(turn, |until| turn.min(until));
+        let now = Instant::now();
+        if wake > now {
+            thread::sleep(wake - now);
+        }
         match self.every {
-            Some(every) => {
-                let due = self.start + every.mul_f64(i as f64);
-                let now = Instant::now();
-                if due > now {
-                    thread::sleep(due - now);
-                }
-                due
-            }
-            None => {
-                if i > 0 && !self.interval.is_zero() {
-                    thread::sleep(self.interval);
-                }
-                Instant::now()
-            }
+            _ if ends_first => None,
+            Some(_) => Some(turn),
+            None => Some(Instant::now()),
         }
     }
 

@@ -874,6 +874,29 @@ fn load_for_a_duration() {
     assert_eq!(printed.stdout.lines().count(), messages, "{printed}");
 }
 
+/// A pace slower than the duration (`--rate 0.2`: one message every 5 s; `--interval 5s`)
+/// sends what falls within it, the first message, and ends with the duration, not at the next
+/// message's turn.
+#[cfg(unix)]
+#[test]
+fn a_slow_pace_ends_with_the_duration() {
+    let mut server = ServerProcess::start(&[]);
+    for pace in [&["--rate", "0.2"][..], &["--interval", "5s"][..]] {
+        let mut args = vec!["--connections", "2", "--duration", "300ms", "--json"];
+        args.extend_from_slice(pace);
+        let out = run_client_to(server.addr, &args, EXIT_TIMEOUT);
+        out.assert_code(0).assert_no_panic();
+        assert_eq!(json_field(&out.stdout, "messages"), 2.0, "{out}");
+        let elapsed = json_field(&out.stdout, "elapsed_s");
+        assert!(
+            (0.3..3.0).contains(&elapsed),
+            "{pace:?}: {elapsed} s\n{out}"
+        );
+    }
+    let printed = server.stop();
+    assert_eq!(printed.stdout.lines().count(), 4, "{printed}");
+}
+
 /// `--rate` sends on a schedule whatever the server does, and with `--rtt` counts each latency
 /// from when its message was due: an echo server that stalls 300 ms once, at 100 messages a
 /// second, holds up the 30 or so messages due meanwhile, and the percentiles show it (measured
