@@ -400,7 +400,7 @@ fn listen(
     delivered: &AtomicU64,
     heard: &mpsc::Sender<Heard>,
 ) {
-    let mut tally = Tally::new(conn);
+    let mut tally = Tally::new(conn, expected);
     if expected == 0 {
         let _ = heard.send(Heard::AllIn); // nothing to wait for
     }
@@ -446,8 +446,11 @@ fn listen(
 struct Tally {
     /// Lines from the others.
     count: u64,
-    /// From a send to its receipt, for one line in [`LATENCY_SAMPLE`].
+    /// From a send to its receipt, for one line in `sample`.
     latencies: Option<Histogram<u64>>,
+    /// 1, or [`LATENCY_SAMPLE`] for a connection expecting more than
+    /// [`TIME_EVERY_LINE_UP_TO`] lines.
+    sample: usize,
     /// The server's `error: REASON` line, if it sent one.
     reason: Option<String>,
     /// Marks this connection's own lines, should the server send them back (not deliveries):
@@ -457,10 +460,16 @@ struct Tally {
 }
 
 impl Tally {
-    fn new(conn: usize) -> Tally {
+    /// For connection `conn`, which expects `expected` lines from the others.
+    fn new(conn: usize, expected: u64) -> Tally {
         Tally {
             count: 0,
             latencies: latency_histogram(),
+            sample: if expected <= TIME_EVERY_LINE_UP_TO {
+                1
+            } else {
+                LATENCY_SAMPLE
+            },
             reason: None,
             own: memmem::Finder::new(format!("chat {conn} ").as_bytes()).into_owned(),
             error: memmem::Finder::new(b"error: ").into_owned(),
@@ -475,7 +484,7 @@ impl Tally {
     /// it holds none of this connection's own lines and no `error: `, and as many `h` as lines
     /// (each message has one, in `chat`; a peer as servers write it, an address or `<user5>`,
     /// has none), every line is taken for another connection's message, and they are counted
-    /// at once, one in [`LATENCY_SAMPLE`] found by its place to be timed. Anything else (a
+    /// at once, one in `sample` found by its place to be timed. Anything else (a
     /// notice from the server, two messages run together, a peer with an `h`) is read line by
     /// line. Only a notice and two messages run together in one read would balance and pass:
     /// the load client counts, it does not audit the server's framing.
@@ -488,14 +497,13 @@ impl Tally {
             self.one_by_one(text, now);
             return;
         }
-        // The lines numbered (counting across reads) a multiple of LATENCY_SAMPLE, as
+        // The lines numbered (counting across reads) a multiple of `sample`, as
         // `one_by_one` takes them, each found about where it is: messages are about the same
         // length. Not so many a read: a stall's backlog arrives in a few long reads, and timing
         // a share of each read would leave it to a few samples among the one-line reads after.
         let per_line = text.len() / lines.max(1);
-        let first =
-            (LATENCY_SAMPLE - (self.count % LATENCY_SAMPLE as u64) as usize) % LATENCY_SAMPLE;
-        for line in (first..lines).step_by(LATENCY_SAMPLE) {
+        let first = (self.sample - (self.count % self.sample as u64) as usize) % self.sample;
+        for line in (first..lines).step_by(self.sample) {
             let at = (line * per_line + per_line / 2).min(text.len().saturating_sub(1));
             let start = memchr::memrchr(b'\n', &text[..at]).map_or(0, |nl| nl + 1);
             let end = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |nl| at + nl);
@@ -517,7 +525,7 @@ impl Tally {
             if chat_body(line).is_none() || self.own.find(line).is_some() {
                 continue;
             }
-            if self.count.is_multiple_of(LATENCY_SAMPLE as u64) {
+            if self.count.is_multiple_of(self.sample as u64) {
                 self.time(line, now);
             }
             self.count += 1;
@@ -534,8 +542,14 @@ impl Tally {
     }
 }
 
-/// Of each connection's lines from the others, one in this many is timed.
+/// Of each connection's lines from the others, one in this many is timed (in a run larger
+/// than [`TIME_EVERY_LINE_UP_TO`]).
 const LATENCY_SAMPLE: usize = 64;
+
+/// A connection expecting at most this many lines from the others times every one: a small run
+/// has few lines to sample from (two connections sending 20 messages at 2 a second would have
+/// had one sample each, blind to a stall), and costs little to time whole.
+const TIME_EVERY_LINE_UP_TO: u64 = 65_536;
 
 /// What follows `chat ` in a relayed line `PEER chat CONN I T...`: `CONN I T...`. (`ncat --chat`
 /// puts its `<userN>` only before the first line of each chunk it relays, so the peer is
@@ -580,9 +594,9 @@ mod tests {
 
     /// Counts `text` as one read, and line by line: both must agree.
     fn counted(conn: usize, text: &str) -> (u64, u64, Option<String>) {
-        let mut at_once = Tally::new(conn);
+        let mut at_once = Tally::new(conn, u64::MAX);
         at_once.lines(text.as_bytes(), 1_000);
-        let mut by_line = Tally::new(conn);
+        let mut by_line = Tally::new(conn, u64::MAX);
         by_line.one_by_one(text.as_bytes(), 1_000);
         assert_eq!(at_once.reason, by_line.reason);
         (at_once.count, by_line.count, at_once.reason)
@@ -617,7 +631,7 @@ mod tests {
 
     #[test]
     fn lines_counted_at_once_are_timed_too() {
-        let mut tally = Tally::new(0);
+        let mut tally = Tally::new(0, u64::MAX);
         let text: String = (0..200)
             .map(|i| format!("127.0.0.1:5000 chat 1 {i} 400........\n"))
             .collect();
@@ -658,7 +672,7 @@ mod tests {
     /// the one-line reads after a stall outweighed it).
     #[test]
     fn a_backlog_read_at_once_weighs_as_its_lines() {
-        let mut tally = Tally::new(0);
+        let mut tally = Tally::new(0, u64::MAX);
         for i in 0..640 {
             tally.lines(format!("127.0.0.1:5000 chat 1 {i} 900\n").as_bytes(), 1_000);
         }
@@ -671,6 +685,19 @@ mod tests {
         assert_eq!(latencies.len(), 20);
         // Half the lines waited the stall, and half the samples say so.
         assert_eq!(latencies.count_between(999_000, 1_001_000), 10);
+    }
+
+    /// A small run times every line, read at once or line by line.
+    #[test]
+    fn a_small_run_times_every_line() {
+        let mut tally = Tally::new(0, 300);
+        let text: String = (0..200)
+            .map(|i| format!("127.0.0.1:5000 chat 1 {i} 400........\n"))
+            .collect();
+        tally.lines(text.as_bytes(), 1_000);
+        tally.one_by_one(b"<announce> hi\n127.0.0.1:5000 chat 1 200 400\n", 1_000);
+        assert_eq!(tally.count, 201);
+        assert_eq!(tally.latencies.expect("a histogram").len(), 201);
     }
 
     #[test]
