@@ -13,7 +13,7 @@ use crate::bus::{Bus, BusCounts};
 use crate::limits::ThreadRoom;
 use crate::options::ServerOptions;
 use crate::room::Room;
-use crate::sink::Sink;
+use crate::sink::{self, Sink};
 
 /// How long after a stop a busy connection may go on reading, so that a client in the middle of
 /// sending can finish and have everything printed.
@@ -198,12 +198,15 @@ impl Context {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if slot.is_none() {
-                if error.kind() == io::ErrorKind::BrokenPipe {
+                // A copy (io::Error is not Clone), a broken pipe whatever the system called it.
+                let kind = if sink::reader_gone(error) {
                     info!("output closed by its reader; stopping");
+                    io::ErrorKind::BrokenPipe
                 } else {
                     error!("cannot write output: {error}; stopping");
-                }
-                *slot = Some(io::Error::new(error.kind(), error.to_string()));
+                    error.kind()
+                };
+                *slot = Some(io::Error::new(kind, error.to_string()));
             }
         }
         (self.request_stop)();

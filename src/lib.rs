@@ -89,7 +89,7 @@ pub use tls::{ClientTls, ServerTls};
 pub mod unstable {
     pub use crate::framing::{Decoder, LineTooLong, escape_into, needs_escape};
     pub use crate::limits::reserve_descriptors;
-    pub use crate::sink::format_batch;
+    pub use crate::sink::{format_batch, reader_gone};
 
     /// `n` and `word`, plural unless `n` is one: `1 connection`, `2 connections`.
     pub fn plural(n: u64, word: &str) -> String {

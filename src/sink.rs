@@ -213,6 +213,14 @@ pub fn stdout() -> LineWriterSink<io::Stdout> {
     LineWriterSink::new(io::stdout())
 }
 
+/// Whether a write to stdout failed because its reader closed it (`server | head`): a broken
+/// pipe, and on Windows also `ERROR_PIPE_NOT_CONNECTED` (233), which Wine reports there.
+pub fn reader_gone(error: &io::Error) -> bool {
+    const ERROR_PIPE_NOT_CONNECTED: i32 = 233;
+    error.kind() == io::ErrorKind::BrokenPipe
+        || (cfg!(windows) && error.raw_os_error() == Some(ERROR_PIPE_NOT_CONNECTED))
+}
+
 /// Appends `PEER MESSAGE\n` for every message of `batch` to `buf`, formatting the peer once.
 pub fn format_batch(buf: &mut Vec<u8>, peer: SocketAddr, batch: &Batch) {
     // The longest address ("[v6%scope]:port ") fits in 64 bytes, so the prefix is copied as a

@@ -584,7 +584,7 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
         match written {
             Ok(()) => {}
             // Nobody reads our output any more; keep draining the connection quietly.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Err(e) if plugboard::unstable::reader_gone(&e) => {}
             Err(e) => {
                 failure = Some(anyhow::Error::new(e).context("cannot write to stdout"));
                 break;

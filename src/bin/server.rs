@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -341,7 +340,7 @@ fn run(cli: Cli, options: ServerOptions, log: &common::log::Log) -> anyhow::Resu
             Ok(())
         }
         // Whoever read our output has gone (`server | head`): nothing left to do, not a failure.
-        Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+        Err(Error::Output(e)) if plugboard::unstable::reader_gone(&e) => {
             info!("stopped: stdout was closed");
             Ok(())
         }

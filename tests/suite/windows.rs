@@ -152,7 +152,7 @@ fn a_stop_cuts_off_a_client_with_exit_1_either_way_round() {
 #[test]
 fn a_windows_server_that_cannot_print_confirms_nothing() {
     for _ in 0..3 {
-        let mut server = wine().server_printing_to("/dev/full", &on_port_0(&[]));
+        let mut server = wine().server_with_stdout(">/dev/full", &on_port_0(&[]));
         let client = run_client_to(
             server.addr,
             &["--count", "1", "--interval", "0"],
@@ -168,6 +168,28 @@ fn a_windows_server_that_cannot_print_confirms_nothing() {
         out.assert_code(1).assert_no_panic();
         assert!(out.stderr.contains("cannot write output"), "{out}");
     }
+}
+
+/// A Windows server whose stdout's reader leaves (`server | head -1`) stops as on Linux: logs
+/// that, and exits 0; its client is told, and exits 1. (Wine reports the pipe as not connected,
+/// 233, where Windows says it is being closed, 232: once an output failure, exit 1.)
+#[test]
+fn a_windows_server_whose_reader_leaves_stops_cleanly() {
+    let mut server = wine().server_with_stdout("| head -1", &on_port_0(&[]));
+    let client = run_client_to(
+        server.addr,
+        &["--count", "200", "--interval", "5ms"],
+        EXIT_TIMEOUT,
+    );
+    client.assert_code(1).assert_no_panic();
+    assert!(
+        single_error_line(&client).ends_with("closed the connection: error: server output failed"),
+        "{client}"
+    );
+    let out = server.wait_exit(EXIT_TIMEOUT);
+    out.assert_code(0).assert_no_panic();
+    assert!(out.stderr.contains("output closed by its reader"), "{out}");
+    assert_eq!(out.stdout.lines().count(), 1, "{out}");
 }
 
 /// A stop on Windows doesn't wait on quiet clients: one connected and silent is told why and cut

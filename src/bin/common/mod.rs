@@ -166,7 +166,7 @@ fn print_generated(text: &[u8]) -> std::process::ExitCode {
     use std::io::Write;
     match std::io::stdout().lock().write_all(text) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
+        Err(e) if plugboard::unstable::reader_gone(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: cannot write to stdout: {e}");
             std::process::ExitCode::FAILURE

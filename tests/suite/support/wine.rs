@@ -137,14 +137,16 @@ impl Wine {
         self.spawn(program, args).wait_exit(timeout)
     }
 
-    /// Starts the Windows server with `args`, its stdout sent to `path` (such as `/dev/full`) by
-    /// a shell that then execs it, and waits for its `listening on ADDR` line.
-    pub fn server_printing_to(&self, path: &str, args: &[&str]) -> ServerProcess {
+    /// Starts the Windows server with `args` and its stdout sent on by bash as `SERVER ARGS
+    /// STDOUT` (`>/dev/full`, `| head -1`), and waits for its `listening on ADDR` line. The
+    /// process is bash, which exits with the server's status; a signal to it doesn't reach the
+    /// server.
+    pub fn server_with_stdout(&self, stdout: &str, args: &[&str]) -> ServerProcess {
         let (env, line) = self.command_line("server", args);
-        let script = format!("exec \"$@\" >{path}");
-        let mut argv = vec!["-c", script.as_str(), "sh", env.as_str()];
+        let script = format!("\"$@\" {stdout}; exit ${{PIPESTATUS[0]}}");
+        let mut argv = vec!["-c", script.as_str(), "bash", env.as_str()];
         argv.extend(line.iter().map(String::as_str));
-        ServerProcess::spawn_program("sh", &argv)
+        ServerProcess::spawn_program("bash", &argv)
     }
 
     /// Starts the Windows server with `args` and waits for its `listening on ADDR` line.
