@@ -291,6 +291,24 @@ fn exchange(
             .map_err(Error::Thread)?;
     }
     let send = |bytes: &[u8]| transport::send_to(&stream, peer, bytes, send_timeout);
+    // A send that failed because the server cut the connection waits (at most the linger) for
+    // the reason it may have sent first: that says most.
+    let send_failed = |error: Error| -> Error {
+        if matches!(error, Error::SendTimeout { .. }) {
+            return error;
+        }
+        let deadline = Instant::now() + task.linger;
+        loop {
+            match heard.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Heard::AllIn) => {}
+                Ok(Heard::End {
+                    reason: Some(reason),
+                    ..
+                }) => return Error::Ended { addr: peer, reason },
+                Ok(Heard::End { reason: None, .. }) | Err(_) => return error,
+            }
+        }
+    };
     let mut buf = Vec::with_capacity(128 * 1024);
     let mut pending = 0;
     let pace = Pace::new(task.interval, task.rate);
@@ -300,7 +318,7 @@ fn exchange(
         message(&mut buf, task, i, due);
         pending += 1;
         if buf.len() >= 64 * 1024 || pace.is_paced() || i + 1 == task.count {
-            send(&buf)?;
+            send(&buf).map_err(send_failed)?;
             outcome.sent += pending;
             outcome.bytes += buf.len() as u64;
             sent.fetch_add(pending, Ordering::Relaxed);

@@ -159,6 +159,37 @@ fn chat_load_at_a_rate_keeps_its_schedule() {
     assert_eq!(out.stdout.lines().count(), 60, "{out}");
 }
 
+/// `--chat` cut off by the server's stop mid-flood: every connection is an error, and the
+/// first says the server's reason, not the failed send that came after it.
+#[test]
+fn chat_load_cut_by_a_stop_gives_the_reason() {
+    let mut server = ServerProcess::start(&["--mode", "chat"]);
+    let mut client = support::Background::client_to(
+        server.addr,
+        &[
+            "--chat",
+            "--connections",
+            "6",
+            "--count",
+            "1000000",
+            "--json",
+        ],
+    );
+    support::poll_until(TIMEOUT, support::POLL_EVERY, || {
+        (!server.stdout_so_far().is_empty()).then_some(())
+    })
+    .expect("the flood reached the server");
+    server.stop().assert_code(0);
+    let client = client.wait_exit(TIMEOUT);
+    client.assert_code(1).assert_no_panic();
+    let json = support::json_summary(&client);
+    assert_eq!(field(json, "errors"), 6.0, "{client}");
+    assert!(
+        json.contains("closed the connection: error: server stopping"),
+        "{client}"
+    );
+}
+
 /// Against a server that relays nothing (log mode), `--chat` gets none of the others' messages:
 /// each connection is an error saying how many were missing, and the client exits 1.
 #[test]
