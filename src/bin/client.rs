@@ -214,9 +214,7 @@ fn host_port(text: &str) -> Result<(String, u16), String> {
     if host.is_empty() {
         return Err(EXPECTED.to_string());
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|e| format!("{port:?} is not a port: {e}"))?;
+    let port = common::port_to_connect(port).map_err(|e| format!("{port:?}: {e}"))?;
     Ok((host.to_string(), port))
 }
 
@@ -365,7 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         thread::Builder::new()
             .name("reader".into())
             .spawn(move || {
-                let ending = print_received(receiver, framing);
+                let ending = print_received(receiver, framing, server);
                 let _ = events_tx.send(Event::ServerEnded(ending));
             })
             .context("cannot start the reader thread")?;
@@ -559,7 +557,7 @@ static PRINTED: AtomicU64 = AtomicU64::new(0);
 
 /// Prints every message as it arrives: a line per message, or raw chunks as they are. Says how
 /// the server's side ended, with its reason if the last line was an `error: ` line.
-fn print_received(receiver: Receiver, framing: Framing) -> Ending {
+fn print_received(receiver: Receiver, framing: Framing, server: SocketAddr) -> Ending {
     let stdout = io::stdout();
     let mut last: Option<String> = None;
     let mut failure = None;
@@ -586,7 +584,10 @@ fn print_received(receiver: Receiver, framing: Framing) -> Ending {
             // Nobody reads our output any more; keep draining the connection quietly.
             Err(e) if plugboard::unstable::reader_gone(&e) => {}
             Err(e) => {
-                failure = Some(anyhow::Error::new(e).context("cannot write to stdout"));
+                failure = Some(
+                    anyhow::Error::new(e)
+                        .context(format!("cannot write to stdout what {server} sent")),
+                );
                 break;
             }
         }

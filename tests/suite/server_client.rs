@@ -772,6 +772,38 @@ fn completions_and_man_page() {
     }
 }
 
+/// A client whose stdout fails (`/dev/full`) exits 1 with one line naming the server whose
+/// lines it could not print, and the cause.
+#[cfg(unix)]
+#[test]
+fn a_client_whose_stdout_fails_names_the_server() {
+    let mut server = ServerProcess::start(&[]);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut client = std::process::Command::new(bin_path("client"));
+    client
+        .args(["-p", &server.addr.port().to_string()])
+        .args(["--count", "1", "--interval", "0"])
+        .stdout(full);
+    let out = bounded(EXIT_TIMEOUT, "the client", move || {
+        client.output().expect("run the client")
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "error: cannot write to stdout what {} sent: ",
+            server.addr
+        )),
+        "{stderr}"
+    );
+    server.stop();
+}
+
 /// `server [HOST] PORT` and `client HOST [PORT]`, as ncat takes them, mean --host and --port,
 /// and `-p` is `--port`; with --port as well, or a third value, they are usage errors.
 #[cfg(unix)]
@@ -973,7 +1005,8 @@ fn connect_rate_spreads_connects_and_times_them() {
 /// Malformed flags are usage errors: exit 2, no panic.
 #[test]
 fn bad_flags_exit_2() {
-    let cases: [(&str, &[&str]); 14] = [
+    let cases: [(&str, &[&str]); 15] = [
+        ("client", &["--server", "127.0.0.1:0"]),
         ("client", &["--port", "0"]),
         ("server", &["", "0"]),
         ("server", &["--port", "notaport"]),
