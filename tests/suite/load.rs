@@ -94,6 +94,19 @@ fn rtt_needs_line_framing() {
     client.assert_code(2).assert_no_panic();
 }
 
+/// Checks a `--chat --json` run of `connections` x `count` that went well: exit 0, every
+/// message sent and delivered to all the others, no error, delivery latencies.
+fn all_delivered(client: &support::Output, connections: usize, count: usize) {
+    client.assert_code(0).assert_no_panic();
+    let json = support::json_summary(client);
+    let sent = connections * count;
+    assert_eq!(field(json, "messages"), sent as f64, "{client}");
+    let delivered = sent * (connections - 1);
+    assert_eq!(field(json, "delivered"), delivered as f64, "{client}");
+    assert_eq!(field(json, "errors"), 0.0, "{client}");
+    assert!(json.contains("\"latency_us\""), "{client}");
+}
+
 /// `--chat` against a chat server: every connection gets every message of the others, and the
 /// summary says so, with delivery latencies; the server printed every message sent.
 #[test]
@@ -113,12 +126,7 @@ fn chat_load_counts_every_delivery() {
         ],
         TIMEOUT,
     );
-    client.assert_code(0).assert_no_panic();
-    let json = client.stdout.trim();
-    assert_eq!(field(json, "messages"), 300.0, "{client}");
-    assert_eq!(field(json, "delivered"), (6 * 5 * 50) as f64, "{client}");
-    assert_eq!(field(json, "errors"), 0.0, "{client}");
-    assert!(json.contains("\"latency_us\""), "{client}");
+    all_delivered(&client, 6, 50);
     assert!(client.stderr.contains("1500 delivered"), "{client}");
     let out = server.stop();
     out.assert_code(0);
@@ -146,12 +154,7 @@ fn chat_load_at_a_rate_keeps_its_schedule() {
         TIMEOUT,
     );
     let took = started.elapsed();
-    client.assert_code(0).assert_no_panic();
-    let json = client.stdout.trim();
-    assert_eq!(field(json, "messages"), 60.0, "{client}");
-    assert_eq!(field(json, "delivered"), (3 * 2 * 20) as f64, "{client}");
-    assert_eq!(field(json, "errors"), 0.0, "{client}");
-    assert!(json.contains("\"latency_us\""), "{client}");
+    all_delivered(&client, 3, 20);
     // The 20th message of each was due 190 ms after the start.
     assert!(took >= Duration::from_millis(190), "{took:?}\n{client}");
     let out = server.stop();
