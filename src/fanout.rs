@@ -244,7 +244,7 @@ fn join(stream: Transport, peer: SocketAddr, linger: Duration) -> Result<Transpo
     if line.starts_with(b"error: ") {
         return Err(Error::Ended {
             addr: peer,
-            reason: String::from_utf8_lossy(&line).into_owned(),
+            reason: crate::framing::peer_text(&line),
         });
     }
     stream.tcp().set_read_timeout(None).map_err(broken)?;
@@ -537,7 +537,7 @@ impl Tally {
             let line = &text[start..end];
             start = end + 1;
             if line.starts_with(b"error: ") {
-                self.reason = Some(String::from_utf8_lossy(line).into_owned());
+                self.reason = Some(crate::framing::peer_text(line));
                 continue;
             }
             if chat_body(line).is_none() || self.own.find(line).is_some() {

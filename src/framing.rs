@@ -641,6 +641,14 @@ pub fn escape_into(out: &mut String, text: &str, keep_newlines: bool) {
     out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
 }
 
+/// A line a peer sent, for a message of ours (a server's `error: ` reason): lossy UTF-8,
+/// escaped as printed lines are, so that it can't drive the terminal it is shown on.
+pub(crate) fn peer_text(line: &[u8]) -> String {
+    let mut out = String::with_capacity(line.len());
+    escape_into(&mut out, &String::from_utf8_lossy(line), false);
+    out
+}
+
 /// `lines` made safe to print and relay as a client's lines are: each line escaped (which
 /// leaves a line that already was as it is: escaping is idempotent, since its output has no
 /// character it escapes) and ended with `\n`; a line longer than `longest` bytes is dropped.

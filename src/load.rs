@@ -812,8 +812,9 @@ fn drain(stream: &Transport) -> Drained {
 fn error_line(bytes: &[u8]) -> Option<String> {
     let text = bytes.strip_suffix(b"\n")?;
     let start = memchr::memrchr(b'\n', text).map_or(0, |at| at + 1);
-    let line = String::from_utf8_lossy(&text[start..]);
-    line.starts_with("error: ").then(|| line.into_owned())
+    let line = &text[start..];
+    line.starts_with(b"error: ")
+        .then(|| crate::framing::peer_text(line))
 }
 
 /// The failure of a connection that broke (`error`), said with the server's reason if the last

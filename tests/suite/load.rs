@@ -162,6 +162,50 @@ fn chat_load_at_a_rate_keeps_its_schedule() {
     assert_eq!(out.stdout.lines().count(), 60, "{out}");
 }
 
+/// A server's reason shows escaped in the load summary and the `error:` line, as printed lines
+/// are: a peer can't drive the terminal through them.
+#[test]
+fn a_hostile_reason_is_shown_escaped() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        (&stream)
+            .write_all(b"error: bad \x1b[31m\x01 end\n")
+            .expect("say why");
+        // Closed with the client's first message unread: a reset.
+        let mut byte = [0u8; 1];
+        let _ = stream.peek(&mut byte);
+    });
+    let client = support::run_client(
+        &[
+            "-p",
+            &port,
+            "--connections",
+            "1",
+            "--count",
+            "5",
+            "--rate",
+            "10",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    server.join().expect("server thread");
+    client.assert_code(1).assert_no_panic();
+    assert!(
+        !client.stderr.contains(['\x1b', '\x01']),
+        "raw control characters\n{client}"
+    );
+    let errors = client.error_lines();
+    assert_eq!(errors.len(), 1, "{client}");
+    assert!(
+        errors[0].contains("error: bad \\x1b[31m\\x01 end"),
+        "{client}"
+    );
+}
+
 /// `--chat` cut off by the server's stop mid-flood: every connection is an error, and the
 /// first says the server's reason, not the failed send that came after it.
 #[test]
