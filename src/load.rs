@@ -888,11 +888,18 @@ fn stream_messages(
             pending = 0;
         }
     }
-    // Asked before our own close: after it, the server's close is the confirmation.
-    let early = crate::client::closed_early(stream.tcp());
+    // Asked before our own close: after it, the server's close is the confirmation. The drain
+    // thread may have seen the server's end already: on Windows, where the socket can't be
+    // looked at without reading, that is the only way to tell.
+    let drained_early = match closed.try_recv() {
+        Ok(drained) if drained.result.is_err() => return drained.result(peer),
+        Ok(drained) => Some(drained),
+        Err(_) => None,
+    };
+    let early = drained_early.is_some() || crate::client::closed_early(stream.tcp());
     transport::finish_sending(&stream, send_timeout)
         .map_err(|source| send_failed(broken(source)))?;
-    match closed.recv_timeout(options.linger) {
+    match drained_early.map_or_else(|| closed.recv_timeout(options.linger), Ok) {
         Ok(Drained { result: Ok(()), .. }) if early => Err(Error::ClosedEarly { addr: peer }),
         Ok(drained) => drained.result(peer),
         Err(RecvTimeoutError::Disconnected) => {

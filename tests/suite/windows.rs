@@ -274,6 +274,59 @@ fn the_windows_server_echoes_over_tls_under_load() {
     );
 }
 
+/// The Windows load client against a server that closes its side at once (`ncat -l <
+/// /dev/null` does) and reads on: no connection counts as delivered. (It can't look at the
+/// socket there without reading it; what its reading thread saw says so.)
+#[test]
+fn the_windows_load_client_sees_an_early_close() {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let server = std::thread::spawn(move || {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (stream, _) = listener.accept().expect("accept");
+                stream
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("half-close");
+                stream
+                    .set_read_timeout(Some(EXIT_TIMEOUT))
+                    .expect("timeout");
+                std::thread::spawn(move || {
+                    let mut sink = Vec::new();
+                    let _ = (&stream).read_to_end(&mut sink);
+                })
+            })
+            .collect();
+        for reader in readers {
+            let _ = reader.join();
+        }
+    });
+    let client = wine().run(
+        "client",
+        &[
+            "--port",
+            &port,
+            "--connections",
+            "2",
+            "--count",
+            "5",
+            "--rate",
+            "20",
+            "--json",
+        ],
+        EXIT_TIMEOUT,
+    );
+    server.join().expect("server thread");
+    client.assert_code(1).assert_no_panic();
+    let json = support::json_summary(&client);
+    assert_eq!(json_field(json, "errors"), 2.0, "{client}");
+    assert!(
+        json.contains("closed its side before the client had finished"),
+        "{client}"
+    );
+}
+
 /// Exit codes and error lines on Windows as on Linux: 2 and clap's message for a bad flag, 1
 /// and one line naming the address for a refused connection and a port already taken; nothing
 /// on stdout.
