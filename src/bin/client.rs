@@ -687,16 +687,26 @@ fn show_progress(progress: &Progress, total: Total, finished: &mpsc::Receiver<()
         let (of, left) = match total {
             Total::Messages(total) if rate > 0.0 => (
                 format!(" of {total}"),
-                Duration::from_secs((total.saturating_sub(sent) as f64 / rate) as u64),
+                Duration::try_from_secs_f64(total.saturating_sub(sent) as f64 / rate)
+                    .unwrap_or(Duration::MAX),
             ),
             Total::Messages(total) => (format!(" of {total}"), Duration::ZERO),
             Total::Time(duration) => (String::new(), duration.saturating_sub(elapsed)),
         };
-        let left = Duration::from_secs(left.as_secs());
+        let done = matches!(total, Total::Messages(total) if sent >= total);
+        // Whole seconds, rounded up: `0s left` only when nothing is.
+        let left = Duration::from_secs(
+            left.as_secs()
+                .saturating_add(u64::from(left.subsec_nanos() > 0)),
+        );
+        let left = if done {
+            "waiting for the server to confirm".to_string()
+        } else {
+            format!("{} left", humantime::format_duration(left))
+        };
         let _ = write!(
             io::stderr(),
-            "\r{sent}{of} messages sent, {rate:.0}/s, {} left   ",
-            humantime::format_duration(left)
+            "\r{sent}{of} messages sent, {rate:.0}/s, {left}   "
         );
     }
     let _ = write!(io::stderr(), "\r\x1b[K");
